@@ -1,0 +1,5 @@
+"""``python -m merger`` runs the CLI."""
+
+from merger.cli import main
+
+main()
