@@ -52,3 +52,49 @@ def show_error(exc: BaseException) -> None:
     hint = getattr(exc, "hint", None)
     if hint:
         err.print(f"[yellow]hint:[/] {hint}", markup=True, highlight=False)
+
+
+def _size(n: float) -> str:
+    from merger.units import format_size
+
+    return format_size(n)
+
+
+def plan_view(plan) -> Any:
+    """A rich renderable of a plan: inputs with weights, schedule, estimates."""
+    from rich.console import Group
+    from rich.table import Table
+
+    d = plan.to_dict()
+    t = Table(title=f"merge plan: {d['method']} over {len(plan.sources)} checkpoints", title_justify="left")
+    t.add_column("#", justify="right")
+    t.add_column("revision")
+    t.add_column("step", justify="right")
+    t.add_column("weight", justify="right")
+    t.add_column("source")
+    for i, (s, w) in enumerate(zip(plan.sources, plan.weights), 1):
+        src = f"{s.repo_id}@{s.commit[:10]}" if s.commit else str(s.path)
+        t.add_row(str(i), s.name, "" if s.step is None else str(s.step), f"{w:.6f}", src)
+    dtypes = ", ".join(sorted({f"{a}->{b}" if a != b else a for a, b in
+                               ((x.dtype, x.out_dtype) for x in plan.tensors if x.averaged)}))
+    facts = [
+        f"tensors: {d['tensors']} ({d['averaged_tensors']} averaged), parameters: {d['parameters']:,}",
+        f"dtype: {dtypes}, accumulate: {d['accumulate']}, device: {d['device']}",
+        f"schedule: {d['schedule']}, {d['blocks']} blocks, working set {_size(d['estimated_memory'])} "
+        f"of --max-memory {_size(d['max_memory'])}",
+        f"reads {_size(d['read_bytes'])}, writes {_size(d['output_bytes'])} in {len(d['shards'])} shard(s)",
+    ]
+    facts += [f"[yellow]warning:[/] {w}" for w in d["warnings"]]
+    return Group(t, *facts)
+
+
+def result_view(plan, result) -> str:
+    """One human summary of a finished merge."""
+    r = result.to_dict()
+    lines = [f"merged {len(plan.sources)} checkpoints -> {r['output']}",
+             f"  {_size(r['read_bytes'])} read in {r['seconds']:.2f} s ({_size(r['read_rate'])}/s), "
+             f"{_size(r['written_bytes'])} written, peak RSS {_size(r['peak_rss'])}",
+             f"  {len(r['copied_tensors'])} tensors identical in every input copied bit for bit"]
+    for a, b in r["duplicate_revisions"]:
+        lines.append(f"  note: {a} and {b} have identical weights")
+    return "\n".join(lines)

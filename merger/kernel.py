@@ -1,0 +1,169 @@
+"""The averaging kernel: out = sum_i w_i x_i for one slice of one tensor, every input in memory.
+
+Per element the arithmetic is one fixed sequence of IEEE operations, each rounded once:
+``acc = fl(x_1 * w_1); acc = fl(acc + fl(x_i * w_i))`` for i = 2..n in the accumulation dtype
+(float32, or float64 with ``--accumulate float64``), then one cast to the output dtype. No fused
+multiply-add and no reordering, so the CPU loop (cache-sized chunks) and the CUDA path (whole
+slice at once) give the same bits, and so does any ``--max-memory``.
+
+Rules (DESIGN.md, "Tensor rules"), applied per ``CHUNK`` of elements counted from the tensor's
+start, so they never depend on how a tensor was cut into slices:
+- a chunk bit-identical in every input is written unchanged (a tensor identical everywhere is
+  then copied bit for bit: Pythia's ``inv_freq``, ``masked_bias`` = -inf);
+- non-floating tensors must be identical in every input, else :class:`TensorError`;
+- a NaN/Inf produced by averaging is a :class:`TensorError` naming the revision that carries it
+  (unless ``allow_nonfinite``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from merger.errors import TensorError
+from merger.plan import CHUNK, TensorPlan
+from merger.units import dtype_from_name
+
+BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class Kernel:
+    """Folds slices; keeps per-run state (scratch buffers, duplicate-revision tracking).
+
+    Args:
+        weights: one weight per input, oldest first.
+        names: the inputs' revision names, for error messages.
+        device: ``cpu`` or ``cuda[:i]``; slices given to :meth:`fold` live there.
+        accumulate: ``float32`` or ``float64``.
+        allow_nonfinite: keep NaN/Inf instead of raising.
+    """
+
+    def __init__(self, weights: list[float], names: list[str], *, device: str = "cpu",
+                 accumulate: str = "float32", allow_nonfinite: bool = False):
+        self.weights = [float(w) for w in weights]
+        self.names = list(names)
+        self.device = torch.device(device)
+        self.acc_dtype = dtype_from_name(accumulate)
+        self.allow_nonfinite = allow_nonfinite
+        self.same_as_prev = [False] + [True] * (len(weights) - 1)  # input i equal to input i-1 so far
+        self.copied: dict[str, bool] = {}  # tensor name -> every chunk identical in all inputs so far
+        if self.device.type == "cpu":
+            self._acc = torch.empty(CHUNK, dtype=self.acc_dtype)
+            self._tmp = torch.empty(CHUNK, dtype=self.acc_dtype)
+
+    # -- public ---------------------------------------------------------------------------------
+    def fold(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
+        """Write the merged bytes of one slice of ``t`` into ``out``.
+
+        Args:
+            t: the tensor's plan entry.
+            xs: each input's raw bytes of the slice (uint8, same length), oldest first.
+            out: raw output bytes of the slice (uint8), filled in place.
+
+        Raises:
+            TensorError: differing non-floating values, or NaN/Inf in an averaged chunk.
+        """
+        if not t.averaged:
+            self._exact(t, xs, out)
+        elif self.device.type == "cpu":
+            self._fold_cpu(t, xs, out)
+        else:
+            self._fold_vectorized(t, xs, out)
+
+    def duplicates(self) -> list[tuple[str, str]]:
+        """Pairs (older, newer) of consecutive inputs whose tensors were bit-identical."""
+        return [(self.names[i - 1], self.names[i]) for i, s in enumerate(self.same_as_prev) if s]
+
+    # -- rules ----------------------------------------------------------------------------------
+    def _exact(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
+        differ = [self.names[i] for i in range(1, len(xs)) if not torch.equal(xs[i], xs[0])]
+        if differ:
+            raise TensorError(
+                f"tensor {t.name!r} ({t.dtype}) is not floating and differs between revisions: "
+                f"{self.names[0]} vs {', '.join(differ)}; integer and bool tensors are never averaged",
+                tensor=t.name, revisions=[self.names[0], *differ],
+                hint="merge checkpoints of one run, or drop the revisions whose buffers differ")
+        self.copied.setdefault(t.name, True)
+        out.copy_(xs[0])
+
+    def _track_duplicates(self, bits: list[torch.Tensor]) -> None:
+        for i in range(1, len(bits)):
+            if self.same_as_prev[i] and not torch.equal(bits[i], bits[i - 1]):
+                self.same_as_prev[i] = False
+
+    def _nonfinite(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
+        """Raise for the first input that holds NaN/Inf here, or for an overflow of the output dtype."""
+        for name, x in zip(self.names, xs):
+            if not bool(torch.isfinite(x).all()):
+                raise TensorError(
+                    f"tensor {t.name!r} holds NaN or Inf in {name}, and it is being averaged",
+                    tensor=t.name, revisions=[name],
+                    hint="drop that revision (it may be a diverged or corrupt checkpoint), "
+                         "or pass --allow-nonfinite to keep going")
+        raise TensorError(f"tensor {t.name!r}: the weighted sum overflows {t.out_dtype}",
+                          tensor=t.name, revisions=[],
+                          hint="use a wider --dtype (e.g. float32), or check the weights")
+
+    # -- CPU: cache-sized chunks --------------------------------------------------------------
+    def _fold_cpu(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
+        dt, odt = dtype_from_name(t.dtype), dtype_from_name(t.out_dtype)
+        bits = [x.view(BITS[t.itemsize]) for x in xs]
+        vals = [x.view(dt) for x in xs]
+        o = out.view(odt)
+        w = self.weights
+        n_el = o.numel()
+        omax = torch.finfo(odt).max
+        all_copied = True
+        for c in range(0, n_el, CHUNK):
+            e = min(n_el, c + CHUNK)
+            b = [x[c:e] for x in bits]
+            if all(torch.equal(b[i], b[0]) for i in range(1, len(b))):
+                o[c:e].copy_(vals[0][c:e])
+                continue
+            all_copied = False
+            self._track_duplicates(b)
+            acc, tmp = self._acc[: e - c], self._tmp[: e - c]
+            acc.copy_(vals[0][c:e])
+            acc.mul_(w[0])
+            for i in range(1, len(vals)):
+                tmp.copy_(vals[i][c:e])
+                tmp.mul_(w[i])
+                acc.add_(tmp)
+            o[c:e].copy_(acc)
+            if not self.allow_nonfinite:
+                lo, hi = torch.aminmax(acc)
+                lo, hi = float(lo), float(hi)
+                if not (-omax <= lo and hi <= omax) and not bool(torch.isfinite(o[c:e]).all()):
+                    self._nonfinite(t, [v[c:e] for v in vals], o[c:e])
+        self.copied[t.name] = self.copied.get(t.name, True) and all_copied
+
+    # -- CUDA (or any non-CPU device): the whole slice at once -------------------------------
+    def _fold_vectorized(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
+        dt, odt = dtype_from_name(t.dtype), dtype_from_name(t.out_dtype)
+        bits = [x.view(BITS[t.itemsize]) for x in xs]
+        vals = [x.view(dt) for x in xs]
+        n_el = vals[0].numel()
+        same = torch.ones(n_el, dtype=torch.bool, device=xs[0].device)
+        for i in range(1, len(bits)):
+            same &= bits[i] == bits[0]
+        n_chunks = -(-n_el // CHUNK)
+        pad = n_chunks * CHUNK - n_el
+        chunk_same = torch.nn.functional.pad(same, (0, pad), value=True).view(n_chunks, CHUNK).all(1)
+        if bool(chunk_same.all()):
+            out.view(odt).copy_(vals[0])
+            self.copied.setdefault(t.name, True)
+            return
+        self.copied[t.name] = False
+        if any(self.same_as_prev[1:]):
+            self._track_duplicates(bits)
+        acc = vals[0].to(self.acc_dtype)
+        acc.mul_(self.weights[0])
+        for i in range(1, len(vals)):
+            tmp = vals[i].to(self.acc_dtype)
+            tmp.mul_(self.weights[i])
+            acc.add_(tmp)
+        keep = chunk_same.repeat_interleave(CHUNK)[:n_el]
+        merged = torch.where(keep, vals[0].to(odt), acc.to(odt))
+        if not self.allow_nonfinite and bool((~torch.isfinite(merged) & ~keep).any()):
+            bad = int(torch.nonzero(~torch.isfinite(merged) & ~keep)[0, 0]) // CHUNK * CHUNK
+            self._nonfinite(t, [v[bad: bad + CHUNK] for v in vals], merged[bad: bad + CHUNK])
+        out.view(odt).copy_(merged)
