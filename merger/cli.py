@@ -82,7 +82,7 @@ def average(
                       "[default: merged/<model>-<method>-<first>-<last>].", show_default=False)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Output dtype of floating tensors [default: the inputs'].",
                                                  show_default=False)] = None,
-    accumulate: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
+    accumulate: Annotated[str, typer.Option(help="auto (float32 for 16-bit tensors, float64 for 32-bit), float32 or float64.")] = "auto",
     max_memory: Annotated[Optional[str], typer.Option(
         help="Working-set budget, e.g. 4GB [default: 1/4 of RAM, at most 8GB].", show_default=False)] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard.")] = "5GB",
@@ -115,7 +115,8 @@ def average(
             method=Method(name=method, decay=decay, weights=parse_weights(weights) if weights else None,
                           normalize=not no_normalize),
             dtype=dtype_name(parse_dtype(dtype)) if dtype else None,
-            accumulate=dtype_name(parse_dtype(accumulate, option="--accumulate", allowed=("float32", "float64"))),
+            accumulate=accumulate if accumulate == "auto" else dtype_name(
+                parse_dtype(accumulate, option="--accumulate", allowed=("float32", "float64"))),
             max_memory=parse_size(max_memory, option="--max-memory") if max_memory else None,
             max_shard_size=parse_size(max_shard_size, option="--max-shard-size"),
             device=device, allow_nonfinite=allow_nonfinite, strict=strict, hash_inputs=not no_hash)

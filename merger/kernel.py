@@ -1,10 +1,10 @@
 """The averaging kernel: out = sum_i w_i x_i for one slice of one tensor, every input in memory.
 
-Per element the arithmetic is one fixed sequence of IEEE operations, each rounded once:
-``acc = fl(x_1 * w_1); acc = fl(acc + fl(x_i * w_i))`` for i = 2..n in the accumulation dtype
-(float32, or float64 with ``--accumulate float64``), then one cast to the output dtype. No fused
-multiply-add and no reordering, so the CPU loop (cache-sized chunks) and the CUDA path (whole
-slice at once) give the same bits, and so does any ``--max-memory``.
+Per element the arithmetic is one fixed sequence of operations in the accumulation dtype
+(float32 for 16-bit tensors, float64 for 32-bit ones; ``--accumulate`` forces one):
+``acc = x_1 * w_1``, then ``acc = acc + w_i * x_i`` for i = 2..n (torch's ``add_(x, alpha=w)``),
+then one cast to the output dtype. The CPU loop works on cache-sized chunks at fixed offsets
+(multiples of ``CHUNK`` from the tensor's start), so any ``--max-memory`` gives the same bits.
 
 Rules (DESIGN.md, "Tensor rules"), applied per ``CHUNK`` of elements counted from the tensor's
 start, so they never depend on how a tensor was cut into slices:
@@ -33,7 +33,9 @@ class Kernel:
         weights: one weight per input, oldest first.
         names: the inputs' revision names, for error messages.
         device: ``cpu`` or ``cuda[:i]``; slices given to :meth:`fold` live there.
-        accumulate: ``float32`` or ``float64``.
+        accumulate: ``float32``, ``float64``, or ``auto``: float32 for 16-bit tensors, float64
+            where the input or output is 32-bit or wider (float32 sums of float32 values can't be
+            within an ulp of a float32 result).
         allow_nonfinite: keep NaN/Inf instead of raising.
     """
 
@@ -42,13 +44,22 @@ class Kernel:
         self.weights = [float(w) for w in weights]
         self.names = list(names)
         self.device = torch.device(device)
-        self.acc_dtype = dtype_from_name(accumulate)
+        self.accumulate = accumulate
         self.allow_nonfinite = allow_nonfinite
         self.same_as_prev = [False] + [True] * (len(weights) - 1)  # input i equal to input i-1 so far
         self.copied: dict[str, bool] = {}  # tensor name -> every chunk identical in all inputs so far
-        if self.device.type == "cpu":
-            self._acc = torch.empty(CHUNK, dtype=self.acc_dtype)
-            self._tmp = torch.empty(CHUNK, dtype=self.acc_dtype)
+        self._scratch: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def acc_dtype(self, t: TensorPlan) -> torch.dtype:
+        """The accumulation dtype for tensor ``t``."""
+        if self.accumulate != "auto":
+            return dtype_from_name(self.accumulate)
+        return torch.float64 if max(t.itemsize, t.out_itemsize) >= 4 else torch.float32
+
+    def _buffers(self, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if dt not in self._scratch:
+            self._scratch[dt] = (torch.empty(CHUNK, dtype=dt), torch.empty(CHUNK, dtype=dt))
+        return self._scratch[dt]
 
     # -- public ---------------------------------------------------------------------------------
     def fold(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
@@ -113,6 +124,7 @@ class Kernel:
         n_el = o.numel()
         omax = torch.finfo(odt).max
         all_copied = True
+        scratch = self._buffers(self.acc_dtype(t))
         for c in range(0, n_el, CHUNK):
             e = min(n_el, c + CHUNK)
             b = [x[c:e] for x in bits]
@@ -121,13 +133,12 @@ class Kernel:
                 continue
             all_copied = False
             self._track_duplicates(b)
-            acc, tmp = self._acc[: e - c], self._tmp[: e - c]
-            acc.copy_(vals[0][c:e])
-            acc.mul_(w[0])
+            acc, tmp = (x[: e - c] for x in scratch)
+            tmp.copy_(vals[0][c:e])
+            torch.mul(tmp, w[0], out=acc)
             for i in range(1, len(vals)):
                 tmp.copy_(vals[i][c:e])
-                tmp.mul_(w[i])
-                acc.add_(tmp)
+                acc.add_(tmp, alpha=w[i])
             o[c:e].copy_(acc)
             if not self.allow_nonfinite:
                 lo, hi = torch.aminmax(acc)
@@ -155,12 +166,11 @@ class Kernel:
         self.copied[t.name] = False
         if any(self.same_as_prev[1:]):
             self._track_duplicates(bits)
-        acc = vals[0].to(self.acc_dtype)
+        adt = self.acc_dtype(t)
+        acc = vals[0].to(adt)
         acc.mul_(self.weights[0])
         for i in range(1, len(vals)):
-            tmp = vals[i].to(self.acc_dtype)
-            tmp.mul_(self.weights[i])
-            acc.add_(tmp)
+            acc.add_(vals[i].to(adt), alpha=self.weights[i])
         keep = chunk_same.repeat_interleave(CHUNK)[:n_el]
         merged = torch.where(keep, vals[0].to(odt), acc.to(odt))
         if not self.allow_nonfinite and bool((~torch.isfinite(merged) & ~keep).any()):

@@ -27,7 +27,7 @@ from merger.sources import Source
 from merger.units import dtype_from_name, dtype_name, format_size
 
 CHUNK = 1 << 18  # elements: the kernel's cache chunk, and the unit of "identical in every input"
-MIN_BLOCK = 16 << 20  # bytes of working set; below that the per-block overhead dominates
+MIN_BLOCK = 64 << 20  # bytes of working set; below that the per-block overhead dominates
 COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
               "added_tokens.json", "chat_template.jinja")
@@ -82,7 +82,7 @@ class Options:
 
     method: Method = Method()
     dtype: str | None = None  # output dtype of floating tensors; None: the inputs'
-    accumulate: str = "float32"
+    accumulate: str = "auto"  # float32 for 16-bit tensors, float64 for 32-bit ones
     max_memory: int | None = None  # bytes; None: derived from the machine
     max_shard_size: int = 5 * 10**9
     device: str = "auto"
@@ -252,8 +252,8 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     layouts = layouts or [read_folder(s.path) for s in sources]
     check_layouts(sources, layouts)
     device = resolve_device(options.device)
-    if options.accumulate not in ("float32", "float64"):
-        raise UsageError(f"--accumulate {options.accumulate}: use float32 or float64")
+    if options.accumulate not in ("auto", "float32", "float64"):
+        raise UsageError(f"--accumulate {options.accumulate}: use auto, float32 or float64")
     n = len(sources)
     latest = layouts[-1]
     order = sorted(latest.values(), key=lambda t: (t.path, t.offset))

@@ -122,7 +122,7 @@ def pythia_state_dict(shape: Shape | str, *, seed: int = 0, step: int = 0,
         elif kind == "masked":
             sd[name] = torch.tensor(-math.inf, dtype=dtype)
         elif kind == "rope":
-            sd[name] = rope.to(dtype)
+            sd[name] = rope.to(dtype).clone()
         else:
             base = torch.randn(dims, generator=g_base) * (0.02 if kind == "weight" else 0.01)
             if kind == "norm":

@@ -24,6 +24,7 @@ import re
 PASSAGE_CHARS = 1500  # upper bound of one perplexity passage (characters)
 CONTEXT_CHARS = 256  # multiple-choice context, characters before the cut
 CONTINUATION_CHARS = 48  # multiple-choice continuation: whole words, at least this many characters
+MAX_CONTINUATION_CHARS = 96  # longer ones (a long "word") are skipped: fits 128-token byte models
 MC_STRIDE = 400  # one multiple-choice item about every MC_STRIDE characters of a passage
 N_CHOICES = 4
 SEED = 20240501  # fixed: the pack must be the same on every machine with the same Python docs
@@ -79,8 +80,8 @@ def _cuts(words: list[str]) -> list[tuple[str, str]]:
     """(context, continuation) pairs from one passage's words, about every ``MC_STRIDE`` chars.
 
     The context ends on a word; the continuation is `` w1 w2 ...`` (leading space, whole words,
-    at least ``CONTINUATION_CHARS`` characters), so the context/continuation boundary is the
-    natural token boundary of BPE and byte tokenizers alike.
+    at least ``CONTINUATION_CHARS`` and at most ``MAX_CONTINUATION_CHARS`` characters), so the
+    context/continuation boundary is the natural token boundary of BPE and byte tokenizers alike.
     """
     starts = [0]  # character offset of each word in " ".join(words)
     for w in words[:-1]:
@@ -97,6 +98,8 @@ def _cuts(words: list[str]) -> list[tuple[str, str]]:
         if end >= len(words):
             break
         cont_end = starts[end] + len(words[end])
+        if cont_end - (pos - 1) > MAX_CONTINUATION_CHARS:
+            continue
         ctx_start = next(s for s in starts if s >= pos - 1 - CONTEXT_CHARS)
         out.append((text[ctx_start:pos - 1], text[pos - 1:cont_end]))
         target = cont_end + MC_STRIDE - CONTEXT_CHARS // 2
