@@ -1,21 +1,29 @@
 """The library entry points; the CLI calls these and nothing else.
 
-    from merger.api import average
+    from merger.api import average, prepare
     from merger.plan import Options
     plan, result = average(["runs/my-run"], revisions="step1000..step9000", every=1000,
                            options=Options(), output="merged/my-run-lawa")
+
+Schedules: *blocks* when every input is on local disk (local folders, or Hub revisions already in
+the HF cache); *stream* when Hub revisions must be downloaded and the accumulator fits
+``max_memory``; otherwise every revision is downloaded first, then *blocks*.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from merger import manifest
+from merger.errors import TensorError, UsageError
 from merger.execute import Result, run
 from merger.io import OutputDir
-from merger.plan import Options, Plan, build
+from merger.methods import weights_for
+from merger.plan import Options, Plan, build, default_max_memory
 from merger.sources import Source, resolve_local
+from merger.units import format_size
 
 DEFAULT_MODEL = "EleutherAI/pythia-70m"
 
@@ -31,6 +39,68 @@ def resolve(models: list[str] | None, revisions: str | None, every: int | None) 
     return resolve_local(models, revisions, every)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Resolved sources and, when every input is on disk, the full plan."""
+
+    sources: tuple[Source, ...]
+    options: Options
+    plan: Plan | None  # None until the Hub revisions are downloaded
+    schedule: str  # blocks | stream | download
+    download_bytes: int = 0
+    duplicates: tuple[tuple[str, str], ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        if self.plan is not None:
+            d = self.plan.to_dict()
+        else:
+            w = weights_for(self.options.method, len(self.sources))
+            d = {"method": self.options.method.describe(), "weights": w,
+                 "inputs": [dict(s.to_dict(), weight=x) for s, x in zip(self.sources, w)]}
+        first = [sz for f, sz, _ in self.sources[0].files if f.endswith((".bin", ".safetensors"))]
+        d.update(schedule=self.schedule, download_bytes=self.download_bytes,
+                 duplicate_revisions=[list(p) for p in self.duplicates])
+        if self.plan is None:
+            d["peak_disk"] = (2 if not self.options.keep else len(self.sources)) * sum(first)
+        return d
+
+
+def prepare(models: list[str] | None, *, revisions: str | None = None, every: int | None = None,
+            options: Options = Options()) -> Prepared:
+    """Resolve sources, pick the schedule, and build the plan when the inputs are on disk.
+
+    Raises:
+        MergerError: bad sources or options; identical revisions with ``strict``.
+    """
+    sources = resolve(models, revisions, every)
+    weights_for(options.method, len(sources))  # bad weights fail before any download
+    dups: list[tuple[str, str]] = []
+    if sources[0].repo_id:
+        from merger.hub import identical_revisions
+
+        dups = identical_revisions(sources)
+        if dups and options.strict:
+            raise TensorError("revisions with identical weight files: " + ", ".join(f"{a} == {b}" for a, b in dups),
+                              tensor="*", revisions=[b for _, b in dups],
+                              hint="drop the duplicates from --revisions, or run without --strict")
+    missing = [s for s in sources if s.path is None]
+    if not missing:
+        return Prepared(tuple(sources), options, build(sources, options), "blocks", duplicates=tuple(dups))
+    download = sum(sz for s in missing for _, sz, _ in s.files)
+    weights_bytes = sum(sz for f, sz, _ in sources[0].files if f.endswith((".bin", ".safetensors")))
+    need = 3 * weights_bytes  # accumulator (2x a 16-bit model, or 2x with float64 for 32-bit) + first revision
+    budget = options.max_memory or default_max_memory()
+    if need <= budget:
+        schedule = "stream"
+    elif not options.keep:
+        raise UsageError(f"--no-keep streams revisions through an accumulator of about {format_size(need)}, "
+                         f"more than --max-memory {format_size(budget)}",
+                         hint=f"raise --max-memory to {format_size(need)}, or drop --no-keep")
+    else:
+        schedule = "download"
+    return Prepared(tuple(sources), options, None, schedule, download, tuple(dups))
+
+
 def default_output(sources: list[Source], options: Options) -> Path:
     """``merged/<model>-<method>-<first>-<last>``."""
     first, last = sources[0], sources[-1]
@@ -41,34 +111,28 @@ def default_output(sources: list[Source], options: Options) -> Path:
     return Path("merged") / f"{model}-{options.method.name}-{span}"
 
 
-def output_path(p: Plan, output: str | Path | None, *, force: bool = False) -> Path:
-    """The output folder for ``p``, checked (exists without force, overlaps an input) before any work."""
-    out = Path(output) if output else default_output(list(p.sources), p.options)
-    OutputDir(out, inputs=[s.path for s in p.sources], force=force)
+def output_path(prep: Prepared, output: str | Path | None, *, force: bool = False) -> Path:
+    """The output folder, checked (exists without force, overlaps an input) before any work."""
+    out = Path(output) if output else default_output(list(prep.sources), prep.options)
+    OutputDir(out, inputs=[s.path for s in prep.sources if s.path], force=force)
     return out
-
-
-def plan(models: list[str] | None, *, revisions: str | None = None, every: int | None = None,
-         options: Options = Options()) -> Plan:
-    """Resolve sources and build the plan (reads headers only)."""
-    return build(resolve(models, revisions, every), options)
 
 
 def average(models: list[str] | None, *, revisions: str | None = None, every: int | None = None,
             options: Options = Options(), output: str | Path | None = None, force: bool = False,
             progress: Callable[[int], None] | None = None, command: list[str] | None = None,
-            the_plan: Plan | None = None) -> tuple[Plan, Result]:
+            prepared: Prepared | None = None) -> tuple[Plan, Result]:
     """Average checkpoints into a Hugging Face model folder with ``merger.json`` and a model card.
 
     Args:
         models: local folders or one Hub repo id (default ``EleutherAI/pythia-70m``).
         revisions: ``A..B`` or ``r1,r2``; with ``every`` for spaced ranges.
-        options: method, dtypes, memory budget, shard size, device.
+        options: method, dtypes, memory budget, shard size, device, keep.
         output: output folder (default ``merged/<model>-<method>-<first>-<last>``).
         force: replace an existing output folder.
         progress: called with input bytes folded.
         command: the command line, recorded in ``merger.json``.
-        the_plan: a plan already built by :func:`plan` for these arguments.
+        prepared: the result of :func:`prepare` for these arguments, to avoid resolving twice.
 
     Returns:
         (plan, result).
@@ -76,8 +140,22 @@ def average(models: list[str] | None, *, revisions: str | None = None, every: in
     Raises:
         MergerError: any problem, with a message and a hint; no output is left behind.
     """
-    p = the_plan or plan(models, revisions=revisions, every=every, options=options)
-    out = output_path(p, output, force=force)
-    result = run(p, out, force=force, progress=progress,
-                 finalize=lambda tmp, res: manifest.write(tmp, p, res, command=command))
-    return p, result
+    prep = prepared or prepare(models, revisions=revisions, every=every, options=options)
+    out = output_path(prep, output, force=force)
+
+    def finalize(tmp: Path, plan: Plan, result: Result) -> None:
+        result.duplicates = sorted(set(result.duplicates) | set(prep.duplicates))
+        manifest.write(tmp, plan, result, command=command)
+
+    if prep.schedule == "stream":
+        from merger.stream import run_stream
+
+        return run_stream(list(prep.sources), options, out, force=force, keep=options.keep, progress=progress,
+                          finalize=finalize)
+    plan = prep.plan
+    if plan is None:  # download everything, then blocks
+        from merger.hub import fetch
+
+        plan = build([fetch(s) for s in prep.sources], options)
+    result = run(plan, out, force=force, progress=progress, finalize=lambda tmp, res: finalize(tmp, plan, res))
+    return plan, result

@@ -93,6 +93,8 @@ def average(
     strict: Annotated[bool, typer.Option("--strict", help="Identical revisions are an error.")] = False,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Average NaN/Inf instead of failing.")] = False,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip sha256 of local input files.")] = False,
+    no_keep: Annotated[bool, typer.Option("--no-keep", help="Delete each downloaded Hub revision once folded "
+                                          "(disk: at most two revisions).")] = False,
     debug: Debug = False,
 ) -> None:
     """Average checkpoints of one run into a Hugging Face model folder.
@@ -106,7 +108,7 @@ def average(
       merger average ckpt/a ckpt/b ckpt/c --method weights --weights 1,1,2 --dry-run
     """
     with errors_handled(debug):
-        from merger.api import average as do_average, output_path, plan as make_plan
+        from merger.api import average as do_average, output_path, prepare
         from merger.methods import Method, parse_weights
         from merger.plan import Options
         from merger.units import dtype_name, parse_dtype, parse_size
@@ -119,23 +121,25 @@ def average(
                 parse_dtype(accumulate, option="--accumulate", allowed=("float32", "float64"))),
             max_memory=parse_size(max_memory, option="--max-memory") if max_memory else None,
             max_shard_size=parse_size(max_shard_size, option="--max-shard-size"),
-            device=device, allow_nonfinite=allow_nonfinite, strict=strict, hash_inputs=not no_hash)
+            device=device, allow_nonfinite=allow_nonfinite, strict=strict, hash_inputs=not no_hash,
+            keep=not no_keep)
         if weights and method != "weights":
             raise MergerError(f"--weights is only used with --method weights (not {method})",
                               hint="add --method weights")
-        the_plan = make_plan(models, revisions=revisions, every=every, options=opts)
+        prep = prepare(models, revisions=revisions, every=every, options=opts)
         if dry_run:
             if json_out:
-                ui.print_json(the_plan.to_dict())
+                ui.print_json(prep.to_dict())
             else:
-                ui.out.print(ui.plan_view(the_plan))
+                ui.out.print(ui.plan_view(prep))
             return
-        output = output_path(the_plan, output, force=force)
+        output = output_path(prep, output, force=force)
         if not json_out:
-            ui.err.print(ui.plan_view(the_plan))
-        with ui.byte_progress("averaging", the_plan.read_bytes) as advance:
+            ui.err.print(ui.plan_view(prep))
+        total = prep.plan.read_bytes if prep.plan else sum(sz for s in prep.sources for _, sz, _ in s.files)
+        with ui.byte_progress("averaging", total) as advance:
             plan_, result = do_average(models, revisions=revisions, every=every, options=opts, output=output,
-                                       force=force, progress=advance, command=sys.argv, the_plan=the_plan)
+                                       force=force, progress=advance, command=sys.argv, prepared=prep)
         if json_out:
             ui.print_json({"plan": plan_.to_dict(), "result": result.to_dict()})
         else:

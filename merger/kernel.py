@@ -26,6 +26,19 @@ from merger.units import dtype_from_name
 BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def axpy(acc: torch.Tensor, tmp: torch.Tensor, x: torch.Tensor, w: float, *, first: bool) -> None:
+    """``acc = x * w`` (first input) or ``acc += w * x``; ``tmp`` is scratch of acc's dtype.
+
+    The one definition of the per-element arithmetic, shared by every schedule, so that they all
+    produce the same bits.
+    """
+    tmp.copy_(x)
+    if first:
+        torch.mul(tmp, w, out=acc)
+    else:
+        acc.add_(tmp, alpha=w)
+
+
 class Kernel:
     """Folds slices; keeps per-run state (scratch buffers, duplicate-revision tracking).
 
@@ -134,11 +147,8 @@ class Kernel:
             all_copied = False
             self._track_duplicates(b)
             acc, tmp = (x[: e - c] for x in scratch)
-            tmp.copy_(vals[0][c:e])
-            torch.mul(tmp, w[0], out=acc)
-            for i in range(1, len(vals)):
-                tmp.copy_(vals[i][c:e])
-                acc.add_(tmp, alpha=w[i])
+            for i in range(len(vals)):
+                axpy(acc, tmp, vals[i][c:e], w[i], first=i == 0)
             o[c:e].copy_(acc)
             if not self.allow_nonfinite:
                 lo, hi = torch.aminmax(acc)
@@ -167,10 +177,10 @@ class Kernel:
         if any(self.same_as_prev[1:]):
             self._track_duplicates(bits)
         adt = self.acc_dtype(t)
-        acc = vals[0].to(adt)
-        acc.mul_(self.weights[0])
-        for i in range(1, len(vals)):
-            acc.add_(vals[i].to(adt), alpha=self.weights[i])
+        acc = torch.empty(n_el, dtype=adt, device=xs[0].device)
+        tmp = torch.empty_like(acc)
+        for i in range(len(vals)):
+            axpy(acc, tmp, vals[i], self.weights[i], first=i == 0)
         keep = chunk_same.repeat_interleave(CHUNK)[:n_el]
         merged = torch.where(keep, vals[0].to(odt), acc.to(odt))
         if not self.allow_nonfinite and bool((~torch.isfinite(merged) & ~keep).any()):

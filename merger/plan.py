@@ -89,6 +89,7 @@ class Options:
     allow_nonfinite: bool = False
     strict: bool = False
     hash_inputs: bool = True
+    keep: bool = True  # keep downloaded revisions in the HF cache (False: --no-keep)
 
 
 @dataclass(frozen=True)
@@ -292,8 +293,8 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     warnings = []
     if n == 1:
         warnings.append("only one checkpoint selected: the output is a copy of it")
-    copy = tuple(f for f in COPY_FILES if (Path(sources[-1].path) / f).is_file())
-    if "config.json" not in copy:
+    copy = tuple(f for f in COPY_FILES if (Path(sources[-1].path) / f).is_file()) if sources[-1].path else ()
+    if sources[-1].path and "config.json" not in copy:
         warnings.append(f"{sources[-1].name} has no config.json: the output won't load in transformers")
     return Plan(sources=tuple(sources), weights=tuple(weights), options=options, device=device,
                 max_memory=max_memory, tensors=tuple(tensors), shards=shard_plans, blocks=tuple(blocks),

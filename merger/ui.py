@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 
@@ -60,21 +60,29 @@ def _size(n: float) -> str:
     return format_size(n)
 
 
-def plan_view(plan) -> Any:
-    """A rich renderable of a plan: inputs with weights, schedule, estimates."""
+def plan_view(prep) -> Any:
+    """A rich renderable of a prepared merge (``api.Prepared``): inputs with weights, schedule, estimates."""
     from rich.console import Group
     from rich.table import Table
 
-    d = plan.to_dict()
-    t = Table(title=f"merge plan: {d['method']} over {len(plan.sources)} checkpoints", title_justify="left")
+    d = prep.to_dict()
+    plan = prep.plan
+    weights = d["weights"]
+    t = Table(title=f"merge plan: {d['method']} over {len(prep.sources)} checkpoints", title_justify="left")
     t.add_column("#", justify="right")
     t.add_column("revision")
     t.add_column("step", justify="right")
     t.add_column("weight", justify="right")
     t.add_column("source")
-    for i, (s, w) in enumerate(zip(plan.sources, plan.weights), 1):
+    for i, (s, w) in enumerate(zip(prep.sources, weights), 1):
         src = f"{s.repo_id}@{s.commit[:10]}" if s.commit else str(s.path)
+        if s.repo_id and s.path is None:
+            src += " (to download)"
         t.add_row(str(i), s.name, "" if s.step is None else str(s.step), f"{w:.6f}", src)
+    dups = [f"[yellow]note:[/] {a} and {b} have identical weight files" for a, b in d["duplicate_revisions"]]
+    if plan is None:
+        return Group(t, f"schedule: {d['schedule']}, download {_size(d['download_bytes'])}, "
+                        f"peak disk about {_size(d['peak_disk'])}", *dups)
     dtypes = ", ".join(sorted({f"{a}->{b}" if a != b else a for a, b in
                                ((x.dtype, x.out_dtype) for x in plan.tensors if x.averaged)}))
     facts = [
@@ -84,7 +92,7 @@ def plan_view(plan) -> Any:
         f"of --max-memory {_size(d['max_memory'])}",
         f"reads {_size(d['read_bytes'])}, writes {_size(d['output_bytes'])} in {len(d['shards'])} shard(s)",
     ]
-    facts += [f"[yellow]warning:[/] {w}" for w in d["warnings"]]
+    facts += [f"[yellow]warning:[/] {w}" for w in d["warnings"]] + dups
     return Group(t, *facts)
 
 

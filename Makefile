@@ -1,0 +1,40 @@
+# merger: make install | test | demo | lint | bench
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The pinned CPU wheel installs in seconds where it is available (and from PyPI elsewhere).
+# A machine with its own CUDA build of torch keeps it: set TORCH_SPEC= (empty) or install into
+# an environment that already has torch; pyproject only asks for torch>=2.4.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test test-fast demo lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@if ! $(BIN)/python -c "import torch" 2>/dev/null && [ -n "$(TORCH_SPEC)" ]; then \
+		$(BIN)/pip install -q "$(TORCH_SPEC)"; fi
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: install
+	$(BIN)/python examples/demo.py
+
+lint: install
+	$(BIN)/python -m ruff check merger tests examples bench 2>/dev/null || \
+		($(BIN)/pip install -q ruff && $(BIN)/python -m ruff check merger tests examples bench)
+
+bench: install
+	$(BIN)/python bench/run.py --shape 410m --revisions 9
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache merged demo

@@ -1,0 +1,236 @@
+"""The *stream* schedule (checkpoint-major), for revisions that must be downloaded first.
+
+The whole accumulator (one float per parameter, plus the first revision's raw bytes to detect
+tensors identical in every input) stays in memory on the compute device; revisions flow through
+it one at a time, oldest first, while a downloader thread fetches the next one. With
+``keep=False`` (``--no-keep``) each revision this run downloaded is deleted from the HF cache once
+folded, so the disk holds at most two revisions. The arithmetic is ``kernel.axpy`` per ``CHUNK``,
+the same as the *blocks* schedule, so both give the same bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from merger.errors import TensorError
+from merger.execute import Result, peak_rss, write_index
+from merger.formats import read_folder
+from merger.hub import delete_revision, fetch
+from merger.io import FileHasher, OutputDir, ShardWriter, pread_into, safetensors_header
+from merger.kernel import BITS, Kernel, axpy
+from merger.plan import CHUNK, COPY_FILES, Options, Plan, build, check_layouts
+from merger.sources import Source
+from merger.units import dtype_from_name
+
+PIECE = 64 * CHUNK  # elements read per pread
+
+
+def accumulator_bytes(plan: Plan) -> int:
+    """Memory the stream schedule holds: accumulators plus the first revision's raw bytes."""
+    k = Kernel(list(plan.weights), [s.name for s in plan.sources], accumulate=plan.options.accumulate)
+    return sum(t.numel * ((k.acc_dtype(t).itemsize if t.averaged else 0) + t.itemsize) for t in plan.tensors)
+
+
+class _Downloader(threading.Thread):
+    """Fetches sources in order, at most ``ahead`` revisions beyond the one being folded."""
+
+    def __init__(self, sources: list[Source], ahead: int = 1):
+        super().__init__(name="merger-download", daemon=True)
+        self.sources, self.out = sources, queue.Queue()
+        self.slots = threading.Semaphore(ahead + 1)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        for s in self.sources:
+            self.slots.acquire()
+            if self.stop.is_set():
+                return
+            try:
+                self.out.put((s.path is None, fetch(s) if s.path is None else s))
+            except BaseException as e:  # noqa: BLE001 - handed to the folding thread
+                self.out.put(e)
+                return
+
+    def next(self) -> tuple[bool, Source]:
+        item = self.out.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+def run_stream(sources: list[Source], options: Options, output: Path, *, force: bool = False, keep: bool = True,
+               progress: Callable[[int], None] | None = None,
+               finalize: Callable[[Path, Plan, Result], None] | None = None) -> tuple[Plan, Result]:
+    """Download and fold revisions one at a time; write the merged model atomically.
+
+    Raises:
+        PlanError: a later revision's tensors don't match the first one's.
+        TensorError, OutputError, MergerError: nothing is published.
+    """
+    progress = progress or (lambda n: None)
+    from merger.hub import cache_dir
+
+    out = OutputDir(output, inputs=[str(cache_dir())], force=force)
+    t0 = time.perf_counter()
+    tmp = out.create()
+    down = _Downloader(sources)
+    down.start()
+    done: list[Source] = []
+    try:
+        fetched_by_us, first = down.next()
+        layout0 = read_folder(first.path)
+        plan = build([first] + list(sources[1:]), options, layouts=[layout0] * len(sources))
+        plan = dataclasses.replace(plan, schedule="stream")
+        dev = torch.device(plan.device)
+        kernel = Kernel(list(plan.weights), [s.name for s in sources], device=str(dev),
+                        accumulate=options.accumulate, allow_nonfinite=options.allow_nonfinite)
+        acc: dict[int, torch.Tensor] = {}
+        raw0: dict[int, torch.Tensor] = {}
+        same: dict[int, list[bool]] = {}
+        bad: dict[int, dict[int, int]] = {}
+        hashes: dict[str, str] = {}
+        for i in range(len(sources)):
+            if i > 0:
+                fetched_by_us, src = down.next()
+                layout = read_folder(src.path)
+                check_layouts([first, src], [layout0, layout])
+            else:
+                src, layout = first, layout0
+            known = {f: sha for f, _, sha in src.files if sha}
+            fds, hashers = {}, {}
+            try:
+                for ti, t in enumerate(plan.tensors):
+                    info = layout[t.name]
+                    if info.path not in fds:
+                        fds[info.path] = os.open(info.path, os.O_RDONLY)
+                        if options.hash_inputs and Path(info.path).name not in known:
+                            hashers[info.path] = FileHasher(fds[info.path], os.path.getsize(info.path), info.path)
+                    if i == 0:
+                        raw0[ti] = torch.empty(t.numel * t.itemsize, dtype=torch.uint8, device=dev)
+                        if t.averaged:
+                            acc[ti] = torch.empty(t.numel, dtype=kernel.acc_dtype(t), device=dev)
+                            same[ti] = [True] * -(-t.numel // CHUNK)
+                            bad[ti] = {}
+                    for start in range(0, t.numel, PIECE):
+                        stop = min(t.numel, start + PIECE)
+                        buf = torch.empty((stop - start) * t.itemsize, dtype=torch.uint8)
+                        off = info.offset + start * t.itemsize
+                        pread_into(fds[info.path], memoryview(buf.numpy()), off, path=info.path)
+                        if info.path in hashers:
+                            hashers[info.path].feed(off, memoryview(buf.numpy()))
+                        x = buf.to(dev)
+                        _fold_piece(kernel, plan, ti, i, start, stop, x, acc, raw0, same, bad)
+                    progress(t.numel * t.itemsize)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+            hashes.update({p: h.hexdigest() for p, h in hashers.items()})
+            done.append(src)
+            if not keep and fetched_by_us and i < len(sources) - 1:
+                delete_revision(src, keep=[])
+            down.slots.release()
+        last = done[-1]
+        plan = dataclasses.replace(plan, sources=tuple(done),
+                                   copy_files=tuple(f for f in COPY_FILES if (Path(last.path) / f).is_file()))
+        written = _write(plan, kernel, tmp, acc, raw0, same, bad)
+        if len(plan.shards) > 1:
+            write_index(plan, tmp)
+        for f in plan.copy_files:
+            shutil.copyfile(Path(last.path) / f, tmp / f)
+        result = Result(output=str(out.final), seconds=time.perf_counter() - t0, read_bytes=plan.read_bytes,
+                        written_bytes=written, peak_rss=peak_rss(),
+                        copied_tensors=[plan.tensors[ti].name for ti in raw0
+                                        if not plan.tensors[ti].averaged or all(same[ti])],
+                        file_hashes=hashes)
+        if finalize is not None:
+            finalize(tmp, plan, result)
+        out.publish()
+        if not keep and fetched_by_us:
+            delete_revision(last, keep=[])
+        return plan, result
+    except BaseException:
+        out.discard()
+        raise
+    finally:
+        down.stop.set()
+        for _ in range(2):
+            down.slots.release()
+
+
+def _fold_piece(kernel: Kernel, plan: Plan, ti: int, i: int, start: int, stop: int, x: torch.Tensor,
+                acc, raw0, same, bad) -> None:
+    """Fold elements ``start:stop`` of revision ``i`` of tensor ``ti`` (raw bytes ``x``)."""
+    t = plan.tensors[ti]
+    size = t.itemsize
+    r0 = raw0[ti][start * size: stop * size]
+    if i == 0:
+        r0.copy_(x)
+    if not t.averaged:
+        if i > 0 and not torch.equal(x, r0):
+            names = kernel.names
+            raise TensorError(f"tensor {t.name!r} ({t.dtype}) is not floating and differs between revisions: "
+                              f"{names[0]} vs {names[i]}; integer and bool tensors are never averaged",
+                              tensor=t.name, revisions=[names[0], names[i]],
+                              hint="merge checkpoints of one run, or drop the revisions whose buffers differ")
+        return
+    vals = x.view(dtype_from_name(t.dtype))
+    bits, bits0 = x.view(BITS[size]), r0.view(BITS[size])
+    a = acc[ti]
+    tmp = torch.empty(min(CHUNK, stop - start), dtype=a.dtype, device=a.device)
+    for c in range(start, stop, CHUNK):
+        e = min(stop, c + CHUNK)
+        k = c // CHUNK
+        if i > 0 and same[ti][k]:
+            same[ti][k] = torch.equal(bits[c - start: e - start], bits0[c - start: e - start])
+        axpy(a[c:e], tmp[: e - c], vals[c - start: e - start], kernel.weights[i], first=i == 0)
+        if not kernel.allow_nonfinite and k not in bad[ti] and not bool(torch.isfinite(a[c:e]).all()):
+            bad[ti][k] = i
+
+
+def _write(plan: Plan, kernel: Kernel, tmp: Path, acc, raw0, same, bad) -> int:
+    """Cast the accumulators (identical chunks: the raw bytes) and write the shards."""
+    written = 0
+    for sp in plan.shards:
+        ts = [plan.tensors[i] for i in sp.tensors]
+        w = ShardWriter(tmp / sp.filename, safetensors_header(
+            [(t.name, t.out_dtype, t.shape, t.numel * t.out_itemsize) for t in ts]), sp.data_bytes)
+        try:
+            for ti in sp.tensors:
+                t = plan.tensors[ti]
+                odt = dtype_from_name(t.out_dtype)
+                if not t.averaged:
+                    w.write(raw0[ti].cpu().numpy(), t.out_offset)
+                    continue
+                x0 = raw0[ti].view(dtype_from_name(t.dtype))
+                o = acc[ti].to(odt)
+                for k, s in enumerate(same[ti]):
+                    c, e = k * CHUNK, min(t.numel, (k + 1) * CHUNK)
+                    if s:
+                        o[c:e].copy_(x0[c:e])
+                    elif not kernel.allow_nonfinite and not bool(torch.isfinite(o[c:e]).all()):
+                        if k in bad[ti]:
+                            name = kernel.names[bad[ti][k]]
+                            raise TensorError(
+                                f"tensor {t.name!r} holds NaN or Inf in {name}, and it is being averaged",
+                                tensor=t.name, revisions=[name],
+                                hint="drop that revision (it may be a diverged or corrupt checkpoint), "
+                                     "or pass --allow-nonfinite to keep going")
+                        raise TensorError(f"tensor {t.name!r}: the weighted sum overflows {t.out_dtype}",
+                                          tensor=t.name, revisions=[], hint="use a wider --dtype (e.g. float32)")
+                w.write(o.cpu().contiguous().view(torch.uint8).numpy() if o.dim() else
+                        o.cpu().reshape(1).view(torch.uint8).numpy(), t.out_offset)
+            w.close()
+            written += w.size
+        finally:
+            if w.fd >= 0:
+                os.close(w.fd)
+    return written
