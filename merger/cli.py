@@ -9,10 +9,12 @@ Errors print ``Error: ...`` and a hint on stderr and exit 1; ``--debug`` shows t
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Callable, Iterator, Optional
 
 import typer
 
@@ -78,13 +80,13 @@ def average(
     decay: Annotated[Optional[float], typer.Option(help="EMA decay b in (0, 1), with --method ema.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights, oldest first.")] = None,
     no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Use --weights as given.")] = False,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder "
-                      "[default: merged/<model>-<method>-<first>-<last>].", show_default=False)] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Output dtype of floating tensors [default: the inputs'].",
-                                                 show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder.",
+                      show_default="merged/<model>-<method>-<first>-<last>")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Output dtype of floating tensors.",
+                                                 show_default="the inputs' dtype")] = None,
     accumulate: Annotated[str, typer.Option(help="auto (float32 for 16-bit tensors, float64 for 32-bit), float32 or float64.")] = "auto",
     max_memory: Annotated[Optional[str], typer.Option(
-        help="Working-set budget, e.g. 4GB [default: 1/4 of RAM, at most 8GB].", show_default=False)] = None,
+        help="Working-set budget, e.g. 4GB.", show_default="1/4 of RAM, at most 8GB")] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard.")] = "5GB",
     device: Device = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
@@ -95,6 +97,10 @@ def average(
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip sha256 of local input files.")] = False,
     no_keep: Annotated[bool, typer.Option("--no-keep", help="Delete each downloaded Hub revision once folded "
                                           "(disk: at most two revisions).")] = False,
+    run_eval: Annotated[bool, typer.Option("--eval", help="Then evaluate the merged model against the latest "
+                                           "input revision (lm-eval, offline task pack by default).")] = False,
+    tasks: Annotated[Optional[str], typer.Option(help="With --eval: lm-eval tasks, comma-separated.")] = None,
+    limit: Annotated[Optional[float], typer.Option(help="With --eval: documents per task.")] = None,
     debug: Debug = False,
 ) -> None:
     """Average checkpoints of one run into a Hugging Face model folder.
@@ -140,22 +146,44 @@ def average(
         with ui.byte_progress("averaging", total) as advance:
             plan_, result = do_average(models, revisions=revisions, every=every, options=opts, output=output,
                                        force=force, progress=advance, command=sys.argv, prepared=prep)
+        report = None
+        if run_eval:
+            from merger.eval import evaluate
+            from merger.eval_cli import eval_table
+
+            latest = plan_.sources[-1]
+            baseline = f"{latest.repo_id}@{latest.commit}" if latest.repo_id else str(latest.path)
+            report = evaluate([baseline, result.output], tasks=tasks.split(",") if tasks else None, limit=limit,
+                              device=device, output_dir=Path(result.output) / "eval", progress=ui.info)
         if json_out:
-            ui.print_json({"plan": plan_.to_dict(), "result": result.to_dict()})
+            ui.print_json({"plan": plan_.to_dict(), "result": result.to_dict(),
+                           **({"eval": report.to_dict()} if report else {})})
         else:
             ui.out.print(ui.result_view(plan_, result))
+            if report is not None:
+                ui.out.print(eval_table(report))
 
 
-def _register_optional() -> None:
-    """Commands that live in their own modules."""
-    try:
-        from merger.eval_cli import eval_command
-    except ImportError:  # pragma: no cover - during development only
-        return
-    app.command("eval")(eval_command)
+def guarded(fn: Callable) -> Callable:
+    """Give a command from another module ``--debug`` and the same error handling."""
+    sig = inspect.signature(fn, eval_str=True)
+    params = [*sig.parameters.values(),
+              inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Debug)]
+
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        with errors_handled(debug):
+            return fn(*args, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}  # evaluated, for get_type_hints
+    del wrapper.__wrapped__  # typer must see the new signature
+    return wrapper
 
 
-_register_optional()
+from merger.eval_cli import eval_command  # noqa: E402
+
+app.command("eval")(guarded(eval_command))
 
 
 def main() -> None:

@@ -27,18 +27,19 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from merger.errors import EvalError, UsageError
 from merger.tasks import DEFAULT_TASKS, task_pack_dir
 
-CONFIG_FILES = ("config.json",)
 WEIGHT_GLOBS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin",
                 "pytorch_model-*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-HUB_IGNORE = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.gguf", "flax_model*", "tf_model*", "rust_model*"]
+HUB_IGNORE = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.gguf", "flax_model*", "tf_model*",
+              "rust_model*"]  # other frameworks' weights: never needed by HFLM
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -92,12 +93,22 @@ class EvalRow:
 class EvalReport:
     """Rows in the order the models were given; ``rows[0]`` is the baseline of every delta."""
 
-    rows: list[EvalRow]
-    columns: list[tuple[str, str]]  # (task, metric name) in display order
-    higher_is_better: dict[str, dict[str, bool | None]]  # task -> metric -> direction
-    n_samples: dict[str, int]  # task -> documents evaluated (after --limit)
+    rows: list[EvalRow] = field(default_factory=list)
+    columns: list[tuple[str, str]] = field(default_factory=list)  # (task, metric name), in order
+    higher_is_better: dict[str, dict[str, bool | None]] = field(default_factory=dict)
+    n_samples: dict[str, int] = field(default_factory=dict)  # task -> documents (after --limit)
     config: dict[str, Any] = field(default_factory=dict)
     output_dir: str | None = None
+
+    def add(self, row: EvalRow, results: dict[str, Any]) -> None:
+        """Append ``row``; take columns, directions and sample counts from lm-eval's ``results``."""
+        self.rows.append(row)
+        self.columns += [k for k in dict.fromkeys((s.task, s.name) for s in row.scores)
+                         if k not in self.columns]
+        for task, hib in results.get("higher_is_better", {}).items():
+            self.higher_is_better.setdefault(task, {}).update(hib)
+        for task, n in results.get("n-samples", {}).items():
+            self.n_samples[task] = n.get("effective", n.get("original"))
 
     def delta(self, row: EvalRow, task: str, metric: str) -> float | None:
         """``row``'s value minus the baseline's, or None where either is missing."""
@@ -112,9 +123,10 @@ class EvalReport:
             for s in row.scores:
                 scores.setdefault(s.task, {})[s.name] = {
                     "value": s.value, "stderr": s.stderr, "delta": self.delta(row, s.task, s.name)}
-            models.append({**asdict(row.source), "model": row.model, "results_file": row.results_file,
-                           "seconds": round(row.seconds, 3), "scores": scores})
-        tasks = {t: {"n_samples": self.n_samples.get(t), "higher_is_better": self.higher_is_better.get(t, {})}
+            models.append({**asdict(row.source), "model": row.model, "scores": scores,
+                           "results_file": row.results_file, "seconds": round(row.seconds, 3)})
+        tasks = {t: {"n_samples": self.n_samples.get(t),
+                     "higher_is_better": self.higher_is_better.get(t, {})}
                  for t in dict.fromkeys(t for t, _ in self.columns)}
         return {"baseline": self.rows[0].model if self.rows else None, "config": self.config,
                 "output_dir": self.output_dir, "tasks": tasks, "models": models}
@@ -135,7 +147,7 @@ def check_model_folder(path: Path, spec: str) -> None:
     if not any(any(path.glob(g)) for g in WEIGHT_GLOBS):
         raise EvalError(f"{spec} has a config.json but no weights "
                         "(model.safetensors, pytorch_model.bin or their shards)",
-                        hint="is the merge finished? a merged folder is renamed into place at the end")
+                        hint="is the merge finished? merged folders are renamed into place last")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise EvalError(f"{spec} has no tokenizer files ({', '.join(TOKENIZER_FILES)})",
                         hint="copy the tokenizer files of the model it was trained from into it")
@@ -161,20 +173,23 @@ def resolve_model(spec: str) -> ModelSource:
     revision = revision or "main"
     from huggingface_hub import constants, snapshot_download
 
-    offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or constants.HF_HUB_OFFLINE
+    # read at call time: huggingface_hub.constants froze the environment at its import
+    offline = (_env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+               or constants.HF_HUB_OFFLINE)
     try:
         folder = snapshot_download(repo_id, revision=revision, local_files_only=offline,
                                    cache_dir=os.environ.get("HF_HUB_CACHE") or None,
                                    ignore_patterns=HUB_IGNORE)
     except (OSError, ValueError) as e:  # not found, not cached offline, invalid id, HTTP errors
-        where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the Hub"
+        where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "online"
         raise EvalError(f"{spec}: no such folder, and revision {revision!r} of {repo_id!r} "
                         f"can't be found {where} ({type(e).__name__})",
                         hint="check the path, or the repo id and revision (a branch such as "
                              "step143000, a tag or a commit sha)") from e
     commit = Path(folder).name if _COMMIT.match(Path(folder).name) else None
     check_model_folder(Path(folder), spec)
-    return ModelSource(spec=spec, path=str(folder), repo_id=repo_id, revision=revision, commit=commit)
+    return ModelSource(spec=spec, path=str(folder), repo_id=repo_id, revision=revision,
+                       commit=commit)
 
 
 def _import_lm_eval():
@@ -199,7 +214,8 @@ def resolve_device(device: str) -> str:
     if re.fullmatch(r"cuda(:\d+)?", device):
         index = int(device.partition(":")[2] or 0)
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: no such CUDA device here", hint="use --device auto or cpu")
+            raise UsageError(f"--device {device}: no such CUDA device here",
+                             hint="use --device auto or cpu")
         return device
     if device in ("mps", "mps:0") and torch.backends.mps.is_available():
         return device
@@ -224,16 +240,17 @@ def _task_manager(tasks: list[str], paths: list[str], TaskManager: Any) -> Any:
         close = {m for n in unknown for m in difflib.get_close_matches(n, tm.all_tasks, n=3)}
         raise EvalError(f"unknown task{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}"
                         + (f" (did you mean {', '.join(sorted(close))}?)" if close else ""),
-                        hint=f"the offline default pack has {', '.join(DEFAULT_TASKS)}; other lm-eval "
-                             "tasks need their dataset in the local cache; add your own YAML with "
-                             "--include-path")
+                        hint=f"the offline default pack has {', '.join(DEFAULT_TASKS)}; other "
+                             "lm-eval tasks need their dataset in the local cache; add your own "
+                             "YAML with --include-path")
     for t in tasks:  # load each one now (datasets included): fail before any model is loaded
         try:
             tm.load([t])
         except Exception as e:  # lm-eval and datasets raise many types here; name the task
             raise EvalError(f"task {t!r} can't be loaded: {type(e).__name__}: {e}",
-                            hint="offline, lm-eval tasks work only when their dataset is in the local "
-                                 f"datasets cache; {', '.join(DEFAULT_TASKS)} need no network") from e
+                            hint="offline, lm-eval tasks work only when their dataset is in the "
+                                 f"local datasets cache; {', '.join(DEFAULT_TASKS)} need no "
+                                 "network") from e
     return tm
 
 
@@ -295,7 +312,8 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
         EvalError: a model or task can't be found or loaded, or lm-eval isn't installed.
     """
     if not models:
-        raise UsageError("no model to evaluate", hint="pass one or more model folders or REPO_ID@REVISION")
+        raise UsageError("no model to evaluate",
+                         hint="pass one or more model folders or REPO_ID@REVISION")
     if limit is not None and not (limit > 0):
         raise UsageError(f"--limit {limit} must be larger than zero")
     if batch_size < 1:
@@ -332,19 +350,16 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
-    rows: list[EvalRow] = []
-    columns: dict[tuple[str, str], None] = {}
-    higher: dict[str, dict[str, bool | None]] = {}
-    n_samples: dict[str, int] = {}
+    report = EvalReport(config={
+        "tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size,
+        "device": device, "dtype": load_dtype, "seed": seed, "task_pack": str(pack),
+        "lm_eval_version": getattr(lm_eval, "__version__", None)},
+        output_dir=str(out) if out is not None else None)
     for i, src in enumerate(sources, 1):
         t0 = time.perf_counter()
         note(f"[{i}/{len(sources)}] loading {src.spec} on {device} ({load_dtype})")
-        with contextlib.redirect_stdout(sys.stderr):
-            try:
-                lm = HFLM(pretrained=src.path, device=device, dtype=load_dtype, batch_size=batch_size)
-            except (OSError, ValueError, KeyError, RuntimeError) as e:
-                raise EvalError(f"{src.spec}: transformers can't load it: {type(e).__name__}: {e}",
-                                hint="check that config.json and the weights belong together") from e
+        with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints; stdout is for results
+            lm = _load(HFLM, src, device=device, dtype=load_dtype, batch_size=batch_size)
             note(f"[{i}/{len(sources)}] evaluating {src.spec}")
             try:
                 results = lm_eval.simple_evaluate(
@@ -362,46 +377,34 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
         if not results:
             raise EvalError(f"{src.spec}: lm-eval returned no results")
         row = EvalRow(source=src, scores=parse_scores(results), seconds=time.perf_counter() - t0)
-        for s in row.scores:
-            columns.setdefault((s.task, s.name), None)
-        for task, hib in results.get("higher_is_better", {}).items():
-            higher.setdefault(task, {}).update(hib)
-        for task, n in results.get("n-samples", {}).items():
-            n_samples[task] = n.get("effective", n.get("original"))
+        report.add(row, results)
         if out is not None:
+            from lm_eval.utils import handle_non_serializable
+
             path = out / _file_name(src, taken)
             results["merger"] = {"source": asdict(src)}
-            path.write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
+            path.write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
             row.results_file = str(path)
-        rows.append(row)
-
-    config = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size,
-              "device": device, "dtype": load_dtype, "seed": seed, "task_pack": str(pack),
-              "lm_eval_version": getattr(lm_eval, "__version__", None)}
-    report = EvalReport(rows=rows, columns=list(columns), higher_is_better=higher, n_samples=n_samples,
-                        config=config, output_dir=str(out) if out is not None else None)
     if out is not None:
         (out / "summary.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
 
 
-def evaluate_pair(merged_dir: str | Path, baseline: str | Path, **kwargs: Any) -> EvalReport:
+def _load(HFLM: Any, src: ModelSource, *, device: str, dtype: str, batch_size: int) -> Any:
+    """One ``HFLM`` with an explicit device (never HFLM's default ``cuda``)."""
+    try:
+        return HFLM(pretrained=src.path, device=device, dtype=dtype, batch_size=batch_size)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise EvalError(f"{src.spec}: transformers can't load it: {type(e).__name__}: {e}",
+                        hint="check that config.json and the weights belong together") from e
+
+
+def evaluate_pair(merged_dir: str | Path, baseline_dir: str | Path, **kwargs: Any) -> EvalReport:
     """Evaluate a merged model against its baseline (``merger average --eval``).
 
-    The baseline (the latest input revision: a folder or ``REPO_ID@REVISION``) comes first, so
+    ``baseline_dir`` (the latest input revision: a folder or ``REPO_ID@REVISION``) comes first, so
     every delta in the report reads "merged minus latest checkpoint". ``kwargs`` go to
     :func:`evaluate`.
     """
-    return evaluate([str(baseline), str(merged_dir)], **kwargs)
+    return evaluate([str(baseline_dir), str(merged_dir)], **kwargs)
 
-
-def _jsonable(o: Any) -> Any:
-    """``json.dumps`` fallback for lm-eval results (numpy scalars, dtypes, sets)."""
-    if hasattr(o, "item") and callable(o.item):
-        try:
-            return o.item()
-        except (TypeError, ValueError):
-            pass
-    if isinstance(o, (set, frozenset, tuple)):
-        return list(o)
-    return str(o)

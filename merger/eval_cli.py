@@ -24,11 +24,12 @@ from merger.eval import EvalReport, evaluate
 from merger.tasks import DEFAULT_TASKS, cache_root
 
 ModelsArg = Annotated[list[str], typer.Argument(
-    metavar="MODEL...", show_default=False,
-    help="Model folders or REPO_ID@REVISION (Hub, pinned to its commit); the first is the baseline.")]
+    metavar="MODEL", show_default=False,
+    help="Model folders or REPO_ID@REVISION (Hub, pinned to its commit); the first one is the "
+         "baseline of the deltas.")]
 TasksOpt = Annotated[str | None, typer.Option(
-    "--tasks", "-t", metavar="T1,T2",
-    help=f"lm-eval task names or YAML files, comma-separated. [default: {','.join(DEFAULT_TASKS)}]")]
+    "--tasks", "-t", metavar="T1,T2", show_default=",".join(DEFAULT_TASKS),
+    help="lm-eval task names or YAML files, comma-separated.")]
 LimitOpt = Annotated[float | None, typer.Option(
     "--limit", help="Documents per task (N), or a fraction of them (below 1).")]
 FewshotOpt = Annotated[int | None, typer.Option(
@@ -36,20 +37,20 @@ FewshotOpt = Annotated[int | None, typer.Option(
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="lm-eval batch size.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str | None, typer.Option(
-    "--dtype", help="Evaluation dtype (float32, bfloat16, float16). [default: the checkpoint's "
-                    "on GPU, float32 on CPU]")]
+    "--dtype", show_default="the checkpoint's on GPU, float32 on CPU",
+    help="Evaluation dtype: float32, bfloat16 or float16.")]
 OutputOpt = Annotated[Path | None, typer.Option(
-    "--output-dir", "-o", help="Where to write <model>.json (lm-eval's full results) and "
-                               "summary.json. [default: a new folder under ~/.cache/merger/eval]")]
+    "--output-dir", "-o", show_default="a new folder under ~/.cache/merger/eval",
+    help="Where to write <model>.json (lm-eval's full results) and summary.json.")]
 IncludeOpt = Annotated[list[Path] | None, typer.Option(
     "--include-path", help="Folder or file of extra lm-eval task YAML; repeatable.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 
 
 def eval_command(models: ModelsArg, tasks: TasksOpt = None, limit: LimitOpt = None,
-                 num_fewshot: FewshotOpt = None, batch_size: BatchOpt = 8, device: DeviceOpt = "auto",
-                 dtype: DtypeOpt = None, output_dir: OutputOpt = None, include_path: IncludeOpt = None,
-                 json_out: JsonOpt = False) -> None:
+                 num_fewshot: FewshotOpt = None, batch_size: BatchOpt = 8,
+                 device: DeviceOpt = "auto", dtype: DtypeOpt = None, output_dir: OutputOpt = None,
+                 include_path: IncludeOpt = None, json_out: JsonOpt = False) -> None:
     """Evaluate models with lm-eval-harness and compare them with the first one.
 
     The default tasks need no network: perplexity and a 4-way continuation test on held-out
@@ -64,9 +65,9 @@ def eval_command(models: ModelsArg, tasks: TasksOpt = None, limit: LimitOpt = No
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     n = int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
     out = output_dir or cache_root() / "eval" / time.strftime("%Y%m%d-%H%M%S")
-    report = evaluate(models, tasks=task_list, limit=n, num_fewshot=num_fewshot, batch_size=batch_size,
-                      device=device, dtype=dtype, output_dir=out, include_path=include_path,
-                      progress=ui.info)
+    report = evaluate(models, tasks=task_list, limit=n, num_fewshot=num_fewshot,
+                      batch_size=batch_size, device=device, dtype=dtype, output_dir=out,
+                      include_path=include_path, progress=ui.info)
     ui.info(f"full lm-eval results: {report.output_dir}")
     if json_out:
         ui.print_json(report.to_dict())

@@ -114,8 +114,9 @@ class _Pipeline:
         self.abort = threading.Event()
         paths = sorted({p for t in plan.tensors for p, _ in t.locs})
         self.fds = {p: os.open(p, os.O_RDONLY) for p in paths}
-        self.hashers = {p: FileHasher(fd, os.fstat(fd).st_size, p) for p, fd in self.fds.items()} \
-            if plan.options.hash_inputs else {}
+        known = {str(Path(s.path) / f) for s in plan.sources if s.path for f, _, sha in s.files if sha}
+        self.hashers = {p: FileHasher(fd, os.fstat(fd).st_size, p) for p, fd in self.fds.items()
+                        if p not in known} if plan.options.hash_inputs else {}
         cpus = os.cpu_count() or 1
         self.threads = threads or max(1, min(self.n, cpus if not self.cuda else cpus - 1, 16))
         self.kernel = Kernel(list(plan.weights), [s.name for s in plan.sources], device=str(self.device),

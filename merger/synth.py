@@ -9,6 +9,7 @@ they exercise every tensor rule; values follow a random walk, like a training tr
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -110,7 +111,7 @@ def pythia_state_dict(shape: Shape | str, *, seed: int = 0, step: int = 0,
     """
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     sd: dict[str, torch.Tensor] = {}
-    g_base = torch.Generator().manual_seed(seed)
+    bases = _base(shape, seed)
     g_step = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
     rope = 1.0 / (10000 ** (torch.arange(0, shape.rotary_dims, 2, dtype=torch.float32) / shape.rotary_dims))
     mask = None
@@ -124,12 +125,22 @@ def pythia_state_dict(shape: Shape | str, *, seed: int = 0, step: int = 0,
         elif kind == "rope":
             sd[name] = rope.to(dtype).clone()
         else:
-            base = torch.randn(dims, generator=g_base) * (0.02 if kind == "weight" else 0.01)
-            if kind == "norm":
-                base += 1.0
-            walk = torch.randn(dims, generator=g_step) * noise
-            sd[name] = (base + walk).to(dtype)
+            walk = torch.randn(dims, generator=g_step)
+            sd[name] = walk.mul_(noise).add_(bases[name]).to(dtype)
     return sd
+
+
+@functools.lru_cache(maxsize=2)
+def _base(shape: Shape, seed: int) -> dict[str, torch.Tensor]:
+    """The trajectory's starting point (float32), shared by all its steps."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, (dims, kind) in pythia_names(shape).items():
+        if kind in ("weight", "bias", "norm"):
+            out[name] = torch.randn(dims, generator=g).mul_(0.02 if kind == "weight" else 0.01)
+            if kind == "norm":
+                out[name] += 1.0
+    return out
 
 
 def save_checkpoint(folder: str | Path, sd: dict[str, torch.Tensor], *, fmt: str = "safetensors",

@@ -25,6 +25,11 @@ from safetensors.torch import load_file  # noqa: E402
 
 from merger import synth  # noqa: E402
 
+# One intra-op thread: predictable on a shared 2-core machine, where OpenMP workers spinning
+# against other processes made the fp64 reference checks 2x slower (merger's own pipeline sets
+# one thread too). Restored by nothing: the whole test process runs this way.
+torch.set_num_threads(1)
+
 MANTISSA = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
 
 
@@ -65,7 +70,10 @@ def reference(sds: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[
         if not xs[0].is_floating_point() or all(torch.equal(x, xs[0]) for x in xs[1:]):
             out[k] = xs[0].double() if xs[0].is_floating_point() else xs[0]
             continue
-        out[k] = sum(w * x.double() for w, x in zip(weights, xs))
+        acc = torch.zeros(xs[0].shape, dtype=torch.float64)
+        for w, x in zip(weights, xs):
+            acc.add_(x.double(), alpha=w)
+        out[k] = acc
     return out
 
 

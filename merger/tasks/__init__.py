@@ -94,7 +94,8 @@ def cache_root() -> Path:
 
 
 def _jsonl(records: list[dict]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records).encode()
+    lines = (json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+    return "".join(lines).encode()
 
 
 def build_data() -> dict[str, bytes]:

@@ -73,7 +73,8 @@ def passages(docs: dict[str, str], *, max_chars: int = PASSAGE_CHARS) -> list[tu
 
 def ppl_records(docs: dict[str, str]) -> list[dict]:
     """One ``{"id", "title", "text"}`` record per passage, for the perplexity task."""
-    return [{"id": i, "title": title, "text": text} for i, (title, text) in enumerate(passages(docs))]
+    return [{"id": i, "title": title, "text": text}
+            for i, (title, text) in enumerate(passages(docs))]
 
 
 def _cuts(words: list[str]) -> list[tuple[str, str]]:
