@@ -94,7 +94,8 @@ def average(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Identical revisions are an error.")] = False,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Average NaN/Inf instead of failing.")] = False,
-    no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip sha256 of local input files.")] = False,
+    hash_inputs: Annotated[bool, typer.Option("--hash", help="Record the sha256 of local input files in merger.json "
+                                              "(Hub files carry theirs; costs ~0.5 s/GB of CPU).")] = False,
     no_keep: Annotated[bool, typer.Option("--no-keep", help="Delete each downloaded Hub revision once folded "
                                           "(disk: at most two revisions).")] = False,
     run_eval: Annotated[bool, typer.Option("--eval", help="Then evaluate the merged model against the latest "
@@ -127,7 +128,7 @@ def average(
                 parse_dtype(accumulate, option="--accumulate", allowed=("float32", "float64"))),
             max_memory=parse_size(max_memory, option="--max-memory") if max_memory else None,
             max_shard_size=parse_size(max_shard_size, option="--max-shard-size"),
-            device=device, allow_nonfinite=allow_nonfinite, strict=strict, hash_inputs=not no_hash,
+            device=device, allow_nonfinite=allow_nonfinite, strict=strict, hash_inputs=hash_inputs,
             keep=not no_keep)
         if weights and method != "weights":
             raise MergerError(f"--weights is only used with --method weights (not {method})",

@@ -28,7 +28,8 @@ def source_files(plan: Plan, result: Result) -> list[list[dict]]:
         for f in names:
             p = str(Path(s.path) / f)
             sha = known.get(f) or result.file_hashes.get(p) or result.file_hashes.get(os.path.realpath(p))
-            rows.append({"file": f, "size": os.path.getsize(p), "sha256": sha})
+            st = os.stat(p)
+            rows.append({"file": f, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha})
         out.append(rows)
     return out
 

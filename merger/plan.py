@@ -88,7 +88,7 @@ class Options:
     device: str = "auto"
     allow_nonfinite: bool = False
     strict: bool = False
-    hash_inputs: bool = True
+    hash_inputs: bool = False  # sha256 of local inputs (Hub files carry theirs for free)
     keep: bool = True  # keep downloaded revisions in the HF cache (False: --no-keep)
 
 

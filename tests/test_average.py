@@ -96,7 +96,8 @@ def test_identical_chunks_and_buffers_are_copied(tmp_path):
 
 def test_manifest_and_card(tmp_path, tiny_run):
     root, _ = tiny_run
-    _, res = average([str(root)], revisions="step1000..step3000", output=tmp_path / "out", command=["merger", "x"])
+    _, res = average([str(root)], revisions="step1000..step3000", output=tmp_path / "out", command=["merger", "x"],
+                     options=Options(hash_inputs=True))
     m = json.loads((tmp_path / "out" / "merger.json").read_text())
     assert m["method"] == "uniform" and m["weights"] == pytest.approx([1 / 3] * 3)
     assert [s["name"] for s in m["sources"]] == ["step1000", "step2000", "step3000"]
@@ -107,6 +108,9 @@ def test_manifest_and_card(tmp_path, tiny_run):
             data = (root / s["name"] / f["file"]).read_bytes()
             assert f["size"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
     assert m["command"] == ["merger", "x"] and m["peak_rss"] > 0 and m["timings"]["total_s"] > 0
+    average([str(root)], revisions="step1000..step3000", output=tmp_path / "nohash")  # default: no hashing
+    m = json.loads((tmp_path / "nohash" / "merger.json").read_text())
+    assert all(f["sha256"] is None and f["size"] > 0 and f["mtime_ns"] > 0 for s in m["sources"] for f in s["files"])
     assert (tmp_path / "out" / "config.json").read_bytes() == (root / "step3000" / "config.json").read_bytes()
     card = (tmp_path / "out" / "README.md").read_text()
     assert "step2000" in card and "0.333333" in card
