@@ -177,24 +177,24 @@ def fetch(source: Source) -> Source:
                   commit=source.commit, files=source.files)
 
 
-def delete_revision(source: Source, *, keep: list[Source] = ()) -> int:
-    """Remove a downloaded revision's files from the cache (``--no-keep``); blobs that another
-    kept revision links to stay. Returns bytes freed."""
+def delete_revision(source: Source) -> int:
+    """Remove a downloaded revision's files from the cache (``--no-keep``).
+
+    Blobs that any other snapshot of the repo links to (an identical config.json, a revision that
+    was in the cache before) stay. Returns the bytes freed.
+    """
     if not source.path:
         return 0
     snap = Path(source.path)
-    kept_blobs = set()
-    for k in keep:
-        if k.path:
-            for f, _, _ in k.files:
-                p = Path(k.path) / f
-                if p.exists():
-                    kept_blobs.add(os.path.realpath(p))
+    kept = set()
+    for other in snap.parent.iterdir():
+        if other != snap and other.is_dir():
+            kept.update(os.path.realpath(p) for p in other.rglob("*") if p.is_symlink())
     freed = 0
     for f, _, _ in source.files:
         link = snap / f
         blob = os.path.realpath(link)
-        if blob not in kept_blobs and os.path.exists(blob) and blob != str(link):
+        if link.is_symlink() and blob not in kept and os.path.isfile(blob):
             freed += os.path.getsize(blob)
             os.remove(blob)
         if link.is_symlink() or link.exists():

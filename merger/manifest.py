@@ -21,13 +21,16 @@ def source_files(plan: Plan, result: Result) -> list[list[dict]]:
     """Per source: its weight files with size and sha256 (computed, or known from the Hub)."""
     out = []
     for s in plan.sources:
-        known = {name: sha for name, _, sha in s.files if sha}
+        if s.files:  # Hub revisions: listed when resolved (they may be deleted by now: --no-keep)
+            out.append([{"file": f, "size": size, "sha256": sha} for f, size, sha in s.files
+                        if f.endswith((".bin", ".safetensors", ".index.json"))])
+            continue
         kind, files = weights_files(s.path)
         names = files + ([kind] if kind.endswith(".index.json") else [])
         rows = []
         for f in names:
             p = str(Path(s.path) / f)
-            sha = known.get(f) or result.file_hashes.get(p) or result.file_hashes.get(os.path.realpath(p))
+            sha = result.file_hashes.get(p) or result.file_hashes.get(os.path.realpath(p))
             st = os.stat(p)
             rows.append({"file": f, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha})
         out.append(rows)

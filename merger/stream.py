@@ -136,7 +136,7 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
             hashes.update({p: h.hexdigest() for p, h in hashers.items()})
             done.append(src)
             if not keep and fetched_by_us and i < len(sources) - 1:
-                delete_revision(src, keep=[])
+                delete_revision(src)
             down.slots.release()
         last = done[-1]
         plan = dataclasses.replace(plan, sources=tuple(done),
@@ -155,7 +155,7 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
             finalize(tmp, plan, result)
         out.publish()
         if not keep and fetched_by_us:
-            delete_revision(last, keep=[])
+            delete_revision(last)
         return plan, result
     except BaseException:
         out.discard()
