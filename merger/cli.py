@@ -84,7 +84,8 @@ def average(
                       show_default="merged/<model>-<method>-<first>-<last>")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Output dtype of floating tensors.",
                                                  show_default="the inputs' dtype")] = None,
-    accumulate: Annotated[str, typer.Option(help="auto (float32 for 16-bit tensors, float64 for 32-bit), float32 or float64.")] = "auto",
+    accumulate: Annotated[str, typer.Option(
+        help="auto (float32 for 16-bit tensors, float64 for 32-bit), float32 or float64.")] = "auto",
     max_memory: Annotated[Optional[str], typer.Option(
         help="Working-set budget, e.g. 4GB.", show_default="1/4 of RAM, at most 8GB")] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard.")] = "5GB",
@@ -93,7 +94,8 @@ def average(
     json_out: Json = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Identical revisions are an error.")] = False,
-    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Average NaN/Inf instead of failing.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option(
+        "--allow-nonfinite", help="Average NaN/Inf instead of failing.")] = False,
     hash_inputs: Annotated[bool, typer.Option("--hash", help="Record the sha256 of local input files in merger.json "
                                               "(Hub files carry theirs; costs ~0.5 s/GB of CPU).")] = False,
     no_keep: Annotated[bool, typer.Option("--no-keep", help="Delete each downloaded Hub revision once folded "

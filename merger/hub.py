@@ -133,10 +133,11 @@ def resolve_hub(repo_id: str, revisions: str | None, every: int | None) -> list[
     available = {name: parse_step(name) for name in refs}
     if revisions is None:
         steps = sorted(s for s in available.values() if s is not None)
-        span = f"{available and min(available, key=lambda n: available[n] or 0)}.." if steps else ""
-        raise UsageError(f"which revisions of {repo_id}? --revisions is required for a Hub repo",
-                         hint=f"e.g. --revisions step{steps[0]}..step{steps[-1]} --every {max(1, (steps[-1] - steps[0]) // 8)}"
-                         if len(steps) > 1 else f"available: {', '.join(sorted(refs)[:10])} {span}")
+        if len(steps) > 1:
+            hint = f"e.g. --revisions step{steps[0]}..step{steps[-1]} --every {max(1, (steps[-1] - steps[0]) // 8)}"
+        else:
+            hint = f"available: {', '.join(sorted(refs)[:10])}"
+        raise UsageError(f"which revisions of {repo_id}? --revisions is required for a Hub repo", hint=hint)
     names = select(available, parse_spec(revisions), every, where=where)
     sources = []
     for name in names:

@@ -152,7 +152,9 @@ def select(available: dict[str, int | None], spec: RevisionSpec, every: int | No
             if missing:
                 s = missing[0]
                 near = _nearest(available, s)
-                more = f" (and {len(missing) - 1} more: {', '.join(map(str, missing[1:6]))}...)" if len(missing) > 1 else ""
+                more = ""
+                if len(missing) > 1:
+                    more = f" (and {len(missing) - 1} more: {', '.join(map(str, missing[1:6]))}...)"
                 raise RevisionNotFoundError(
                     f"revision for step {s} not found in {where}{more}", revision=str(s), nearest=near,
                     hint=("nearest existing revisions: " + ", ".join(near) + "; or change --every") if near else None)
