@@ -188,6 +188,10 @@ from merger.eval_cli import eval_command  # noqa: E402
 
 app.command("eval")(guarded(eval_command))
 
+from merger.sweep_cli import sweep_command  # noqa: E402
+
+app.command("sweep")(guarded(sweep_command))
+
 
 def main() -> None:
     app()
