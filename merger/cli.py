@@ -100,6 +100,8 @@ def average(
                                               "(Hub files carry theirs; costs ~0.5 s/GB of CPU).")] = False,
     no_keep: Annotated[bool, typer.Option("--no-keep", help="Delete each downloaded Hub revision once folded "
                                           "(disk: at most two revisions).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command: keep "
+                                         "the output shards it finished (checked by sha256), merge the rest.")] = False,
     run_eval: Annotated[bool, typer.Option("--eval", help="Then evaluate the merged model against the latest "
                                            "input revision (lm-eval, offline task pack by default).")] = False,
     tasks: Annotated[Optional[str], typer.Option(help="With --eval: lm-eval tasks, comma-separated.")] = None,
@@ -131,7 +133,7 @@ def average(
             max_memory=parse_size(max_memory, option="--max-memory") if max_memory else None,
             max_shard_size=parse_size(max_shard_size, option="--max-shard-size"),
             device=device, allow_nonfinite=allow_nonfinite, strict=strict, hash_inputs=hash_inputs,
-            keep=not no_keep)
+            keep=not no_keep, resume=resume)
         if weights and method != "weights":
             raise MergerError(f"--weights is only used with --method weights (not {method})",
                               hint="add --method weights")

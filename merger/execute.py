@@ -6,12 +6,21 @@ read once.
     writer (thread)   : pwrite block b-1's output bytes into the shards
 
 Two input buffer sets and two output buffers circulate, so the working set is what the plan
-counted against ``--max-memory``. Any error stops all three, and the temporary output folder is
+counted against ``--max-memory``. Any error stops all three, and the partial output folder is
 removed: nothing half-written is ever published.
+
+Resuming: blocks come in output order, so shards are finished one after another. The writer
+fsyncs each shard as soon as its last byte is written and records it, with its sha256, in the
+partial folder's ``progress.json`` together with the plan's :func:`fingerprint` (the plan, and
+each input file's size and mtime). A run killed half-way (SIGKILL, SIGTERM, power loss; Ctrl-C
+too, once a shard is finished) leaves that folder behind. The next run for the same output with
+``Options(resume=True)`` checks the fingerprint, verifies the finished shards' sha256 and skips
+the blocks that only write into them; any other run removes the folder and starts clean.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -26,8 +35,8 @@ from typing import Callable
 
 import torch
 
-from merger.errors import MergerError, TensorError
-from merger.io import FileHasher, OutputDir, ShardWriter, pread_into, safetensors_header
+from merger.errors import MergerError, OutputError, TensorError
+from merger.io import PROGRESS, FileHasher, OutputDir, ShardWriter, pread_into, safetensors_header, sha256_file
 from merger.kernel import Kernel
 from merger.plan import Plan, Slice
 
@@ -47,6 +56,8 @@ class Result:
     duplicates: list[tuple[str, str]] = field(default_factory=list)
     file_hashes: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    resumed_shards: list[str] = field(default_factory=list)  # taken over from an interrupted run
+    warnings: list[str] = field(default_factory=list)  # e.g. an interrupted run's output removed
 
     def to_dict(self) -> dict:
         return {
@@ -54,6 +65,7 @@ class Result:
             "written_bytes": self.written_bytes, "read_rate": self.read_bytes / max(self.seconds, 1e-9),
             "peak_rss": self.peak_rss, "copied_tensors": self.copied_tensors,
             "duplicate_revisions": [list(p) for p in self.duplicates], "timings": self.timings,
+            "resumed_shards": self.resumed_shards, "warnings": self.warnings,
         }
 
 
@@ -62,15 +74,31 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+ALIGN = 8  # bytes: each slice starts aligned in the block buffers, so any dtype can view its bytes
+
+
 def _block_layout(plan: Plan, block: tuple[Slice, ...]) -> list[tuple[Slice, int, int]]:
-    """(slice, input byte offset, output byte offset) within the block buffers."""
+    """(slice, input byte offset, output byte offset) within the block buffers.
+
+    Offsets are rounded up to ``ALIGN``: after an odd-sized uint8/bool slice, a float16 slice at
+    an odd offset couldn't be viewed as float16.
+    """
     out, a, b = [], 0, 0
     for s in block:
         t = plan.tensors[s.tensor]
         out.append((s, a, b))
-        a += (s.stop - s.start) * t.itemsize
-        b += (s.stop - s.start) * t.out_itemsize
+        a += -(-(s.stop - s.start) * t.itemsize // ALIGN) * ALIGN
+        b += -(-(s.stop - s.start) * t.out_itemsize // ALIGN) * ALIGN
     return out
+
+
+def _layout_bytes(plan: Plan, layout) -> tuple[int, int]:
+    """Bytes of the (input, output) block buffers that ``layout`` uses."""
+    if not layout:
+        return 0, 0
+    s, a, b = layout[-1]
+    t = plan.tensors[s.tensor]
+    return a + (s.stop - s.start) * t.itemsize, b + (s.stop - s.start) * t.out_itemsize
 
 
 def _runs(plan: Plan, layout, i: int) -> list[tuple[str, int, int, int]]:
@@ -88,16 +116,31 @@ def _runs(plan: Plan, layout, i: int) -> list[tuple[str, int, int, int]]:
 
 
 class _Pipeline:
-    def __init__(self, plan: Plan, tmp: Path, progress: Callable[[int], None] | None, threads: int | None):
+    """Reader -> kernel -> writer over the plan's blocks.
+
+    Args:
+        done: the first ``done`` shards are finished (by an interrupted run, verified): nothing is
+            written into them, and the blocks that write only into them are skipped.
+        state: with ``done``, the kernel state recorded with shard ``done - 1``.
+        on_shard: called from the writer thread with (shard index, sha256, kernel state) once a
+            shard is complete and fsynced; the state is what a resume after it must restore.
+    """
+
+    def __init__(self, plan: Plan, tmp: Path, progress: Callable[[int], None] | None, threads: int | None, *,
+                 label: str = "", done: int = 0, state: dict | None = None,
+                 on_shard: Callable[[int, str, dict], None] | None = None):
         self.plan, self.tmp, self.progress = plan, tmp, progress or (lambda n: None)
+        self.label = label or str(tmp)
         self.n = len(plan.sources)
         self.device = torch.device(plan.device)
         self.cuda = self.device.type == "cuda"
         self.layouts = [_block_layout(plan, b) for b in plan.blocks]
-        in_max = max((sum((s.stop - s.start) * plan.tensors[s.tensor].itemsize for s, _, _ in lay)
-                      for lay in self.layouts), default=0)
-        out_max = max((sum((s.stop - s.start) * plan.tensors[s.tensor].out_itemsize for s, _, _ in lay)
-                       for lay in self.layouts), default=0)
+        self.done = done
+        self.on_shard = on_shard or (lambda i, sha, state: None)
+        self.remaining = {i: sp.data_bytes for i, sp in enumerate(plan.shards) if i >= done}
+        self.read_bytes = 0
+        in_max = max((_layout_bytes(plan, lay)[0] for lay in self.layouts), default=0)
+        out_max = max((_layout_bytes(plan, lay)[1] for lay in self.layouts), default=0)
         pin = self.cuda
         self.free_in: queue.Queue = queue.Queue()
         for _ in range(2):
@@ -124,6 +167,37 @@ class _Pipeline:
         self.writers: dict[int, ShardWriter] = {}
         self.busy = {"read": 0.0, "fold": 0.0, "write": 0.0}
 
+        # Resume points. Shard k's last byte is written in block last[k]; the kernel state (which
+        # tensors were copied, which inputs duplicate their predecessor) that a run resuming after
+        # shard k restores is the one after block settled[k], the last block writing only into
+        # shards <= k. Blocks come in output order, so settled[k] >= last[k] - 1.
+        last: dict[int, int] = {}
+        for b, block in enumerate(plan.blocks):
+            for sl in block:
+                last[plan.tensors[sl.tensor].shard] = b
+        self.settled = {k: b - 1 if any(plan.tensors[sl.tensor].shard > k for sl in plan.blocks[b]) else b
+                        for k, b in last.items()}
+        skip = self.settled[done - 1] if done else -1
+        self.todo = range(skip + 1, len(plan.blocks))
+        if skip >= 0:
+            self._restore(state, skip)
+        self.snapshots = {skip: self._kernel_state()}  # block -> kernel state after it (main thread writes)
+        self.snap_at = set(self.settled.values())
+
+    # -- resume state -------------------------------------------------------------------------
+    def _kernel_state(self) -> dict:
+        k = self.kernel
+        return {"copied": [n for n, c in k.copied.items() if c], "same_as_prev": list(k.same_as_prev)}
+
+    def _restore(self, state: dict, upto: int) -> None:
+        """Set the kernel as if it had folded blocks 0..upto (whose outputs are already written)."""
+        copied = set(state["copied"])
+        for b in range(upto + 1):
+            for sl in self.plan.blocks[b]:
+                name = self.plan.tensors[sl.tensor].name
+                self.kernel.copied.setdefault(name, name in copied)
+        self.kernel.same_as_prev = list(state["same_as_prev"])
+
     # -- threads ------------------------------------------------------------------------------
     def _read_input(self, i: int, layout, bufs) -> None:
         mv = memoryview(bufs[i].numpy())
@@ -136,13 +210,14 @@ class _Pipeline:
     def reader(self) -> None:
         try:
             with ThreadPoolExecutor(self.threads) as pool:
-                for b, layout in enumerate(self.layouts):
+                for b in self.todo:
+                    layout = self.layouts[b]
                     bufs = self._get(self.free_in)
                     if bufs is None:
                         return
                     t0 = time.perf_counter()
                     # one task per input keeps each file's reads (and hash) in order
-                    list(pool.map(lambda i: self._read_input(i, layout, bufs), range(self.n)))
+                    list(pool.map(lambda i, lay=layout, bs=bufs: self._read_input(i, lay, bs), range(self.n)))
                     self.busy["read"] += time.perf_counter() - t0
                     self._put(self.ready, (b, bufs))
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
@@ -158,8 +233,15 @@ class _Pipeline:
                 mv = memoryview(out.numpy())
                 for s, _, ooff in self.layouts[b]:
                     t = self.plan.tensors[s.tensor]
+                    if t.shard < self.done:
+                        continue
                     n = (s.stop - s.start) * t.out_itemsize
                     self._writer(t.shard).write(mv[ooff: ooff + n], t.out_offset + s.start * t.out_itemsize)
+                    self.remaining[t.shard] -= n
+                    if self.remaining[t.shard] == 0:  # its last byte: make it durable, record it
+                        self.remaining[t.shard] = -1
+                        sha = self.writers[t.shard].finish()
+                        self.on_shard(t.shard, sha, self.snapshots[self.settled[t.shard]])
                 self.busy["write"] += time.perf_counter() - t0
                 self.free_out.put(out)
         except BaseException as e:  # noqa: BLE001
@@ -170,7 +252,8 @@ class _Pipeline:
             sp = self.plan.shards[shard]
             ts = [self.plan.tensors[i] for i in sp.tensors]
             header = safetensors_header([(t.name, t.out_dtype, t.shape, t.numel * t.out_itemsize) for t in ts])
-            self.writers[shard] = ShardWriter(self.tmp / sp.filename, header, sp.data_bytes)
+            self.writers[shard] = ShardWriter(self.tmp / sp.filename, header, sp.data_bytes,
+                                              label=f"{sp.filename} of {self.label}", hash=True)
         return self.writers[shard]
 
     # -- coordination ---------------------------------------------------------------------------
@@ -204,7 +287,7 @@ class _Pipeline:
     def fold_block(self, b: int, bufs: list[torch.Tensor], out: torch.Tensor) -> None:
         layout = self.layouts[b]
         if self.cuda:
-            nbytes = sum((s.stop - s.start) * self.plan.tensors[s.tensor].itemsize for s, _, _ in layout)
+            nbytes = _layout_bytes(self.plan, layout)[0]
             for i in range(self.n):
                 self.dev_in[i][:nbytes].copy_(bufs[i][:nbytes], non_blocking=True)
             src, dst = self.dev_in, self.dev_out
@@ -215,7 +298,7 @@ class _Pipeline:
             n_in, n_out = (s.stop - s.start) * t.itemsize, (s.stop - s.start) * t.out_itemsize
             self.kernel.fold(t, [x[boff: boff + n_in] for x in src], dst[ooff: ooff + n_out])
         if self.cuda:
-            n_out = sum((s.stop - s.start) * self.plan.tensors[s.tensor].out_itemsize for s, _, _ in layout)
+            n_out = _layout_bytes(self.plan, layout)[1]
             out[:n_out].copy_(dst[:n_out], non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
 
@@ -232,6 +315,9 @@ class _Pipeline:
     def _run(self) -> None:
         reader = threading.Thread(target=self.reader, name="merger-reader", daemon=True)
         writer = threading.Thread(target=self.writer, name="merger-writer", daemon=True)
+        for b in range(self.todo.start):  # resumed: count as done
+            self.progress(sum((s.stop - s.start) * self.plan.tensors[s.tensor].itemsize
+                              for s, _, _ in self.layouts[b]) * self.n)
         reader.start()
         writer.start()
         try:
@@ -242,11 +328,15 @@ class _Pipeline:
                     break
                 t0 = time.perf_counter()
                 self.fold_block(b, bufs, out)
+                if b in self.snap_at:
+                    self.snapshots[b] = self._kernel_state()
                 self.busy["fold"] += time.perf_counter() - t0
                 self.free_in.put(bufs)
                 self._put(self.to_write, (b, out))
-                self.progress(sum((s.stop - s.start) * self.plan.tensors[s.tensor].itemsize
-                                  for s, _, _ in self.layouts[b]) * self.n)
+                nbytes = sum((s.stop - s.start) * self.plan.tensors[s.tensor].itemsize
+                             for s, _, _ in self.layouts[b]) * self.n
+                self.read_bytes += nbytes
+                self.progress(nbytes)
         except BaseException as e:  # noqa: BLE001
             self._fail(e)
         finally:
@@ -259,8 +349,10 @@ class _Pipeline:
             reader.join()
         if self.error is not None:
             raise self.error
-        for w in self.writers.values():
-            w.close()
+        for i, left in self.remaining.items():  # every shard is finished by its last write; a guard
+            if left != -1:
+                raise MergerError(f"internal error: {self.plan.shards[i].filename} is incomplete "
+                                  f"({left} bytes missing)", hint="report this with the --dry-run --json plan")
 
     def close(self) -> None:
         for w in self.writers.values():
@@ -278,30 +370,97 @@ def write_index(plan: Plan, folder: Path) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def fingerprint(plan: Plan) -> str:
+    """sha256 of what fixes the output bytes: the plan, and each input file's path, size and mtime.
+
+    Options that don't change the output (``resume``, ``hash_inputs``) are left out.
+    """
+    d = plan.to_dict()
+    d["options"] = {k: v for k, v in d["options"].items() if k not in ("resume", "hash_inputs")}
+    files = []
+    for path in sorted({p for t in plan.tensors for p, _ in t.locs}):
+        st = os.stat(path)
+        files.append([path, st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"plan": d, "files": files}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _resume_point(out: OutputDir, plan: Plan, fp: str) -> tuple[list[str], dict | None, list[str]]:
+    """The leading shards an interrupted run finished that verify (sha256, size), the kernel state
+    recorded with the last of them, and notes on what was found. Everything else in the partial
+    folder is removed."""
+    state = out.read_progress()
+    if state is None:
+        leftovers = any(out.tmp.iterdir())
+        out.clear()
+        return [], None, [f"--resume: {'no record of finished shards in' if leftovers else 'no unfinished run in'} "
+                          f"{out.partial}; started from the beginning"]
+    if state.get("fingerprint") != fp:
+        out.clear()
+        return [], None, ["--resume: the inputs or options changed since the interrupted run; "
+                          "started from the beginning"]
+    kept, kstate, notes = [], None, []
+    for sp in plan.shards:
+        rec = state["shards"].get(sp.filename)
+        if rec is None:
+            break
+        f = out.tmp / sp.filename
+        try:
+            ok = (f.is_file() and f.stat().st_size == rec["bytes"] and sha256_file(f) == rec["sha256"]
+                  and len(rec["state"]["same_as_prev"]) == len(plan.sources)
+                  and all(isinstance(n, str) for n in rec["state"]["copied"]))
+        except (TypeError, KeyError):
+            ok = False
+        if not ok:
+            notes.append(f"--resume: {sp.filename} of the interrupted run failed verification; writing it again")
+            break
+        kept.append(sp.filename)
+        kstate = rec["state"]
+    out.clear(keep=tuple(kept) + (PROGRESS,))
+    return kept, kstate, notes
+
+
 def run(plan: Plan, output: str | Path, *, force: bool = False, progress: Callable[[int], None] | None = None,
         threads: int | None = None, finalize: Callable[[Path, Result], None] | None = None) -> Result:
-    """Merge per ``plan`` into ``output``: write into a temporary sibling, then rename.
+    """Merge per ``plan`` into ``output``: write into the partial sibling folder, then rename.
+
+    With ``plan.options.resume``, shards that an interrupted run for the same output and the same
+    plan finished are verified and kept (see the module docstring); otherwise such a run's
+    leftovers are removed. Either way :attr:`Result.warnings` says what happened.
 
     Args:
         plan: from :func:`merger.plan.build`.
         output: the output folder; refused if it exists (unless ``force``) or overlaps an input.
         progress: called with the number of input bytes folded, per block.
         threads: reader threads (default: one per input, up to the CPU count).
-        finalize: called with (temporary folder, result) before publishing, to add files
+        finalize: called with (partial folder, result) before publishing, to add files
             (manifest, model card); an exception there discards the output.
 
     Raises:
-        OutputError, TensorError, MergerError: the output folder is then not created.
+        OutputError, TensorError, MergerError: the output folder is then not created, and the
+            partial folder is removed (it is kept only after a KeyboardInterrupt that came once
+            a shard was finished, for a later resume).
     """
     out = OutputDir(output, inputs=[s.path for s in plan.sources], force=force)
     t0 = time.perf_counter()
-    tmp = out.create()
+    resume = plan.options.resume
+    tmp = out.create(keep=resume)
     pipe = None
     try:
-        pipe = _Pipeline(plan, tmp, progress, threads)
+        fp = fingerprint(plan)
+        kept, kstate, notes = _resume_point(out, plan, fp) if resume else ([], None, [])
+        old = (out.read_progress() or {}).get("shards", {})
+        finished = {name: old[name] for name in kept}
+        out.write_progress({"fingerprint": fp, "shards": finished})
+
+        def on_shard(i: int, sha: str, state: dict) -> None:
+            name = plan.shards[i].filename
+            finished[name] = {"sha256": sha, "bytes": (tmp / name).stat().st_size, "state": state}
+            out.write_progress({"fingerprint": fp, "shards": finished})
+
+        pipe = _Pipeline(plan, tmp, progress, threads, label=str(out.final), done=len(kept), state=kstate,
+                         on_shard=on_shard)
         pipe.run()
-        if len(plan.shards) > 1:
-            write_index(plan, tmp)
         hashes = {p: h.hexdigest() for p, h in pipe.hashers.items()}
         dups = pipe.kernel.duplicates()
         if dups and plan.options.strict:
@@ -309,15 +468,23 @@ def run(plan: Plan, output: str | Path, *, force: bool = False, progress: Callab
             raise TensorError(f"revisions with identical weights: {pairs}", tensor="*",
                               revisions=[b for _, b in dups],
                               hint="drop the duplicates from --revisions, or run without --strict")
-        for f in plan.copy_files:
-            shutil.copyfile(Path(plan.sources[-1].path) / f, tmp / f)
-        result = Result(
-            output=str(out.final), seconds=time.perf_counter() - t0, read_bytes=plan.read_bytes,
-            written_bytes=sum(w.size for w in pipe.writers.values()), peak_rss=peak_rss(),
-            copied_tensors=[n for n, c in pipe.kernel.copied.items() if c], duplicates=dups,
-            file_hashes=hashes, timings={k: round(v, 3) for k, v in pipe.busy.items()})
-        if finalize is not None:
-            finalize(tmp, result)
+        try:
+            if len(plan.shards) > 1:
+                write_index(plan, tmp)
+            for f in plan.copy_files:
+                shutil.copyfile(Path(plan.sources[-1].path) / f, tmp / f)
+            result = Result(
+                output=str(out.final), seconds=time.perf_counter() - t0, read_bytes=pipe.read_bytes,
+                written_bytes=sum((tmp / sp.filename).stat().st_size for sp in plan.shards), peak_rss=peak_rss(),
+                copied_tensors=[n for n, c in pipe.kernel.copied.items() if c], duplicates=dups,
+                file_hashes=hashes, timings={k: round(v, 3) for k, v in pipe.busy.items()},
+                resumed_shards=kept, warnings=out.notes + notes)
+            if finalize is not None:
+                finalize(tmp, result)
+        except OSError as e:
+            where = Path(e.filename).name if getattr(e, "filename", None) else "the output folder"
+            raise OutputError(f"writing {where} into {out.final} failed: {e.strerror or e}",
+                              hint="free disk space and check that the output location is writable") from e
         pipe.close()
         pipe = None
         out.publish()
@@ -325,7 +492,10 @@ def run(plan: Plan, output: str | Path, *, force: bool = False, progress: Callab
     except BaseException as e:
         if pipe is not None:
             pipe.close()
-        out.discard()
+        if isinstance(e, KeyboardInterrupt) and (out.read_progress() or {}).get("shards"):
+            out.release()  # keep the finished shards for --resume
+        else:
+            out.discard()
         if isinstance(e, (MergerError, KeyboardInterrupt)):
             raise
         if isinstance(e, OSError):

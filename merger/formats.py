@@ -83,11 +83,14 @@ def read_safetensors(path: str | Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dt = ST_DTYPES[e["dtype"]]
+            dt = ST_DTYPES.get(e["dtype"])
             shape = tuple(int(d) for d in e["shape"])
             start, end = (int(x) for x in e["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise _fail(path, f"corrupt safetensors header entry for tensor {name!r}", _RESAVE) from None
+        if dt is None:
+            raise _fail(path, f"tensor {name!r} has dtype {e['dtype']!r:.40}, which merger doesn't know",
+                        f"supported: {', '.join(ST_DTYPES)}")
         nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
         if end - start != nbytes or start < 0 or any(d < 0 for d in shape):
             raise _fail(path, f"tensor {name!r}: header offsets {start}..{end} don't match shape {list(shape)} "
@@ -163,6 +166,28 @@ class _HeaderUnpickler(pickle.Unpickler):
         return _StorageRef(str(pid[2]), pid[1].dtype, int(pid[4]))
 
 
+def _describe(obj) -> str:
+    if isinstance(obj, _TensorRef):
+        return "a tensor"
+    if isinstance(obj, dict):
+        return "a dict (a nested state dict?)"
+    name = type(obj).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _check_state_dict(obj, path) -> None:
+    """``obj`` must be {name: tensor}, every tensor over a real storage record."""
+    hint = ("save model.state_dict() alone (not a training checkpoint with optimizer state or a step "
+            "counter), or convert the checkpoint to safetensors")
+    if not isinstance(obj, dict):
+        raise _fail(path, f"holds {_describe(obj)}, not a state dict of tensors (name -> tensor)", hint)
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, _TensorRef):
+            raise _fail(path, f"is not a flat state dict of tensors: the entry {k!r:.80} is {_describe(v)}", hint)
+        if not isinstance(v.storage, _StorageRef):
+            raise _fail(path, f"tensor {k!r} has no storage record (corrupt data.pkl)", _RESAVE)
+
+
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, acc = [], 1
     for d in reversed(shape):
@@ -198,9 +223,7 @@ def read_torch_zip(path: str | Path) -> dict[str, TensorInfo]:
             raise
         except Exception as e:  # a broken pickle stream: truncated or garbage bytes
             raise _fail(path, f"corrupt pickle in data.pkl ({type(e).__name__}: {e})", _RESAVE) from None
-        if not isinstance(obj, dict) or not all(isinstance(v, _TensorRef) for v in obj.values()):
-            raise _fail(path, "is not a flat state dict of tensors (name -> tensor)",
-                        "save model.state_dict(), or convert the checkpoint to safetensors")
+        _check_state_dict(obj, path)
         members = {i.filename: i for i in zf.infolist()}
         out: dict[str, TensorInfo] = {}
         with open(path, "rb") as f:

@@ -4,13 +4,18 @@ Reader side: :func:`pread_into` fills a buffer from a file offset with ``os.prea
 so RSS is the real working set); :class:`FileHasher` computes each input file's sha256 from the
 bytes the merge reads anyway, reading only the gaps between tensors (headers, zip records).
 
-Writer side: :class:`OutputDir` is the atomic output (a temporary sibling folder, renamed at the
-end; an existing folder is replaced only with ``force``); :class:`ShardWriter` owns one
-safetensors shard (header first, then data with ``pwrite`` at planned offsets).
+Writer side: :class:`OutputDir` is the atomic output: everything is written into the sibling
+folder ``.NAME.merger-partial`` (locked against a second run), renamed to ``NAME`` at the end; an
+existing folder is replaced only with ``force``. :class:`ShardWriter` owns one safetensors shard
+(header first, then data with ``pwrite`` at planned offsets) and hashes it as it goes.
+``progress.json`` in the partial folder lists the shards already finished (fsynced, with their
+sha256), so that a killed run can be resumed (see ``execute.py``).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -18,8 +23,10 @@ import secrets
 import shutil
 from pathlib import Path
 
-from merger.errors import MergerError, OutputError
+from merger.errors import CheckpointFormatError, OutputError
 from merger.units import ST_NAMES, dtype_from_name
+
+PROGRESS = "progress.json"
 
 
 def pread_into(fd: int, buf: memoryview, offset: int, *, path: str = "") -> None:
@@ -29,9 +36,19 @@ def pread_into(fd: int, buf: memoryview, offset: int, *, path: str = "") -> None
     while done < n:
         k = os.preadv(fd, [buf[done:]], offset + done)
         if k <= 0:
-            raise MergerError(f"{path}: file ended after {offset + done} bytes while reading (truncated "
-                              "or changed during the merge?)", hint="re-download the file and run again")
+            raise CheckpointFormatError(
+                f"{path}: file ended after {offset + done} bytes while reading (truncated or changed "
+                "during the merge?)", path=path, hint="re-download the file and run again")
         done += k
+
+
+def sha256_file(path: str | Path, block: int = 1 << 23) -> str:
+    """sha256 of a whole file, read in ``block``-byte pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class FileHasher:
@@ -86,39 +103,76 @@ def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> 
     return len(raw).to_bytes(8, "little") + raw
 
 
-class ShardWriter:
-    """One output ``.safetensors`` file: the header is written at open, data with pwrite."""
+def _write_failed(what: str, e: OSError) -> OutputError:
+    full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    why = " (disk full or file size limit reached)" if full else ""
+    return OutputError(f"{what} failed: {e.strerror or e}{why}",
+                       hint="free disk space (or raise the file size limit) and run again" if full else
+                       "check that the output location is writable and healthy, and run again")
 
-    def __init__(self, path: Path, header: bytes, data_bytes: int):
+
+class ShardWriter:
+    """One output ``.safetensors`` file: the header is written at open, data with pwrite.
+
+    With ``hash``, the bytes are hashed as they are written (they arrive in file order);
+    :meth:`finish` makes the file durable and returns its sha256.
+
+    Args:
+        path: the file to create.
+        header: from :func:`safetensors_header`.
+        data_bytes: bytes of the data section.
+        label: how errors name the file (default: ``path``).
+        hash: compute the sha256 while writing.
+    """
+
+    def __init__(self, path: Path, header: bytes, data_bytes: int, *, label: str | None = None,
+                 hash: bool = False):
         self.path = path
+        self.label = label or str(path)
         self.data_start = len(header)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.write(header, 0, absolute=True)
         self.size = self.data_start + data_bytes
+        # sha256 of bytes 0.._hpos, while writes come in file order; -1: finish() re-reads the file
+        self._h, self._hpos = (hashlib.sha256(), 0) if hash else (None, -1)
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise _write_failed(f"creating {self.label}", e) from e
+        self.write(header, 0, absolute=True)
 
     def write(self, data, offset: int, *, absolute: bool = False) -> None:
         pos = offset if absolute else self.data_start + offset
         mv = memoryview(data).cast("B")
+        if self._hpos == pos:
+            self._h.update(mv)
+            self._hpos += len(mv)
+        elif len(mv):
+            self._hpos = -1
         try:
             while len(mv):
                 k = os.pwrite(self.fd, mv, pos)
                 mv, pos = mv[k:], pos + k
         except OSError as e:
-            raise OutputError(f"writing {self.path} failed: {e.strerror or e}",
-                              hint="free disk space (or raise the file size limit) and run again") from e
+            raise _write_failed(f"writing {self.label}", e) from e
 
     def close(self) -> None:
+        """Set the final size and fsync; idempotent."""
         if self.fd >= 0:
             try:
                 if os.fstat(self.fd).st_size != self.size:
                     os.ftruncate(self.fd, self.size)
                 os.fsync(self.fd)
             except OSError as e:
-                raise OutputError(f"finishing {self.path} failed: {e.strerror or e}",
-                                  hint="free disk space and run again") from e
+                raise _write_failed(f"finishing {self.label}", e) from e
             finally:
                 os.close(self.fd)
                 self.fd = -1
+
+    def finish(self) -> str:
+        """Close (durably) and return the file's sha256."""
+        self.close()
+        if self._h is not None and self._hpos == self.size:
+            return self._h.hexdigest()
+        return sha256_file(self.path)
 
 
 def _is_within(child: Path, parent: Path) -> bool:
@@ -129,19 +183,39 @@ def _is_within(child: Path, parent: Path) -> bool:
         return False
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class OutputDir:
-    """The output folder, written atomically.
+    """The output folder, written atomically through a locked sibling ``.NAME.merger-partial``.
+
+    The partial folder's name depends only on the output's, so a run killed half-way leaves it
+    where the next run for the same output finds it: to resume it, or to remove it. An exclusive
+    ``flock`` on it keeps two runs from writing the same output at once (the kernel drops the
+    lock when a process dies, even with SIGKILL).
 
     Args:
         final: where the merged model should end up.
         inputs: input folders (and the HF cache) the output must not be inside of.
         force: replace an existing ``final``.
+
+    Raises:
+        OutputError: ``final`` exists (without ``force``), overlaps an input, or can't be created
+            because a parent is a file.
     """
 
     def __init__(self, final: str | Path, *, inputs: list[str] = (), force: bool = False):
         self.final = Path(final).expanduser().absolute()
+        self.partial = self.final.parent / f".{self.final.name}.merger-partial"
         self.force = force
         self.tmp: Path | None = None
+        self.notes: list[str] = []  # what create() did that a person should know (a stale partial removed)
+        self._lock_fd = -1
         if self.final.exists() and not force:
             raise OutputError(f"output folder {self.final} already exists",
                               hint="choose another --output, or pass --force to replace it")
@@ -153,33 +227,106 @@ class OutputDir:
             if _is_within(real, ip) or _is_within(ip, real):
                 raise OutputError(f"output folder {self.final} overlaps the input {inp}",
                                   hint="write the merged model somewhere outside the inputs")
+        anc = self.final.parent
+        while not anc.exists() and anc != anc.parent:
+            anc = anc.parent
+        if not anc.is_dir():
+            raise OutputError(f"can't create the output folder {self.final}: {anc} is a file, not a folder",
+                              hint="choose an --output location whose parents are folders")
+        if not os.access(anc, os.W_OK | os.X_OK):
+            raise OutputError(f"can't create the output folder {self.final}: {anc} is not writable",
+                              hint="choose a writable --output location")
 
-    def create(self) -> Path:
-        parent = self.final.parent
+    def create(self, *, keep: bool = False) -> Path:
+        """Create (or, with ``keep``, reuse) the locked partial folder and return it.
+
+        Without ``keep``, whatever an earlier, interrupted run left there is removed (and said
+        so in :attr:`notes`).
+
+        Raises:
+            OutputError: the folder can't be created, or another run holds it.
+        """
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            tmp = parent / f".{self.final.name}.merger-tmp-{os.getpid()}-{secrets.token_hex(3)}"
-            tmp.mkdir()
+            self.partial.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.partial, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
-            raise OutputError(f"can't create the output folder in {parent}: {e.strerror or e}",
+            raise OutputError(f"can't create the output folder {self.partial}: {e.strerror or e}",
                               hint="choose a writable --output location") from e
-        self.tmp = tmp
-        return tmp
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise OutputError(f"another merger run is writing {self.final} (into {self.partial})",
+                              hint="wait for it to finish, or choose another --output") from None
+        self._lock_fd = fd
+        self.tmp = self.partial
+        if not keep and any(self.partial.iterdir()):
+            self.clear()
+            self.notes.append(f"removed the unfinished output of an earlier, interrupted run ({self.partial}); "
+                              "pass --resume to continue such a run instead")
+        return self.partial
+
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove everything in the partial folder except the names in ``keep``."""
+        assert self.tmp is not None
+        for p in self.tmp.iterdir():
+            if p.name in keep:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    def read_progress(self) -> dict | None:
+        """``progress.json`` of the partial folder, or None when absent or unreadable."""
+        assert self.tmp is not None
+        try:
+            d = json.loads((self.tmp / PROGRESS).read_text())
+        except (OSError, ValueError):
+            return None
+        return d if isinstance(d, dict) and isinstance(d.get("shards"), dict) else None
+
+    def write_progress(self, state: dict) -> None:
+        """Replace ``progress.json`` atomically and durably (temp file, fsync, rename, fsync dir)."""
+        assert self.tmp is not None
+        tmp = self.tmp / (PROGRESS + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(state, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.tmp / PROGRESS)
+            _fsync_dir(self.tmp)
+        except OSError as e:
+            raise _write_failed(f"writing {self.tmp / PROGRESS}", e) from e
 
     def publish(self) -> Path:
-        """Rename the finished temporary folder to its final name (replacing the old with force)."""
+        """Rename the finished partial folder to its final name (replacing the old with force)."""
         assert self.tmp is not None
+        (self.tmp / PROGRESS).unlink(missing_ok=True)
         old = None
         if self.final.exists():
+            if not self.force:
+                raise OutputError(f"output folder {self.final} appeared while merging",
+                                  hint="choose another --output, or pass --force to replace it")
             old = self.final.parent / f".{self.final.name}.merger-old-{secrets.token_hex(3)}"
             os.replace(self.final, old)
         os.replace(self.tmp, self.final)
         self.tmp = None
+        self.release()
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.final
 
+    def release(self) -> None:
+        """Drop the lock, leaving the partial folder (if any) in place."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        self.tmp = None
+
     def discard(self) -> None:
+        """Remove the partial folder and drop the lock."""
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
+        self.release()

@@ -9,13 +9,16 @@ then one cast to the output dtype. The CPU loop works on cache-sized chunks at f
 Rules (DESIGN.md, "Tensor rules"), applied per ``CHUNK`` of elements counted from the tensor's
 start, so they never depend on how a tensor was cut into slices:
 - a chunk bit-identical in every input is written unchanged (a tensor identical everywhere is
-  then copied bit for bit: Pythia's ``inv_freq``, ``masked_bias`` = -inf);
+  then copied bit for bit: Pythia's ``inv_freq``, ``masked_bias`` = -inf), when the weights sum
+  to 1; unnormalised weights (``--no-normalize``) scale every floating chunk;
 - non-floating tensors must be identical in every input, else :class:`TensorError`;
 - a NaN/Inf produced by averaging is a :class:`TensorError` naming the revision that carries it
   (unless ``allow_nonfinite``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -55,6 +58,9 @@ class Kernel:
     def __init__(self, weights: list[float], names: list[str], *, device: str = "cpu",
                  accumulate: str = "float32", allow_nonfinite: bool = False):
         self.weights = [float(w) for w in weights]
+        # "identical in every input -> copied unchanged" holds only for an average (weights summing
+        # to 1); with --no-normalize weights that don't, every floating chunk is the weighted sum
+        self.copy_identical = abs(math.fsum(self.weights) - 1.0) <= 1e-9
         self.names = list(names)
         self.device = torch.device(device)
         self.accumulate = accumulate
@@ -141,7 +147,7 @@ class Kernel:
         for c in range(0, n_el, CHUNK):
             e = min(n_el, c + CHUNK)
             b = [x[c:e] for x in bits]
-            if all(torch.equal(b[i], b[0]) for i in range(1, len(b))):
+            if self.copy_identical and all(torch.equal(b[i], b[0]) for i in range(1, len(b))):
                 o[c:e].copy_(vals[0][c:e])
                 continue
             all_copied = False
@@ -169,6 +175,8 @@ class Kernel:
         n_chunks = -(-n_el // CHUNK)
         pad = n_chunks * CHUNK - n_el
         chunk_same = torch.nn.functional.pad(same, (0, pad), value=True).view(n_chunks, CHUNK).all(1)
+        if not self.copy_identical:
+            chunk_same.zero_()
         if bool(chunk_same.all()):
             out.view(odt).copy_(vals[0])
             self.copied.setdefault(t.name, True)

@@ -80,7 +80,8 @@ def weights_for(method: Method, n: int) -> list[float]:
                 hint="give one weight per checkpoint, oldest first (see --dry-run for the list)",
             )
         if not all(math.isfinite(x) for x in w):
-            raise UsageError(f"--weights {','.join(map(str, w))} contains NaN or Inf")
+            raise UsageError(f"--weights {','.join(map(str, w))} contains NaN or Inf",
+                             hint="give one finite number per checkpoint, e.g. --weights 1,1,2")
         if not method.normalize:
             return list(w)
         total = math.fsum(w)

@@ -90,6 +90,7 @@ class Options:
     strict: bool = False
     hash_inputs: bool = False  # sha256 of local inputs (Hub files carry theirs for free)
     keep: bool = True  # keep downloaded revisions in the HF cache (False: --no-keep)
+    resume: bool = False  # continue an interrupted run's verified shards (--resume); see execute.py
 
 
 @dataclass(frozen=True)

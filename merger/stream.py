@@ -118,7 +118,7 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
                         raw0[ti] = torch.empty(t.numel * t.itemsize, dtype=torch.uint8, device=dev)
                         if t.averaged:
                             acc[ti] = torch.empty(t.numel, dtype=kernel.acc_dtype(t), device=dev)
-                            same[ti] = [True] * -(-t.numel // CHUNK)
+                            same[ti] = [kernel.copy_identical] * -(-t.numel // CHUNK)
                             bad[ti] = {}
                     for start in range(0, t.numel, PIECE):
                         stop = min(t.numel, start + PIECE)
