@@ -41,7 +41,8 @@ def errors_handled(debug: bool) -> Iterator[None]:
     except KeyboardInterrupt:
         if debug:
             raise
-        ui.err.print("[red]Interrupted[/]: no output was published.")
+        ui.err.print("[red]Interrupted[/]: no output was published; run the same command with --resume "
+                     "to keep the shards already finished.")
         raise typer.Exit(130) from None
     except MergerError as e:
         if debug:

@@ -105,4 +105,7 @@ def result_view(plan, result) -> str:
              f"  {len(r['copied_tensors'])} tensors identical in every input copied bit for bit"]
     for a, b in r["duplicate_revisions"]:
         lines.append(f"  note: {a} and {b} have identical weights")
+    if r.get("resumed_shards"):
+        lines.append(f"  resumed: {len(r['resumed_shards'])} shards kept from the interrupted run (sha256 checked)")
+    lines += [f"  warning: {w}" for w in r.get("warnings", [])]
     return "\n".join(lines)
