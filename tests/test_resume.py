@@ -2,9 +2,10 @@
 
 The kill is real: ``python -m merger average ...`` in a subprocess, SIGKILLed while shard k+1 is
 being written. A merge of a test-sized trajectory takes ~50 ms, far less than the polling a
-timer-based kill would need, so the child carries one hook: it stops itself (SIGSTOP) on its first
-data write into shard k+1, when shards 1..k are finished and recorded. The test waits for the
-stop (bounded polling), checks the partial folder, and kills it with SIGKILL.
+timer-based kill would need, so the child carries one hook: on its first data write into shard
+k+1, when shards 1..k are finished and recorded, it drops a marker file and parks its writer
+thread. The test waits for the marker (bounded polling) and kills the process with SIGKILL.
+(A self-SIGSTOP was tried first: on a loaded CI machine the run sometimes went on past it.)
 
 Then, with the same arguments, (a) ``--resume`` verifies and keeps shards 1..k and folds only
 the rest, (b) a plain run removes the leftovers and starts clean; both give output bit-identical
@@ -39,15 +40,18 @@ SHAPE = synth.Shape(hidden=128, layers=2, heads=4, vocab=4096, max_pos=64)
 FLAGS = ["--max-shard-size", "100KB", "--max-memory", "8MB"]
 STOP_AT = 3  # shards finished when the child is killed
 
-# `python -m merger`, plus: SIGSTOP itself on the first data write into shard STOP_AT + 1
+# `python -m merger`, plus: on the first data write into shard STOP_AT + 1, announce it (a marker
+# file) and park the writer thread, so nothing more is written until the test's SIGKILL lands.
 CHILD = """
-import os, signal, sys
+import os, sys, time
 from merger import io
 orig, prefix = io.ShardWriter.write, "model-%05d-of-" % (int(os.environ["MERGER_TEST_STOP_AT"]) + 1)
 def write(self, data, offset, *, absolute=False):
     orig(self, data, offset, absolute=absolute)
     if not absolute and self.path.name.startswith(prefix):
-        os.kill(os.getpid(), signal.SIGSTOP)
+        open(os.environ["MERGER_TEST_MARKER"], "w").close()
+        while True:
+            time.sleep(1)
 io.ShardWriter.write = write
 sys.argv = ["merger", *sys.argv[1:]]
 from merger.cli import main
@@ -69,26 +73,22 @@ def same_model(a: Path, b: Path) -> bool:
 
 def kill_mid_run(root: Path, out: Path, timeout: float = 60.0) -> None:
     """Start the merge, wait until it stops inside shard STOP_AT + 1, SIGKILL it."""
-    env = dict(os.environ, MERGER_TEST_STOP_AT=str(STOP_AT))
+    marker = out.parent / f".{out.name}.kill-point"
+    env = dict(os.environ, MERGER_TEST_STOP_AT=str(STOP_AT), MERGER_TEST_MARKER=str(marker))
     p = subprocess.Popen([sys.executable, "-c", CHILD, "average", str(root), "-o", str(out), *FLAGS],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
-    while True:  # bounded polling for the stop
-        pid, status = os.waitpid(p.pid, os.WUNTRACED | os.WNOHANG)
-        if pid and os.WIFSTOPPED(status):
-            break
-        if pid:
-            p.returncode = os.waitstatus_to_exitcode(status)
+    while not marker.exists():  # bounded polling for the kill point
+        if p.poll() is not None:
             pytest.fail(f"the run ended (exit {p.returncode}) before it could be killed: {p.stderr.read().decode()}")
         if time.monotonic() > deadline:
             p.kill()
             pytest.fail("the run never reached the kill point")
         time.sleep(0.01)
+    marker.unlink()
     os.kill(p.pid, signal.SIGKILL)
-    _, status = os.waitpid(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+    assert p.wait(timeout=30) == -signal.SIGKILL
     p.stderr.close()
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
 @pytest.fixture(scope="module")
