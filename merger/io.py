@@ -8,8 +8,10 @@ Writer side: :class:`OutputDir` is the atomic output: everything is written into
 folder ``.NAME.merger-partial`` (locked against a second run), renamed to ``NAME`` at the end; an
 existing folder is replaced only with ``force``. :class:`ShardWriter` owns one safetensors shard
 (header first, then data with ``pwrite`` at planned offsets) and hashes it as it goes.
-``progress.json`` in the partial folder lists the shards already finished (fsynced, with their
-sha256), so that a killed run can be resumed (see ``execute.py``).
+``progress.json`` in the partial folder lists the shards already finished (with their sha256),
+so that a killed run can be resumed (see ``execute.py``). Nothing is fsynced: a killed process
+loses nothing the page cache holds, and after a power loss ``--resume`` re-checks every finished
+shard's sha256 (fsyncing 0.8 GB of output cost 3 s, more than the whole merge, on this disk).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import secrets
 import shutil
@@ -29,12 +32,17 @@ from merger.units import ST_NAMES, dtype_from_name
 PROGRESS = "progress.json"
 
 
+READ_PIECE = 4 << 20  # bytes per pread: 8.2 GB from page cache took 0.73 s in 4 MB reads, 1.02 s in 64 MB
+DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses are multiples of this
+STAGE = 8 << 20  # bytes staged per O_DIRECT write
+
+
 def pread_into(fd: int, buf: memoryview, offset: int, *, path: str = "") -> None:
-    """Fill ``buf`` with the bytes of ``fd`` at ``offset``; short reads are retried."""
+    """Fill ``buf`` with the bytes of ``fd`` at ``offset``, in ``READ_PIECE`` reads; short reads are retried."""
     done = 0
     n = len(buf)
     while done < n:
-        k = os.preadv(fd, [buf[done:]], offset + done)
+        k = os.preadv(fd, [buf[done: done + READ_PIECE]], offset + done)
         if k <= 0:
             raise CheckpointFormatError(
                 f"{path}: file ended after {offset + done} bytes while reading (truncated or changed "
@@ -126,15 +134,30 @@ class ShardWriter:
     """
 
     def __init__(self, path: Path, header: bytes, data_bytes: int, *, label: str | None = None,
-                 hash: bool = False):
+                 hash: bool = False, direct: bool = True):
         self.path = path
         self.label = label or str(path)
         self.data_start = len(header)
         self.size = self.data_start + data_bytes
         # sha256 of bytes 0.._hpos, while writes come in file order; -1: finish() re-reads the file
         self._h, self._hpos = (hashlib.sha256(), 0) if hash else (None, -1)
+        # O_DIRECT: writes arrive in file order and go out in aligned STAGE-sized pieces, skipping
+        # the page cache (0.8 GB: 0.45 s instead of 2.05 s on this machine's disk)
+        self._stage: mmap.mmap | None = None
+        self._staged = 0  # bytes in the stage; the file holds everything before _flushed
+        self._flushed = 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fd = -1
+            if direct and hasattr(os, "O_DIRECT"):
+                try:
+                    self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+                    self._stage = mmap.mmap(-1, STAGE)  # page-aligned
+                except OSError as e:
+                    if e.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT
+                        raise
+            if self.fd < 0:
+                self.fd = os.open(path, flags, 0o644)
         except OSError as e:
             raise _write_failed(f"creating {self.label}", e) from e
         self.write(header, 0, absolute=True)
@@ -148,19 +171,70 @@ class ShardWriter:
         elif len(mv):
             self._hpos = -1
         try:
+            if self._stage is not None and pos == self._flushed + self._staged:
+                self._stage_write(mv)
+                return
+            self._buffered()
             while len(mv):
                 k = os.pwrite(self.fd, mv, pos)
                 mv, pos = mv[k:], pos + k
         except OSError as e:
             raise _write_failed(f"writing {self.label}", e) from e
 
+    def _stage_write(self, mv: memoryview) -> None:
+        while len(mv):
+            n = min(len(mv), STAGE - self._staged)
+            self._stage[self._staged: self._staged + n] = mv[:n]
+            self._staged += n
+            mv = mv[n:]
+            if self._staged == STAGE:
+                self._flush(STAGE)
+
+    def _flush(self, n: int) -> None:
+        """Write the first ``n`` staged bytes (a multiple of DIRECT_ALIGN) with O_DIRECT."""
+        view = memoryview(self._stage)
+        try:
+            done = 0
+            while done < n:
+                done += os.pwrite(self.fd, view[done:n], self._flushed + done)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._buffered()  # O_DIRECT refused after all: write the rest through the page cache
+            return
+        finally:
+            view.release()
+        self._stage.move(0, n, self._staged - n)
+        self._staged -= n
+        self._flushed += n
+
+    def _buffered(self) -> None:
+        """Leave O_DIRECT: write out what is staged and go on through the page cache."""
+        if self._stage is None:
+            return
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        stage, self._stage = self._stage, None
+        view = memoryview(stage)[: self._staged]
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], self._flushed + done)
+        view.release()
+        stage.close()
+
     def close(self) -> None:
-        """Set the final size and fsync; idempotent."""
+        """Write what is staged, set the final size and close; idempotent."""
         if self.fd >= 0:
+            try:
+                if self._stage is not None:  # the staged tail is written here
+                    self._flush(self._staged // DIRECT_ALIGN * DIRECT_ALIGN)
+                    self._buffered()
+            except OSError as e:
+                os.close(self.fd)
+                self.fd = -1
+                raise _write_failed(f"writing {self.label}", e) from e
             try:
                 if os.fstat(self.fd).st_size != self.size:
                     os.ftruncate(self.fd, self.size)
-                os.fsync(self.fd)
             except OSError as e:
                 raise _write_failed(f"finishing {self.label}", e) from e
             finally:
@@ -168,7 +242,7 @@ class ShardWriter:
                 self.fd = -1
 
     def finish(self) -> str:
-        """Close (durably) and return the file's sha256."""
+        """Close and return the file's sha256."""
         self.close()
         if self._h is not None and self._hpos == self.size:
             return self._h.hexdigest()
@@ -181,14 +255,6 @@ def _is_within(child: Path, parent: Path) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class OutputDir:
@@ -287,16 +353,13 @@ class OutputDir:
         return d if isinstance(d, dict) and isinstance(d.get("shards"), dict) else None
 
     def write_progress(self, state: dict) -> None:
-        """Replace ``progress.json`` atomically and durably (temp file, fsync, rename, fsync dir)."""
+        """Replace ``progress.json`` atomically (temp file, rename)."""
         assert self.tmp is not None
         tmp = self.tmp / (PROGRESS + ".tmp")
         try:
             with open(tmp, "w") as f:
                 json.dump(state, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, self.tmp / PROGRESS)
-            _fsync_dir(self.tmp)
         except OSError as e:
             raise _write_failed(f"writing {self.tmp / PROGRESS}", e) from e
 
