@@ -10,7 +10,7 @@ counted against ``--max-memory``. Any error stops all three, and the partial out
 removed: nothing half-written is ever published.
 
 Resuming: blocks come in output order, so shards are finished one after another. The writer
-fsyncs each shard as soon as its last byte is written and records it, with its sha256, in the
+closes each shard as soon as its last byte is written and records it, with its sha256, in the
 partial folder's ``progress.json`` together with the plan's :func:`fingerprint` (the plan, and
 each input file's size and mtime). A run killed half-way (SIGKILL, SIGTERM, power loss; Ctrl-C
 too, once a shard is finished) leaves that folder behind. The next run for the same output with
@@ -123,7 +123,7 @@ class _Pipeline:
             written into them, and the blocks that write only into them are skipped.
         state: with ``done``, the kernel state recorded with shard ``done - 1``.
         on_shard: called from the writer thread with (shard index, sha256, kernel state) once a
-            shard is complete and fsynced; the state is what a resume after it must restore.
+            shard is complete and closed; the state is what a resume after it must restore.
     """
 
     def __init__(self, plan: Plan, tmp: Path, progress: Callable[[int], None] | None, threads: int | None, *,
