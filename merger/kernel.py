@@ -29,6 +29,26 @@ from merger.units import dtype_from_name
 BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def nonfinite_error(t: TensorPlan, revision: str) -> TensorError:
+    return TensorError(f"tensor {t.name!r} holds NaN or Inf in {revision}, and it is being averaged",
+                       tensor=t.name, revisions=[revision],
+                       hint="drop that revision (it may be a diverged or corrupt checkpoint), "
+                            "or pass --allow-nonfinite to keep going")
+
+
+def overflow_error(t: TensorPlan) -> TensorError:
+    return TensorError(f"tensor {t.name!r}: the weighted sum overflows {t.out_dtype}", tensor=t.name,
+                       revisions=[], hint="use a wider --dtype (e.g. float32), or check the weights")
+
+
+def differing_error(t: TensorPlan, first: str, differ: list[str]) -> TensorError:
+    return TensorError(
+        f"tensor {t.name!r} ({t.dtype}) is not floating and differs between revisions: "
+        f"{first} vs {', '.join(differ)}; integer and bool tensors are never averaged",
+        tensor=t.name, revisions=[first, *differ],
+        hint="merge checkpoints of one run, or drop the revisions whose buffers differ")
+
+
 def axpy(acc: torch.Tensor, tmp: torch.Tensor, x: torch.Tensor, w: float, *, first: bool) -> None:
     """``acc = x * w`` (first input) or ``acc += w * x``; ``tmp`` is scratch of acc's dtype.
 
@@ -107,11 +127,7 @@ class Kernel:
     def _exact(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
         differ = [self.names[i] for i in range(1, len(xs)) if not torch.equal(xs[i], xs[0])]
         if differ:
-            raise TensorError(
-                f"tensor {t.name!r} ({t.dtype}) is not floating and differs between revisions: "
-                f"{self.names[0]} vs {', '.join(differ)}; integer and bool tensors are never averaged",
-                tensor=t.name, revisions=[self.names[0], *differ],
-                hint="merge checkpoints of one run, or drop the revisions whose buffers differ")
+            raise differing_error(t, self.names[0], differ)
         self.copied.setdefault(t.name, True)
         out.copy_(xs[0])
 
@@ -124,14 +140,8 @@ class Kernel:
         """Raise for the first input that holds NaN/Inf here, or for an overflow of the output dtype."""
         for name, x in zip(self.names, xs):
             if not bool(torch.isfinite(x).all()):
-                raise TensorError(
-                    f"tensor {t.name!r} holds NaN or Inf in {name}, and it is being averaged",
-                    tensor=t.name, revisions=[name],
-                    hint="drop that revision (it may be a diverged or corrupt checkpoint), "
-                         "or pass --allow-nonfinite to keep going")
-        raise TensorError(f"tensor {t.name!r}: the weighted sum overflows {t.out_dtype}",
-                          tensor=t.name, revisions=[],
-                          hint="use a wider --dtype (e.g. float32), or check the weights")
+                raise nonfinite_error(t, name)
+        raise overflow_error(t)
 
     # -- CPU: cache-sized chunks --------------------------------------------------------------
     def _fold_cpu(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:

@@ -21,12 +21,11 @@ from typing import Callable
 
 import torch
 
-from merger.errors import TensorError
 from merger.execute import Result, peak_rss, write_index
 from merger.formats import read_folder
 from merger.hub import delete_revision, fetch
 from merger.io import FileHasher, OutputDir, ShardWriter, pread_into, safetensors_header
-from merger.kernel import BITS, Kernel, axpy
+from merger.kernel import BITS, Kernel, axpy, differing_error, nonfinite_error, overflow_error
 from merger.plan import CHUNK, COPY_FILES, Options, Plan, build, check_layouts
 from merger.sources import Source
 from merger.units import dtype_from_name
@@ -176,11 +175,7 @@ def _fold_piece(kernel: Kernel, plan: Plan, ti: int, i: int, start: int, stop: i
         r0.copy_(x)
     if not t.averaged:
         if i > 0 and not torch.equal(x, r0):
-            names = kernel.names
-            raise TensorError(f"tensor {t.name!r} ({t.dtype}) is not floating and differs between revisions: "
-                              f"{names[0]} vs {names[i]}; integer and bool tensors are never averaged",
-                              tensor=t.name, revisions=[names[0], names[i]],
-                              hint="merge checkpoints of one run, or drop the revisions whose buffers differ")
+            raise differing_error(t, kernel.names[0], [kernel.names[i]])
         return
     vals = x.view(dtype_from_name(t.dtype))
     bits, bits0 = x.view(BITS[size]), r0.view(BITS[size])
@@ -217,15 +212,7 @@ def _write(plan: Plan, kernel: Kernel, tmp: Path, acc, raw0, same, bad) -> int:
                     if s:
                         o[c:e].copy_(x0[c:e])
                     elif not kernel.allow_nonfinite and not bool(torch.isfinite(o[c:e]).all()):
-                        if k in bad[ti]:
-                            name = kernel.names[bad[ti][k]]
-                            raise TensorError(
-                                f"tensor {t.name!r} holds NaN or Inf in {name}, and it is being averaged",
-                                tensor=t.name, revisions=[name],
-                                hint="drop that revision (it may be a diverged or corrupt checkpoint), "
-                                     "or pass --allow-nonfinite to keep going")
-                        raise TensorError(f"tensor {t.name!r}: the weighted sum overflows {t.out_dtype}",
-                                          tensor=t.name, revisions=[], hint="use a wider --dtype (e.g. float32)")
+                        raise nonfinite_error(t, kernel.names[bad[ti][k]]) if k in bad[ti] else overflow_error(t)
                 w.write(o.cpu().contiguous().view(torch.uint8).numpy() if o.dim() else
                         o.cpu().reshape(1).view(torch.uint8).numpy(), t.out_offset)
             w.close()

@@ -44,8 +44,9 @@ def assert_close_ulp(out: torch.Tensor, ref: torch.Tensor, *, ulps: float = 1.0,
     """``out`` (any float dtype) is within ``ulps`` units in the last place of ``out.dtype`` of the
     float64 ``ref``; non-finite values must match exactly.
 
-    ``acc_bound`` (a function returning a per-element bound, called only if needed) widens the tolerance where the sum cancels: the accumulation's own
-    rounding error, n * eps(acc dtype) * sum_i |w_i x_i|, can exceed an ulp of a result near zero.
+    ``acc_bound`` (a function returning a per-element bound, called only if needed) widens the
+    tolerance where the sum cancels: the accumulation's own rounding error,
+    n * eps(acc dtype) * sum_i |w_i x_i|, can exceed an ulp of a result near zero.
     """
     assert out.shape == ref.shape, name
     o = out.double()
@@ -147,7 +148,8 @@ def tiny_run(tmp_path):
 
 def files_equal(a: Path, b: Path, pattern: str = "*.safetensors") -> bool:
     fa, fb = sorted(Path(a).glob(pattern)), sorted(Path(b).glob(pattern))
-    return [f.name for f in fa] == [f.name for f in fb] and all(x.read_bytes() == y.read_bytes() for x, y in zip(fa, fb))
+    return [f.name for f in fa] == [f.name for f in fb] and \
+        all(x.read_bytes() == y.read_bytes() for x, y in zip(fa, fb))
 
 
 def weights_of(method: str, n: int, decay=0.8, given=None):

@@ -9,6 +9,7 @@ and brings held-out bits per byte from ~9 (random: 512-way uniform) to ~3.5.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -39,21 +40,29 @@ def random_model(folder: Path, *, seed: int = 1) -> Path:
     return save(tiny_neox(seed), folder)
 
 
-def trained_model(folder: Path, *, steps: int = 200, batch: int = 8, seq: int = 128,
-                  lr: float = 5e-3, seed: int = 0) -> Path:
-    """Train a tiny model on random windows of the train split (AdamW, constant lr) and save it."""
-    model = tiny_neox(seed)
-    train, _ = split_docs()
-    ids = torch.tensor(byte_tokenizer()("\n\n".join(train.values()))["input_ids"])
+def train(model, *, steps: int, batch: int = 8, seq: int = 128, lr: float = 5e-3, seed: int = 0,
+          on_step: Callable[[int, object], None] | None = None):
+    """AdamW at a constant ``lr`` on random windows of the train split; ``on_step(step, model)``
+    after each step (1-based), in eval mode."""
+    train_docs, _ = split_docs()
+    ids = torch.tensor(byte_tokenizer()("\n\n".join(train_docs.values()))["input_ids"])
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
+        model.train()
         starts = torch.randint(0, len(ids) - seq, (batch,), generator=g)
         x = torch.stack([ids[s:s + seq] for s in starts.tolist()])
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    model.eval()
-    return save(model, folder)
+        model.eval()
+        if on_step is not None:
+            on_step(step, model)
+    return model
+
+
+def trained_model(folder: Path, *, steps: int = 200, batch: int = 8, seq: int = 128,
+                  lr: float = 5e-3, seed: int = 0) -> Path:
+    """Train a tiny model on random windows of the train split (AdamW, constant lr) and save it."""
+    return save(train(tiny_neox(seed), steps=steps, batch=batch, seq=seq, lr=lr, seed=seed), folder)
