@@ -14,7 +14,7 @@ tool's process tree).
 
 The outputs of merger and mergekit are then compared, tensor by tensor, with naive's fp64
 reference (max abs diff, max distance in units in the last place). Results go to the terminal
-and to ``bench/out/results-<shape>-<n>[-<format>].json``.
+and to ``bench/out/results-<shape>-<n>[-<format>][-<tag>].json``.
 
     .venv/bin/python bench/run.py --shape 70m                         # 9 revisions, every tool
     .venv/bin/python bench/run.py --shape 410m --revisions 20 --tools mergekit,naive,cat --repeat 3
@@ -73,8 +73,8 @@ def commands(a, root: Path, names: list[str], files: list[Path], runs: Path) -> 
               "revisions": ",".join(names), "dirs": " ".join(q(str(d)) for d in dirs)}
     cmds: dict[str, list[str] | None] = {}
     merger_ok = a.merger_cmd != DEFAULT_MERGER_CMD or Path(a.merger_bin).exists()
-    cmds["merger"] = (shlex.split(a.merger_cmd.format(out=q(str(runs / "merger")), **fields))
-                      if merger_ok else None)
+    cmds["merger"] = ([*shlex.split(a.merger_cmd.format(out=q(str(runs / "merger")), **fields)),
+                       *shlex.split(a.merger_args)] if merger_ok else None)
     mk = Path(a.mergekit_venv) / "bin" / "mergekit-yaml"
     cfg = mergekit_config(dirs, runs / "mergekit.yml", a.dtype)
     cmds["mergekit"] = ([str(mk), str(cfg), str(runs / "mergekit"), "--no-copy-tokenizer",
@@ -176,6 +176,17 @@ def warm(files: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
+def cached_fraction(files: list[Path]) -> float | None:
+    """Share of the input bytes in the page cache (util-linux ``fincore``); None without it."""
+    try:
+        out = subprocess.run(["fincore", "-b", "-n", "-o", "RES,SIZE", *map(str, files)],
+                             capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    res, size = sum(map(int, out[0::2])), sum(map(int, out[1::2]))
+    return min(res / size, 1.0) if size else None
+
+
 def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.exists() else 0
 
@@ -196,6 +207,8 @@ def summarize(runs: dict[str, list[dict]], input_bytes: int) -> dict[str, dict]:
                    "peak_anon_kb": max(r["peak_anon_kb"] for r in ok),
                    "cpu_s": min(r["user_s"] + r["sys_s"] for r in ok),
                    "max_busy_before": max(r.get("busy_before", 0.0) for r in ok),
+                   "min_cached_before": min((r["cached_before"] for r in ok
+                                             if r.get("cached_before") is not None), default=None),
                    "input_gb_per_s": input_bytes / min(walls) / 1e9}
     for ref, key in (("mergekit", "vs_mergekit"), ("cat", "vs_cat")):
         if s.get(ref, {}).get("ok"):
@@ -272,12 +285,14 @@ def main() -> None:
     ap.add_argument("--merger-cmd", default=DEFAULT_MERGER_CMD,
                     help="merger's command template; fields: {merger} {python} {root} {first} {last} "
                          "{out} {max_memory} {device} {revisions} (comma list) {dirs} (space list)")
+    ap.add_argument("--merger-args", default="", help="extra merger flags, e.g. --no-hash")
     ap.add_argument("--mergekit-venv", default=str(BENCH / ".venv"))
     ap.add_argument("--mergekit-args", default="", help="extra mergekit-yaml flags, e.g. --lazy-unpickle")
     ap.add_argument("--naive-accumulate", default="float64", choices=["float32", "float64"])
     ap.add_argument("--root", default=None, help="trajectory folder (default under bench/out/data)")
     ap.add_argument("--wait-idle", type=float, default=60.0,
                     help="seconds to wait for other load to stop before each run (default 60)")
+    ap.add_argument("--tag", default="", help="suffix of the results file name, for side runs")
     ap.add_argument("--keep", action="store_true", help="keep the outputs under bench/out/runs")
     ap.add_argument("--no-check", action="store_true", help="skip the comparison with naive")
     a = ap.parse_args()
@@ -308,11 +323,17 @@ def main() -> None:
                 continue
             out = runs_dir / tool
             shutil.rmtree(out, ignore_errors=True)
+            busy = wait_idle(a.wait_idle, log)  # first: the cache cools while we wait
             w = warm(files)
-            busy = wait_idle(a.wait_idle, log)
-            log(f"[{rep + 1}/{a.repeat}] {tool}: {shlex.join(argv)[:200]}{' ...' if len(shlex.join(argv)) > 200 else ''}")
+            cached = cached_fraction(files)
+            if cached is not None and cached < 0.95:
+                log(f"  note: only {cached:.0%} of the inputs are in the page cache (RAM too small "
+                    "for them): this run reads from disk")
+            line = shlex.join(argv)
+            log(f"[{rep + 1}/{a.repeat}] {tool}: {line[:200]}{' ...' if len(line) > 200 else ''}")
             r = timed(argv, log=runs_dir / f"{tool}.log", stdout_null=tool == "cat")
-            r.update(warm_s=w, busy_before=round(busy, 3), output_bytes=dir_bytes(out), argv=argv)
+            r.update(warm_s=w, busy_before=round(busy, 3), cached_before=cached,
+                     output_bytes=dir_bytes(out), argv=argv)
             if r["rc"] != 0:
                 r["stderr_tail"] = (runs_dir / f"{tool}.log").read_text()[-3000:]
                 log(f"  {tool} failed (rc {r['rc']}):\n{r['stderr_tail'][-1500:]}")
@@ -340,18 +361,22 @@ def main() -> None:
     if busy := [t for t, v in summary.items() if v.get("max_busy_before", 0) > 0.2]:
         print(f"warning: other processes kept the CPUs busy before runs of {', '.join(busy)}: "
               "timings are skewed (see busy_before in the JSON; use --repeat, best is shown)")
+    if cold := [t for t, v in summary.items() if (v.get("min_cached_before") or 1.0) < 0.95]:
+        print(f"warning: inputs not fully in the page cache before runs of {', '.join(cold)}: "
+              "those timings include disk reads (the cat floor then is the disk's)")
     for tool, c in checks.items():
         notes = {k: c[k] for k in ("missing", "extra", "dtype_changed", "buffers_not_exact", "error")
                  if c.get(k)}
         if notes:
             print(f"{tool}: {json.dumps(notes)}")
 
-    suffix = "" if a.format == "safetensors" else f"-{a.format}"
+    suffix = ("" if a.format == "safetensors" else f"-{a.format}") + (f"-{a.tag}" if a.tag else "")
     path = BENCH / "out" / f"results-{a.shape}-{len(names)}{suffix}.json"
     path.write_text(json.dumps({
         "shape": a.shape, "revisions": names, "format": a.format, "dtype": a.dtype, "root": str(root),
         "input_bytes": input_bytes, "input_files": len(files), "max_memory": a.max_memory,
-        "device": a.device, "repeat": a.repeat, "versions": versions(a), "summary": summary,
+        "device": a.device, "repeat": a.repeat, "tools": tools, "merger_args": a.merger_args,
+        "mergekit_args": a.mergekit_args, "versions": versions(a), "summary": summary,
         "checks": checks, "runs": runs, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
     log(f"wrote {path}")
     if not a.keep:

@@ -6,7 +6,7 @@ independent reference for ``merger average``), and prints held-out bits per byte
 docs (the held-out split of ``merger.textdata``; lower is better).
 
     python examples/check_lawa.py                                   # both demo runs
-    python examples/check_lawa.py --window 1200:8 --window 800:8 --ema-decay 0.8
+    python examples/check_lawa.py --window 800:5 --window 600:5 --ema-decay 0.8
     python examples/check_lawa.py --repo local/tiny-pythia-s1 --repo local/tiny-pythia-lowlr-s1
 """
 
@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train_tiny_pythia.py
+
+import torch  # noqa: E402
 
 from merger.hubcache import repo_folder_name
 from merger.textdata import split_docs
+from merger.tokenizer import byte_tokenizer
 
 DEFAULT_REPOS = ["local/tiny-pythia", "local/tiny-pythia-lowlr"]
 
@@ -39,13 +43,14 @@ def revisions(cache_dir: Path, repo_id: str) -> dict[int, Path]:
     return dict(sorted(out.items()))
 
 
-def heldout_ids(eos: int = 256, max_bytes: int | None = None) -> torch.Tensor:
-    """The held-out split as one stream: ``<|endoftext|>`` + utf-8 bytes, per document."""
-    _, held = split_docs()
+def heldout_ids(max_bytes: int | None = None) -> torch.Tensor:
+    """The held-out split as one stream of token ids: per document ``<|endoftext|>`` (256), then
+    the tokenizer's ids of its bytes (one per byte, but not equal to the byte values)."""
+    tok = byte_tokenizer()
     ids: list[int] = []
-    for text in held.values():
-        ids.append(eos)
-        ids.extend(text.encode("utf-8"))
+    for text in split_docs()[1].values():
+        ids.append(tok.eos_token_id)
+        ids.extend(tok(text, add_special_tokens=False)["input_ids"])
     ids = ids[:max_bytes] if max_bytes else ids
     return torch.tensor(ids, dtype=torch.long)
 
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repo", action="append", help="repeatable (default: the two demo runs)")
     ap.add_argument("--window", action="append",
                     help="END:K, the K latest saved checkpoints up to step END (repeatable; "
-                         "default: the last step and two thirds of the way, K = 5 and 10)")
+                         "default: the last step with K = 5 and 10, two thirds of the way with K = 5)")
     ap.add_argument("--ema-decay", type=float, default=0.8, help="EMA decay per checkpoint")
     ap.add_argument("--max-bytes", type=int, default=None, help="evaluate on a prefix (quicker)")
     ap.add_argument("--cache-dir", type=Path, default=None)
@@ -116,36 +121,43 @@ def main(argv: list[str] | None = None) -> None:
         from huggingface_hub import constants
 
         a.cache_dir = Path(constants.HF_HUB_CACHE)
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
     torch.set_num_threads(2)
     ids = heldout_ids(max_bytes=a.max_bytes)
-    print(f"held-out: {len(ids)} bytes; bits per byte, lower is better; "
-          f"EMA decay {a.ema_decay} per checkpoint")
-    print(f"{'repo':<26} {'window':<16} {'K':>3} {'last':>7} {'uniform':>8} {'ema':>7} "
+    print(f"held-out: {len(ids)} bytes of Python docs; bits per byte, lower is better; "
+          f"EMA decay {a.ema_decay} per checkpoint; best = best single checkpoint of the window")
+    print(f"{'repo':<26} {'window':<16} {'K':>3} {'last':>7} {'best':>7} {'uniform':>8} {'ema':>7} "
           f"{'d_unif':>7} {'d_ema':>7}")
     for repo_id in a.repo or DEFAULT_REPOS:
         revs = revisions(a.cache_dir, repo_id)
         steps = list(revs)
-        specs = a.window or [f"{steps[-1]}:5", f"{steps[-1]}:10",
-                             f"{steps[(2 * len(steps)) // 3]}:5", f"{steps[(2 * len(steps)) // 3]}:10"]
-        cache: dict[int, dict[str, torch.Tensor]] = {}
+        mid = steps[(2 * len(steps)) // 3]
+        specs = a.window or [f"{steps[-1]}:5", f"{steps[-1]}:10", f"{mid}:5"]
+        state_dicts: dict[int, dict[str, torch.Tensor]] = {}
+        single: dict[int, float] = {}  # step -> bits per byte of that checkpoint alone
         model = None
         for spec in specs:
             end, k = (int(x) for x in spec.split(":"))
             window = [s for s in steps if s <= end][-k:]
             for s in window:
-                if s not in cache:
+                if s not in state_dicts:
                     m = load(revs[s])
-                    cache[s] = {n: t.clone() for n, t in m.state_dict().items()}
+                    state_dicts[s] = {n: t.clone() for n, t in m.state_dict().items()}
                     model = model or m
             seq_len = model.config.max_position_embeddings
-            sds = [cache[s] for s in window]
-            row = {}
-            for name, sd in [("last", sds[-1]), ("uniform", average(sds, weights("uniform", k))),
-                             ("ema", average(sds, weights("ema", k, decay=a.ema_decay)))]:
-                model.load_state_dict(sd)
+            for s in window:
+                if s not in single:
+                    model.load_state_dict(state_dicts[s])
+                    single[s] = bits_per_byte(model, ids, seq_len=seq_len)
+            sds = [state_dicts[s] for s in window]
+            row = {"last": single[window[-1]], "best": min(single[s] for s in window)}
+            for name in ("uniform", "ema"):
+                model.load_state_dict(average(sds, weights(name, len(sds), decay=a.ema_decay)))
                 row[name] = bits_per_byte(model, ids, seq_len=seq_len)
             print(f"{repo_id:<26} {f'step{window[0]}..{window[-1]}':<16} {len(window):>3} "
-                  f"{row['last']:7.4f} {row['uniform']:8.4f} {row['ema']:7.4f} "
+                  f"{row['last']:7.4f} {row['best']:7.4f} {row['uniform']:8.4f} {row['ema']:7.4f} "
                   f"{row['uniform'] - row['last']:+7.4f} {row['ema'] - row['last']:+7.4f}",
                   flush=True)
 

@@ -1,7 +1,7 @@
 """``make demo``: the LAWA experiment on this machine, offline, in a few minutes on 2 CPU cores.
 
 1. Train a tiny Pythia (GPT-NeoX) on Python's own docs at a high constant learning rate, and a
-   low-LR control, saving a checkpoint every 50 steps as Hub-style revisions ``stepN`` of
+   low-LR control, saving a checkpoint every 40 steps as Hub-style revisions ``stepN`` of
    ``local/tiny-pythia`` / ``local/tiny-pythia-lowlr`` in ``demo/hub`` (reused when present).
 2. ``merger average`` the last K checkpoints of each run: uniform (LAWA) and EMA.
 3. ``merger eval`` the last checkpoint against both averages on held-out perplexity.
