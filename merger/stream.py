@@ -186,7 +186,7 @@ def _fold_piece(kernel: Kernel, plan: Plan, ti: int, i: int, start: int, stop: i
         k = c // CHUNK
         if i > 0 and same[ti][k]:
             same[ti][k] = torch.equal(bits[c - start: e - start], bits0[c - start: e - start])
-        axpy(a[c:e], tmp[: e - c], vals[c - start: e - start], kernel.weights[i], first=i == 0)
+        axpy(a[c:e], tmp[: e - c], vals[c - start: e - start], kernel.fold_weights[i], first=i == 0)
         if not kernel.allow_nonfinite and k not in bad[ti] and not bool(torch.isfinite(a[c:e]).all()):
             bad[ti][k] = i
 
@@ -206,6 +206,7 @@ def _write(plan: Plan, kernel: Kernel, tmp: Path, acc, raw0, same, bad) -> int:
                     w.write(raw0[ti].cpu().numpy(), t.out_offset)
                     continue
                 x0 = raw0[ti].view(dtype_from_name(t.dtype))
+                kernel.finish(acc[ti])
                 o = acc[ti].to(odt)
                 for k, s in enumerate(same[ti]):
                     c, e = k * CHUNK, min(t.numel, (k + 1) * CHUNK)

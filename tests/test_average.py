@@ -30,6 +30,17 @@ def test_methods_and_dtypes(tmp_path, method, dtype):
     check_against_reference(tmp_path / "out", sds, w)
 
 
+def test_uniform_average_is_correctly_rounded(tmp_path):
+    """Equal weights: the float32 sum of float16 values is exact and divided once, so the output
+    is the float64 reference rounded to float16, bit for bit (mergekit's result, too)."""
+    root, sds = make_run(tmp_path / "run", shape=WIDE, steps=tuple(range(1, 10)))
+    average([str(root)], output=tmp_path / "out")
+    out, ref = load_dir(tmp_path / "out"), __import__("conftest").reference(sds, [1 / 9] * 9)
+    for k, r in ref.items():
+        if out[k].is_floating_point():
+            assert torch.equal(out[k], r.to(torch.float16)), k
+
+
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
 @pytest.mark.parametrize("shard", [None, 150_000])
 def test_formats_and_shards(tmp_path, fmt, shard):
