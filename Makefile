@@ -34,6 +34,7 @@ lint: install
 		($(BIN)/pip install -q ruff && $(BIN)/python -m ruff check merger tests examples bench)
 
 bench: install
+	bash bench/setup.sh
 	$(BIN)/python bench/run.py --shape 410m --revisions 9
 
 clean:
