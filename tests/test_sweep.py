@@ -26,7 +26,8 @@ from merger.errors import TensorError, UsageError
 from merger.methods import Method
 from merger.plan import Options
 from merger.sources import resolve_local
-from merger.sweep import HeldoutScorer, SweepOptions, read_state_dict, sliding_states, sweep
+from merger.scoring import HeldoutScorer
+from merger.sweep import SweepOptions, read_state_dict, sliding_states, sweep
 from merger.sweep_cli import sweep_command
 from merger.synth import save_checkpoint
 
