@@ -158,7 +158,7 @@ def average(
             from merger.eval_cli import eval_table
 
             latest = plan_.sources[-1]
-            baseline = f"{latest.repo_id}@{latest.commit}" if latest.repo_id else str(latest.path)
+            baseline = f"{latest.repo_id}@{latest.revision}" if latest.repo_id else str(latest.path)
             report = evaluate([baseline, result.output], tasks=tasks.split(",") if tasks else None, limit=limit,
                               device=device, output_dir=Path(result.output) / "eval", progress=ui.info)
         if json_out:
