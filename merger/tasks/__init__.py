@@ -33,14 +33,18 @@ MC_TASK = "merger_pydocs_mc"
 DEFAULT_TASKS: tuple[str, ...] = (PPL_TASK, MC_TASK)
 
 # lm-eval task configs; {data} and {cache} are JSON-quoted absolute paths (JSON strings are YAML).
-_PPL_YAML = """\
-# merger offline task pack v{version}: perplexity on held-out Python docs passages.
+_DATA_YAML = """\
 task: {task}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
   cache_dir: {cache}
+"""
+
+_PPL_YAML = """\
+# merger offline task pack v{version}: perplexity on held-out Python docs passages.
+""" + _DATA_YAML + """\
 output_type: loglikelihood_rolling
 test_split: test
 num_fewshot: 0
@@ -63,12 +67,7 @@ metadata:
 _MC_YAML = """\
 # merger offline task pack v{version}: pick the true continuation of a held-out Python docs
 # passage among 4 (the 3 others continue other documents).
-task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
+""" + _DATA_YAML + """\
 output_type: multiple_choice
 test_split: test
 doc_to_text: context
