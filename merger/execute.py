@@ -1,13 +1,8 @@
-"""Execute a plan: reader threads -> kernel -> writer thread, one block at a time, each input byte
-read once.
+"""Execute a *blocks* plan into an output folder: the pipeline (``pipeline.py``: reader threads ->
+kernel -> writer thread, each input byte read once), the atomic output, resuming, the manifest.
 
-    reader (threads)  : pread every input's bytes of block b+1 into a free buffer set (+ sha256)
-    kernel (this one) : fold block b (CPU chunks, or copy to the GPU and fold there)
-    writer (thread)   : pwrite block b-1's output bytes into the shards
-
-Two input buffer sets and two output buffers circulate, so the working set is what the plan
-counted against ``--max-memory``. Any error stops all three, and the partial output folder is
-removed: nothing half-written is ever published.
+Any error stops the pipeline, and the partial output folder is removed: nothing half-written is
+ever published.
 
 Resuming: blocks come in output order, so shards are finished one after another. The writer
 closes each shard as soon as its last byte is written and records it, with its sha256, in the
@@ -23,25 +18,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 import resource
 import shutil
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from merger.errors import MergerError, OutputError, TensorError
-from merger.io import PROGRESS, FileHasher, OutputDir, ShardWriter, pread_into, safetensors_header, sha256_file
-from merger.kernel import Kernel
-from merger.plan import Plan, Slice
-
-_STOP = object()
-
+from merger.io import PROGRESS, OutputDir, sha256_file
+from merger.pipeline import _Pipeline
+from merger.plan import Plan
 
 @dataclass
 class Result:
@@ -74,293 +62,6 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-ALIGN = 8  # bytes: each slice starts aligned in the block buffers, so any dtype can view its bytes
-
-
-def _block_layout(plan: Plan, block: tuple[Slice, ...]) -> list[tuple[Slice, int, int]]:
-    """(slice, input byte offset, output byte offset) within the block buffers.
-
-    Offsets are rounded up to ``ALIGN``: after an odd-sized uint8/bool slice, a float16 slice at
-    an odd offset couldn't be viewed as float16.
-    """
-    out, a, b = [], 0, 0
-    for s in block:
-        t = plan.tensors[s.tensor]
-        out.append((s, a, b))
-        a += -(-(s.stop - s.start) * t.itemsize // ALIGN) * ALIGN
-        b += -(-(s.stop - s.start) * t.out_itemsize // ALIGN) * ALIGN
-    return out
-
-
-def _layout_bytes(plan: Plan, layout) -> tuple[int, int]:
-    """Bytes of the (input, output) block buffers that ``layout`` uses."""
-    if not layout:
-        return 0, 0
-    s, a, b = layout[-1]
-    t = plan.tensors[s.tensor]
-    return a + (s.stop - s.start) * t.itemsize, b + (s.stop - s.start) * t.out_itemsize
-
-
-def _runs(plan: Plan, layout, i: int) -> list[tuple[str, int, int, int]]:
-    """Input ``i``'s reads for a block, coalesced: (path, file offset, buffer offset, nbytes)."""
-    runs: list[list] = []
-    for s, boff, _ in layout:
-        t = plan.tensors[s.tensor]
-        path, off = t.locs[i]
-        start, n = off + s.start * t.itemsize, (s.stop - s.start) * t.itemsize
-        if runs and runs[-1][0] == path and runs[-1][1] + runs[-1][3] == start and runs[-1][2] + runs[-1][3] == boff:
-            runs[-1][3] += n
-        else:
-            runs.append([path, start, boff, n])
-    return [tuple(r) for r in runs]
-
-
-class _Pipeline:
-    """Reader -> kernel -> writer over the plan's blocks.
-
-    Args:
-        done: the first ``done`` shards are finished (by an interrupted run, verified): nothing is
-            written into them, and the blocks that write only into them are skipped.
-        state: with ``done``, the kernel state recorded with shard ``done - 1``.
-        on_shard: called from the writer thread with (shard index, sha256, kernel state) once a
-            shard is complete and closed; the state is what a resume after it must restore.
-    """
-
-    def __init__(self, plan: Plan, tmp: Path, progress: Callable[[int], None] | None, threads: int | None, *,
-                 label: str = "", done: int = 0, state: dict | None = None,
-                 on_shard: Callable[[int, str, dict], None] | None = None):
-        self.plan, self.tmp, self.progress = plan, tmp, progress or (lambda n: None)
-        self.label = label or str(tmp)
-        self.n = len(plan.sources)
-        self.device = torch.device(plan.device)
-        self.cuda = self.device.type == "cuda"
-        self.layouts = [_block_layout(plan, b) for b in plan.blocks]
-        self.done = done
-        self.on_shard = on_shard or (lambda i, sha, state: None)
-        self.remaining = {i: sp.data_bytes for i, sp in enumerate(plan.shards) if i >= done}
-        self.read_bytes = 0
-        in_max = max((_layout_bytes(plan, lay)[0] for lay in self.layouts), default=0)
-        out_max = max((_layout_bytes(plan, lay)[1] for lay in self.layouts), default=0)
-        pin = self.cuda
-        self.free_in: queue.Queue = queue.Queue()
-        for _ in range(2):
-            self.free_in.put([torch.empty(in_max, dtype=torch.uint8, pin_memory=pin) for _ in range(self.n)])
-        self.free_out: queue.Queue = queue.Queue()
-        for _ in range(2):
-            self.free_out.put(torch.empty(out_max, dtype=torch.uint8, pin_memory=pin))
-        if self.cuda:
-            self.dev_in = [torch.empty(in_max, dtype=torch.uint8, device=self.device) for _ in range(self.n)]
-            self.dev_out = torch.empty(out_max, dtype=torch.uint8, device=self.device)
-        self.ready: queue.Queue = queue.Queue(maxsize=2)
-        self.to_write: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.abort = threading.Event()
-        paths = sorted({p for t in plan.tensors for p, _ in t.locs})
-        self.fds = {p: os.open(p, os.O_RDONLY) for p in paths}
-        known = {str(Path(s.path) / f) for s in plan.sources if s.path for f, _, sha in s.files if sha}
-        self.hashers = {p: FileHasher(fd, os.fstat(fd).st_size, p) for p, fd in self.fds.items()
-                        if p not in known} if plan.options.hash_inputs else {}
-        cpus = os.cpu_count() or 1
-        self.threads = threads or max(1, min(self.n, cpus if not self.cuda else cpus - 1, 16))
-        self.kernel = Kernel(list(plan.weights), [s.name for s in plan.sources], device=str(self.device),
-                             accumulate=plan.options.accumulate, allow_nonfinite=plan.options.allow_nonfinite)
-        self.writers: dict[int, ShardWriter] = {}
-        self.busy = {"read": 0.0, "fold": 0.0, "write": 0.0}
-
-        # Resume points. Shard k's last byte is written in block last[k]; the kernel state (which
-        # tensors were copied, which inputs duplicate their predecessor) that a run resuming after
-        # shard k restores is the one after block settled[k], the last block writing only into
-        # shards <= k. Blocks come in output order, so settled[k] >= last[k] - 1.
-        last: dict[int, int] = {}
-        for b, block in enumerate(plan.blocks):
-            for sl in block:
-                last[plan.tensors[sl.tensor].shard] = b
-        self.settled = {k: b - 1 if any(plan.tensors[sl.tensor].shard > k for sl in plan.blocks[b]) else b
-                        for k, b in last.items()}
-        skip = self.settled[done - 1] if done else -1
-        self.todo = range(skip + 1, len(plan.blocks))
-        if skip >= 0:
-            self._restore(state, skip)
-        self.snapshots = {skip: self._kernel_state()}  # block -> kernel state after it (main thread writes)
-        self.snap_at = set(self.settled.values())
-
-    # -- resume state -------------------------------------------------------------------------
-    def _kernel_state(self) -> dict:
-        k = self.kernel
-        return {"copied": [n for n, c in k.copied.items() if c], "same_as_prev": list(k.same_as_prev)}
-
-    def _restore(self, state: dict, upto: int) -> None:
-        """Set the kernel as if it had folded blocks 0..upto (whose outputs are already written)."""
-        copied = set(state["copied"])
-        for b in range(upto + 1):
-            for sl in self.plan.blocks[b]:
-                name = self.plan.tensors[sl.tensor].name
-                self.kernel.copied.setdefault(name, name in copied)
-        self.kernel.same_as_prev = list(state["same_as_prev"])
-
-    # -- threads ------------------------------------------------------------------------------
-    def _read_input(self, i: int, layout, bufs) -> None:
-        mv = memoryview(bufs[i].numpy())
-        for path, off, boff, n in _runs(self.plan, layout, i):
-            dst = mv[boff: boff + n]
-            pread_into(self.fds[path], dst, off, path=path)
-            if self.hashers:
-                self.hashers[path].feed(off, dst)
-
-    def reader(self) -> None:
-        try:
-            with ThreadPoolExecutor(self.threads) as pool:
-                for b in self.todo:
-                    layout = self.layouts[b]
-                    bufs = self._get(self.free_in)
-                    if bufs is None:
-                        return
-                    t0 = time.perf_counter()
-                    # one task per input keeps each file's reads (and hash) in order
-                    list(pool.map(lambda i, lay=layout, bs=bufs: self._read_input(i, lay, bs), range(self.n)))
-                    self.busy["read"] += time.perf_counter() - t0
-                    self._put(self.ready, (b, bufs))
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            self._fail(e)
-        finally:
-            self._put(self.ready, _STOP, force=True)
-
-    def writer(self) -> None:
-        try:
-            while (item := self._get(self.to_write)) is not None and item is not _STOP:
-                b, out = item
-                t0 = time.perf_counter()
-                mv = memoryview(out.numpy())
-                for s, _, ooff in self.layouts[b]:
-                    t = self.plan.tensors[s.tensor]
-                    if t.shard < self.done:
-                        continue
-                    n = (s.stop - s.start) * t.out_itemsize
-                    self._writer(t.shard).write(mv[ooff: ooff + n], t.out_offset + s.start * t.out_itemsize)
-                    self.remaining[t.shard] -= n
-                    if self.remaining[t.shard] == 0:  # its last byte: make it durable, record it
-                        self.remaining[t.shard] = -1
-                        sha = self.writers[t.shard].finish()
-                        self.on_shard(t.shard, sha, self.snapshots[self.settled[t.shard]])
-                self.busy["write"] += time.perf_counter() - t0
-                self.free_out.put(out)
-        except BaseException as e:  # noqa: BLE001
-            self._fail(e)
-
-    def _writer(self, shard: int) -> ShardWriter:
-        if shard not in self.writers:
-            sp = self.plan.shards[shard]
-            ts = [self.plan.tensors[i] for i in sp.tensors]
-            header = safetensors_header([(t.name, t.out_dtype, t.shape, t.numel * t.out_itemsize) for t in ts])
-            self.writers[shard] = ShardWriter(self.tmp / sp.filename, header, sp.data_bytes,
-                                              label=f"{sp.filename} of {self.label}", hash=True)
-        return self.writers[shard]
-
-    # -- coordination ---------------------------------------------------------------------------
-    def _fail(self, e: BaseException) -> None:
-        if self.error is None:
-            self.error = e
-        self.abort.set()
-
-    def _get(self, q: queue.Queue):
-        while not self.abort.is_set():
-            try:
-                return q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return None
-
-    def _put(self, q: queue.Queue, item, force: bool = False) -> None:
-        while True:
-            try:
-                q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                if self.abort.is_set() and not force:
-                    return
-                if self.abort.is_set():
-                    try:
-                        q.get_nowait()
-                    except queue.Empty:
-                        pass
-
-    def fold_block(self, b: int, bufs: list[torch.Tensor], out: torch.Tensor) -> None:
-        layout = self.layouts[b]
-        if self.cuda:
-            nbytes = _layout_bytes(self.plan, layout)[0]
-            for i in range(self.n):
-                self.dev_in[i][:nbytes].copy_(bufs[i][:nbytes], non_blocking=True)
-            src, dst = self.dev_in, self.dev_out
-        else:
-            src, dst = bufs, out
-        for s, boff, ooff in layout:
-            t = self.plan.tensors[s.tensor]
-            n_in, n_out = (s.stop - s.start) * t.itemsize, (s.stop - s.start) * t.out_itemsize
-            self.kernel.fold(t, [x[boff: boff + n_in] for x in src], dst[ooff: ooff + n_out])
-        if self.cuda:
-            n_out = _layout_bytes(self.plan, layout)[1]
-            out[:n_out].copy_(dst[:n_out], non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-
-    def run(self) -> None:
-        # The pipeline is the parallelism: torch's own OpenMP workers would spin against the reader
-        # and writer threads (measured: 15x slower on 2 cores), so fold with one intra-op thread.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            self._run()
-        finally:
-            torch.set_num_threads(threads)
-
-    def _run(self) -> None:
-        reader = threading.Thread(target=self.reader, name="merger-reader", daemon=True)
-        writer = threading.Thread(target=self.writer, name="merger-writer", daemon=True)
-        for b in range(self.todo.start):  # resumed: count as done
-            self.progress(sum((s.stop - s.start) * self.plan.tensors[s.tensor].itemsize
-                              for s, _, _ in self.layouts[b]) * self.n)
-        reader.start()
-        writer.start()
-        try:
-            while (item := self._get(self.ready)) is not None and item is not _STOP:
-                b, bufs = item
-                out = self._get(self.free_out)
-                if out is None:
-                    break
-                t0 = time.perf_counter()
-                self.fold_block(b, bufs, out)
-                if b in self.snap_at:
-                    self.snapshots[b] = self._kernel_state()
-                self.busy["fold"] += time.perf_counter() - t0
-                self.free_in.put(bufs)
-                self._put(self.to_write, (b, out))
-                nbytes = sum((s.stop - s.start) * self.plan.tensors[s.tensor].itemsize
-                             for s, _, _ in self.layouts[b]) * self.n
-                self.read_bytes += nbytes
-                self.progress(nbytes)
-        except BaseException as e:  # noqa: BLE001
-            self._fail(e)
-        finally:
-            if self.error is None:
-                self._put(self.to_write, _STOP)
-            else:
-                self.abort.set()
-            writer.join()
-            self.abort.set()
-            reader.join()
-        if self.error is not None:
-            raise self.error
-        for i, left in self.remaining.items():  # every shard is finished by its last write; a guard
-            if left != -1:
-                raise MergerError(f"internal error: {self.plan.shards[i].filename} is incomplete "
-                                  f"({left} bytes missing)", hint="report this with the --dry-run --json plan")
-
-    def close(self) -> None:
-        for w in self.writers.values():
-            if w.fd >= 0:
-                os.close(w.fd)
-                w.fd = -1
-        for fd in self.fds.values():
-            os.close(fd)
 
 
 def write_index(plan: Plan, folder: Path) -> None:
