@@ -203,25 +203,6 @@ def _import_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; other values are checked."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    if re.fullmatch(r"cuda(:\d+)?", device):
-        index = int(device.partition(":")[2] or 0)
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: no such CUDA device here",
-                             hint="use --device auto or cpu")
-        return device
-    if device in ("mps", "mps:0") and torch.backends.mps.is_available():
-        return device
-    raise UsageError(f"--device {device!r} is not available", hint="use auto, cpu, cuda or cuda:N")
-
-
 def _task_manager(tasks: list[str], paths: list[str], TaskManager: Any) -> Any:
     """A TaskManager that knows every name in ``tasks``, with each task loaded once to check it.
 
@@ -328,7 +309,9 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     import torch
 
-    device = resolve_device(device)
+    from merger.plan import resolve_device  # imports torch: not at `merger --help` time
+
+    device = resolve_device(device, allow_mps=True)
     if dtype is not None:
         from merger.units import dtype_name, parse_dtype
 

@@ -27,7 +27,8 @@ from typing import Callable
 
 
 from merger.errors import MergerError, OutputError, TensorError
-from merger.io import PROGRESS, OutputDir, sha256_file
+from merger.hubcache import file_sha256
+from merger.io import PROGRESS, OutputDir
 from merger.pipeline import _Pipeline
 from merger.plan import Plan
 
@@ -107,7 +108,7 @@ def _resume_point(out: OutputDir, plan: Plan, fp: str) -> tuple[list[str], dict 
             break
         f = out.tmp / sp.filename
         try:
-            ok = (f.is_file() and f.stat().st_size == rec["bytes"] and sha256_file(f) == rec["sha256"]
+            ok = (f.is_file() and f.stat().st_size == rec["bytes"] and file_sha256(f) == rec["sha256"]
                   and len(rec["state"]["same_as_prev"]) == len(plan.sources)
                   and all(isinstance(n, str) for n in rec["state"]["copied"]))
         except (TypeError, KeyError):

@@ -27,6 +27,7 @@ import shutil
 from pathlib import Path
 
 from merger.errors import CheckpointFormatError, OutputError
+from merger.hubcache import file_sha256
 from merger.units import ST_NAMES, dtype_from_name
 
 PROGRESS = "progress.json"
@@ -48,15 +49,6 @@ def pread_into(fd: int, buf: memoryview, offset: int, *, path: str = "") -> None
                 f"{path}: file ended after {offset + done} bytes while reading (truncated or changed "
                 "during the merge?)", path=path, hint="re-download the file and run again")
         done += k
-
-
-def sha256_file(path: str | Path, block: int = 1 << 23) -> str:
-    """sha256 of a whole file, read in ``block``-byte pieces."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FileHasher:
@@ -246,7 +238,7 @@ class ShardWriter:
         self.close()
         if self._h is not None and self._hpos == self.size:
             return self._h.hexdigest()
-        return sha256_file(self.path)
+        return file_sha256(self.path)
 
 
 def _is_within(child: Path, parent: Path) -> bool:

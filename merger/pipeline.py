@@ -88,6 +88,9 @@ class _Pipeline:
         self.device = torch.device(plan.device)
         self.cuda = self.device.type == "cuda"
         self.layouts = [_block_layout(plan, b) for b in plan.blocks]
+        # input bytes each block folds (every input's slices), for progress and Result.read_bytes
+        self.block_read = [sum((s.stop - s.start) * plan.tensors[s.tensor].itemsize for s in blk) * self.n
+                           for blk in plan.blocks]
         self.done = done
         self.on_shard = on_shard or (lambda i, sha, state: None)
         self.remaining = {i: sp.data_bytes for i, sp in enumerate(plan.shards) if i >= done}
@@ -269,8 +272,7 @@ class _Pipeline:
         reader = threading.Thread(target=self.reader, name="merger-reader", daemon=True)
         writer = threading.Thread(target=self.writer, name="merger-writer", daemon=True)
         for b in range(self.todo.start):  # resumed: count as done
-            self.progress(sum((s.stop - s.start) * self.plan.tensors[s.tensor].itemsize
-                              for s, _, _ in self.layouts[b]) * self.n)
+            self.progress(self.block_read[b])
         reader.start()
         writer.start()
         try:
@@ -286,10 +288,8 @@ class _Pipeline:
                 self.busy["fold"] += time.perf_counter() - t0
                 self.free_in.put(bufs)
                 self._put(self.to_write, (b, out))
-                nbytes = sum((s.stop - s.start) * self.plan.tensors[s.tensor].itemsize
-                             for s, _, _ in self.layouts[b]) * self.n
-                self.read_bytes += nbytes
-                self.progress(nbytes)
+                self.read_bytes += self.block_read[b]
+                self.progress(self.block_read[b])
         except BaseException as e:  # noqa: BLE001
             self._fail(e)
         finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -167,18 +168,24 @@ def default_max_memory() -> int:
     return max(MIN_BLOCK * 4, min(total // 4, 8 * 10**9))
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; checks ``cuda:i`` exists."""
+def resolve_device(device: str, *, allow_mps: bool = False) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; checks ``cuda:i`` exists.
+
+    ``allow_mps``: also accept Apple's ``mps`` where it is there (evaluation runs on it; the merge
+    kernel is only tested on CPU and CUDA).
+    """
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return device
-    if device.startswith("cuda"):
+    if re.fullmatch(r"cuda(:\d+)?", device):
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device}: no CUDA device is visible", hint="use --device cpu")
         idx = device.partition(":")[2]
-        if idx and (not idx.isdigit() or int(idx) >= torch.cuda.device_count()):
+        if idx and int(idx) >= torch.cuda.device_count():
             raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+        return device
+    if allow_mps and device in ("mps", "mps:0") and torch.backends.mps.is_available():
         return device
     raise UsageError(f"--device {device!r}: unknown device", hint="use auto, cpu, cuda or cuda:N")
 

@@ -33,12 +33,6 @@ from merger.units import dtype_from_name
 PIECE = 64 * CHUNK  # elements read per pread
 
 
-def accumulator_bytes(plan: Plan) -> int:
-    """Memory the stream schedule holds: accumulators plus the first revision's raw bytes."""
-    k = Kernel(list(plan.weights), [s.name for s in plan.sources], accumulate=plan.options.accumulate)
-    return sum(t.numel * ((k.acc_dtype(t).itemsize if t.averaged else 0) + t.itemsize) for t in plan.tensors)
-
-
 class _Downloader(threading.Thread):
     """Fetches sources in order, at most ``ahead`` revisions beyond the one being folded."""
 

@@ -305,7 +305,7 @@ def sweep(model: str | None, *, revisions: str | None = None, every: int | None 
             failures.
     """
     from merger.api import DEFAULT_MODEL, resolve
-    from merger.eval import resolve_device
+    from merger.plan import resolve_device
 
     t0 = time.perf_counter()
     note = progress or (lambda _m: None)
@@ -316,7 +316,7 @@ def sweep(model: str | None, *, revisions: str | None = None, every: int | None 
         sources = list(sources)
         model = model or sources[-1].repo_id or str(Path(sources[-1].path).parent)
     _check(options, len(sources), revisions, every)
-    device = resolve_device(options.device)
+    device = resolve_device(options.device, allow_mps=True)
     if any(s.path is None for s in sources):
         from merger.hub import fetch
 
