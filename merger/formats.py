@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import struct
 import zipfile
@@ -307,9 +306,3 @@ def read_folder(folder: str | Path) -> dict[str, TensorInfo]:
             if name not in out or Path(out[name].path).name != Path(fname).name:
                 raise _fail(folder, f"{kind} says tensor {name!r} is in {fname}, but it isn't there", _RESAVE)
     return out
-
-
-def file_sizes(folder: str | Path) -> dict[str, int]:
-    """Bytes of each weight file of a checkpoint folder."""
-    _, files = weights_files(folder)
-    return {f: os.path.getsize(Path(folder) / f) for f in files}
