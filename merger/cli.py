@@ -123,14 +123,14 @@ def average(
         from merger.api import average as do_average, output_path, prepare
         from merger.methods import Method, parse_weights
         from merger.plan import Options
-        from merger.units import dtype_name, parse_dtype, parse_size
+        from merger.units import parse_dtype, parse_size
 
         opts = Options(
             method=Method(name=method, decay=decay, weights=parse_weights(weights) if weights else None,
                           normalize=not no_normalize),
-            dtype=dtype_name(parse_dtype(dtype)) if dtype else None,
-            accumulate=accumulate if accumulate == "auto" else dtype_name(
-                parse_dtype(accumulate, option="--accumulate", allowed=("float32", "float64"))),
+            dtype=parse_dtype(dtype) if dtype else None,
+            accumulate=accumulate if accumulate == "auto" else parse_dtype(
+                accumulate, option="--accumulate", allowed=("float32", "float64")),
             max_memory=parse_size(max_memory, option="--max-memory") if max_memory else None,
             max_shard_size=parse_size(max_shard_size, option="--max-shard-size"),
             device=device, allow_nonfinite=allow_nonfinite, strict=strict, hash_inputs=hash_inputs,

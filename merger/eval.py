@@ -313,9 +313,9 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
 
     device = resolve_device(device, allow_mps=True)
     if dtype is not None:
-        from merger.units import dtype_name, parse_dtype
+        from merger.units import parse_dtype
 
-        dtype = dtype_name(parse_dtype(dtype))
+        dtype = parse_dtype(dtype)
     load_dtype = dtype or ("float32" if device == "cpu" else "auto")
     sources = []
     for spec in models:  # resolve every model before the slow part

@@ -20,10 +20,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from merger.errors import CheckpointFormatError
-from merger.units import ST_DTYPES, dtype_name
+from merger.units import ST_DTYPES, itemsize
 
 MAX_HEADER = 100_000_000  # safetensors refuses larger headers too
 
@@ -36,7 +34,7 @@ class TensorInfo:
     """Where one tensor's bytes are: ``nbytes`` bytes at ``offset`` in ``path``, C-contiguous."""
 
     name: str
-    dtype: str  # torch dtype name, e.g. "float16"
+    dtype: str  # canonical dtype name, e.g. "float16" (see units.py)
     shape: tuple[int, ...]
     path: str
     offset: int
@@ -90,12 +88,12 @@ def read_safetensors(path: str | Path) -> dict[str, TensorInfo]:
         if dt is None:
             raise _fail(path, f"tensor {name!r} has dtype {e['dtype']!r:.40}, which merger doesn't know",
                         f"supported: {', '.join(ST_DTYPES)}")
-        nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+        nbytes = math.prod(shape) * itemsize(dt)
         if end - start != nbytes or start < 0 or any(d < 0 for d in shape):
             raise _fail(path, f"tensor {name!r}: header offsets {start}..{end} don't match shape {list(shape)} "
                               f"of {e['dtype']}", _RESAVE)
         end_max = max(end_max, end)
-        out[name] = TensorInfo(name, dtype_name(dt), shape, str(path), base + start, nbytes)
+        out[name] = TensorInfo(name, dt, shape, str(path), base + start, nbytes)
     if base + end_max > size:
         raise _fail(path, f"truncated: the header needs {base + end_max} bytes but the file has {size}", _RESAVE)
     return out
@@ -103,23 +101,23 @@ def read_safetensors(path: str | Path) -> dict[str, TensorInfo]:
 
 # --- pytorch_model.bin (torch zip format) ------------------------------------------------------
 
-_STORAGE_DTYPES = {
-    "HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
-    "BFloat16Storage": torch.bfloat16, "ByteStorage": torch.uint8, "CharStorage": torch.int8,
-    "ShortStorage": torch.int16, "IntStorage": torch.int32, "LongStorage": torch.int64,
-    "BoolStorage": torch.bool,
+_STORAGE_DTYPES = {  # torch's storage classes (as the pickle names them) -> canonical dtype names
+    "HalfStorage": "float16", "FloatStorage": "float32", "DoubleStorage": "float64",
+    "BFloat16Storage": "bfloat16", "ByteStorage": "uint8", "CharStorage": "int8",
+    "ShortStorage": "int16", "IntStorage": "int32", "LongStorage": "int64",
+    "BoolStorage": "bool",
 }
 
 
 @dataclass(frozen=True)
 class _StorageType:
-    dtype: torch.dtype
+    dtype: str
 
 
 @dataclass(frozen=True)
 class _StorageRef:
     key: str
-    dtype: torch.dtype
+    dtype: str
     numel: int
 
 
@@ -238,16 +236,16 @@ def read_torch_zip(path: str | Path) -> dict[str, TensorInfo]:
                     raise _fail(path, f"tensor {name!r}: corrupt zip entry", _RESAVE)
                 n_name, n_extra = struct.unpack("<HH", local[26:30])
                 data_start = info.header_offset + 30 + n_name + n_extra
-                itemsize = torch.empty((), dtype=t.storage.dtype).element_size()
+                size_el = itemsize(t.storage.dtype)
                 numel = math.prod(t.shape)
                 if numel > 1 and t.stride != _contiguous_strides(t.shape):
                     raise _fail(path, f"tensor {name!r} is not contiguous (stride {t.stride})",
                                 "save contiguous tensors, e.g. {k: v.contiguous() for k, v in sd.items()}")
-                start = data_start + t.storage_offset * itemsize
-                nbytes = numel * itemsize
-                if (t.storage_offset + numel) * itemsize > info.file_size or start + nbytes > size:
+                start = data_start + t.storage_offset * size_el
+                nbytes = numel * size_el
+                if (t.storage_offset + numel) * size_el > info.file_size or start + nbytes > size:
                     raise _fail(path, f"truncated: tensor {name!r} lies beyond the end of the data", _RESAVE)
-                out[name] = TensorInfo(name, dtype_name(t.storage.dtype), t.shape, str(path), start, nbytes)
+                out[name] = TensorInfo(name, t.storage.dtype, t.shape, str(path), start, nbytes)
     return out
 
 

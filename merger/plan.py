@@ -18,14 +18,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from merger import __version__
 from merger.errors import PlanError, UsageError
 from merger.formats import TensorInfo, read_folder
 from merger.methods import Method, weights_for
 from merger.sources import Source
-from merger.units import dtype_from_name, dtype_name, format_size
+from merger.units import dtype_name, format_size, itemsize
 
 CHUNK = 1 << 18  # elements: the kernel's cache chunk, and the unit of "identical in every input"
 MAX_BLOCK_CPU = 512 << 20  # bytes of working set per block (see build())
@@ -56,11 +54,11 @@ class TensorPlan:
 
     @property
     def itemsize(self) -> int:
-        return dtype_from_name(self.dtype).itemsize
+        return itemsize(self.dtype)
 
     @property
     def out_itemsize(self) -> int:
-        return dtype_from_name(self.out_dtype).itemsize
+        return itemsize(self.out_dtype)
 
 
 @dataclass(frozen=True)
@@ -168,16 +166,31 @@ def default_max_memory() -> int:
     return max(MIN_BLOCK * 4, min(total // 4, 8 * 10**9))
 
 
+# a GPU driver leaves one of these behind (NVIDIA; ROCm's kfd); without any, torch can't see a GPU either
+GPU_DEVICE_PATHS = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/proc/driver/nvidia")
+
+
+def gpu_possible() -> bool:
+    """Whether a CUDA (or ROCm) device could be visible: a driver's device file exists."""
+    return any(os.path.exists(p) for p in GPU_DEVICE_PATHS)
+
+
 def resolve_device(device: str, *, allow_mps: bool = False) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; checks ``cuda:i`` exists.
+
+    torch (1 s to import) is imported only to answer a question about a GPU: ``cpu`` never
+    imports it, nor does ``auto`` on a machine with no GPU driver (none of ``GPU_DEVICE_PATHS``
+    exists); ``auto`` with a driver, ``cuda[:i]`` and ``mps`` ask torch.
 
     ``allow_mps``: also accept Apple's ``mps`` where it is there (evaluation runs on it; the merge
     kernel is only tested on CPU and CUDA).
     """
+    if device == "cpu" or (device == "auto" and not gpu_possible()):
+        return "cpu"
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
     if re.fullmatch(r"cuda(:\d+)?", device):
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device}: no CUDA device is visible", hint="use --device cpu")
@@ -274,7 +287,7 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     for t in order:
         averaged = t.dtype in FLOAT_DTYPES
         out_dtype = options.dtype if (averaged and options.dtype) else t.dtype
-        nbytes = math.prod(t.shape) * dtype_from_name(out_dtype).itemsize
+        nbytes = math.prod(t.shape) * itemsize(out_dtype)
         if shards[-1] and shard_bytes[-1] + nbytes > options.max_shard_size:
             shards.append([])
             shard_bytes.append(0)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from merger.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 _UNITS = {
     "": 1, "b": 1,
@@ -41,41 +43,47 @@ def format_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "fp64": torch.float64, "f64": torch.float64, "double": torch.float64,
+# canonical dtype name -> (bytes per element, safetensors' name): the full set safetensors can store
+_DTYPE_TABLE: dict[str, tuple[int, str]] = {
+    "float64": (8, "F64"), "float32": (4, "F32"), "float16": (2, "F16"), "bfloat16": (2, "BF16"),
+    "int64": (8, "I64"), "int32": (4, "I32"), "int16": (2, "I16"), "int8": (1, "I8"),
+    "uint8": (1, "U8"), "bool": (1, "BOOL"),
+    "float8_e4m3fn": (1, "F8_E4M3"), "float8_e5m2": (1, "F8_E5M2"),
+    "uint16": (2, "U16"), "uint32": (4, "U32"), "uint64": (8, "U64"),
+}
+ST_NAMES: dict[str, str] = {name: st for name, (_, st) in _DTYPE_TABLE.items()}  # "float16" -> "F16"
+ST_DTYPES: dict[str, str] = {st: name for name, st in ST_NAMES.items()}  # "F16" -> "float16"
+
+# floating dtypes as users type them -> canonical name
+DTYPES: dict[str, str] = {
+    "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64", "f64": "float64", "double": "float64",
 }
 
-# safetensors' dtype names <-> torch dtypes (the full set safetensors can store)
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-ST_NAMES: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
-for _name, _dt in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                   ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _dt):
-        ST_DTYPES[_name] = getattr(torch, _dt)
-        ST_NAMES[getattr(torch, _dt)] = _name
 
-
-def parse_dtype(text: str, *, option: str = "--dtype", allowed: tuple[str, ...] = ()) -> torch.dtype:
-    """Parse a floating dtype name (``fp16``, ``bfloat16``, ``float32`` ...)."""
-    dt = DTYPES.get(str(text).lower().removeprefix("torch."))
-    if dt is None or (allowed and dtype_name(dt) not in allowed):
+def parse_dtype(text: str, *, option: str = "--dtype", allowed: tuple[str, ...] = ()) -> str:
+    """Parse a floating dtype name (``fp16``, ``bfloat16``, ``float32`` ...) into its canonical name."""
+    name = DTYPES.get(str(text).lower().removeprefix("torch."))
+    if name is None or (allowed and name not in allowed):
         names = allowed or ("float32", "float16", "bfloat16", "float64")
         raise UsageError(f"{option}: unknown dtype {text!r}", hint=f"use one of {', '.join(names)}")
-    return dt
+    return name
 
 
-def dtype_name(dt: torch.dtype) -> str:
-    """``torch.float16`` -> ``"float16"``."""
+def dtype_name(dt) -> str:
+    """``torch.float16`` (or ``"float16"``, ``"torch.float16"``) -> ``"float16"``; needs no torch."""
     return str(dt).removeprefix("torch.")
 
 
+def itemsize(name: str) -> int:
+    """Bytes per element of a canonical dtype name: ``"bfloat16"`` -> 2."""
+    return _DTYPE_TABLE[name][0]
+
+
 def dtype_from_name(name: str) -> torch.dtype:
-    """``"float16"`` -> ``torch.float16`` (inverse of :func:`dtype_name`)."""
+    """``"float16"`` -> ``torch.float16`` (inverse of :func:`dtype_name`); imports torch."""
+    import torch
+
     return getattr(torch, name)
