@@ -1,15 +1,16 @@
-"""Execute a *blocks* plan into an output folder: the pipeline (``pipeline.py``: reader threads ->
-kernel -> writer thread, each input byte read once), the atomic output, resuming, the manifest.
+"""Execute a *blocks* plan into an output folder: the pipeline (``pipeline.py``: the native kernel's
+fold threads, or torch's readers and kernel, then a writer thread; each input byte read once), the
+atomic output, resuming, the manifest.
 
 Any error stops the pipeline, and the partial output folder is removed: nothing half-written is
 ever published.
 
 Resuming: blocks come in output order, so shards are finished one after another. The writer
-closes each shard as soon as its last byte is written and records it, with its sha256, in the
+closes each shard as soon as its last byte is written and records it, with its CRC-32, in the
 partial folder's ``progress.json`` together with the plan's :func:`fingerprint` (the plan, and
 each input file's size and mtime). A run killed half-way (SIGKILL, SIGTERM, power loss; Ctrl-C
 too, once a shard is finished) leaves that folder behind. The next run for the same output with
-``Options(resume=True)`` checks the fingerprint, verifies the finished shards' sha256 and skips
+``Options(resume=True)`` checks the fingerprint, verifies the finished shards' CRC-32 and skips
 the blocks that only write into them; any other run removes the folder and starts clean.
 """
 
@@ -27,9 +28,7 @@ from typing import Callable
 
 
 from merger.errors import MergerError, OutputError, TensorError
-from merger.hubcache import file_sha256
-from merger.io import PROGRESS, OutputDir
-from merger.pipeline import _Pipeline
+from merger.io import PROGRESS, OutputDir, file_checksum
 from merger.plan import Plan
 
 @dataclass
@@ -47,6 +46,7 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     resumed_shards: list[str] = field(default_factory=list)  # taken over from an interrupted run
     warnings: list[str] = field(default_factory=list)  # e.g. an interrupted run's output removed
+    kernel: str = ""  # which pipeline folded: native (the C kernel), torch, or stream
 
     def to_dict(self) -> dict:
         return {
@@ -54,7 +54,7 @@ class Result:
             "written_bytes": self.written_bytes, "read_rate": self.read_bytes / max(self.seconds, 1e-9),
             "peak_rss": self.peak_rss, "copied_tensors": self.copied_tensors,
             "duplicate_revisions": [list(p) for p in self.duplicates], "timings": self.timings,
-            "resumed_shards": self.resumed_shards, "warnings": self.warnings,
+            "resumed_shards": self.resumed_shards, "warnings": self.warnings, "kernel": self.kernel,
         }
 
 
@@ -88,7 +88,7 @@ def fingerprint(plan: Plan) -> str:
 
 
 def _resume_point(out: OutputDir, plan: Plan, fp: str) -> tuple[list[str], dict | None, list[str]]:
-    """The leading shards an interrupted run finished that verify (sha256, size), the kernel state
+    """The leading shards an interrupted run finished that verify (CRC-32, size), the kernel state
     recorded with the last of them, and notes on what was found. Everything else in the partial
     folder is removed."""
     state = out.read_progress()
@@ -108,7 +108,7 @@ def _resume_point(out: OutputDir, plan: Plan, fp: str) -> tuple[list[str], dict 
             break
         f = out.tmp / sp.filename
         try:
-            ok = (f.is_file() and f.stat().st_size == rec["bytes"] and file_sha256(f) == rec["sha256"]
+            ok = (f.is_file() and f.stat().st_size == rec["bytes"] and file_checksum(f) == rec["checksum"]
                   and len(rec["state"]["same_as_prev"]) == len(plan.sources)
                   and all(isinstance(n, str) for n in rec["state"]["copied"]))
         except (TypeError, KeyError):
@@ -134,7 +134,7 @@ def run(plan: Plan, output: str | Path, *, force: bool = False, progress: Callab
         plan: from :func:`merger.plan.build`.
         output: the output folder; refused if it exists (unless ``force``) or overlaps an input.
         progress: called with the number of input bytes folded, per block.
-        threads: reader threads (default: one per input, up to the CPU count).
+        threads: fold threads (native) or reader threads (torch); default: per the CPU count.
         finalize: called with (partial folder, result) before publishing, to add files
             (manifest, model card); an exception there discards the output.
 
@@ -143,6 +143,8 @@ def run(plan: Plan, output: str | Path, *, force: bool = False, progress: Callab
             partial folder is removed (it is kept only after a KeyboardInterrupt that came once
             a shard was finished, for a later resume).
     """
+    from merger.pipeline import choose  # the kernels' imports: not at plan or --dry-run time
+
     out = OutputDir(output, inputs=[s.path for s in plan.sources], force=force)
     t0 = time.perf_counter()
     resume = plan.options.resume
@@ -157,10 +159,10 @@ def run(plan: Plan, output: str | Path, *, force: bool = False, progress: Callab
 
         def on_shard(i: int, sha: str, state: dict) -> None:
             name = plan.shards[i].filename
-            finished[name] = {"sha256": sha, "bytes": (tmp / name).stat().st_size, "state": state}
+            finished[name] = {"checksum": sha, "bytes": (tmp / name).stat().st_size, "state": state}
             out.write_progress({"fingerprint": fp, "shards": finished})
 
-        pipe = _Pipeline(plan, tmp, progress, threads, label=str(out.final), done=len(kept), state=kstate,
+        pipe = choose(plan)(plan, tmp, progress, threads, label=str(out.final), done=len(kept), state=kstate,
                          on_shard=on_shard)
         pipe.run()
         hashes = {p: h.hexdigest() for p, h in pipe.hashers.items()}
@@ -180,7 +182,7 @@ def run(plan: Plan, output: str | Path, *, force: bool = False, progress: Callab
                 written_bytes=sum((tmp / sp.filename).stat().st_size for sp in plan.shards), peak_rss=peak_rss(),
                 copied_tensors=[n for n, c in pipe.kernel.copied.items() if c], duplicates=dups,
                 file_hashes=hashes, timings={k: round(v, 3) for k, v in pipe.busy.items()},
-                resumed_shards=kept, warnings=out.notes + notes)
+                resumed_shards=kept, warnings=out.notes + notes, kernel=pipe.name)
             if finalize is not None:
                 finalize(tmp, result)
         except OSError as e:

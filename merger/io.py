@@ -8,10 +8,12 @@ Writer side: :class:`OutputDir` is the atomic output: everything is written into
 folder ``.NAME.merger-partial`` (locked against a second run), renamed to ``NAME`` at the end; an
 existing folder is replaced only with ``force``. :class:`ShardWriter` owns one safetensors shard
 (header first, then data with ``pwrite`` at planned offsets) and hashes it as it goes.
-``progress.json`` in the partial folder lists the shards already finished (with their sha256),
+``progress.json`` in the partial folder lists the shards already finished (with their CRC-32),
 so that a killed run can be resumed (see ``execute.py``). Nothing is fsynced: a killed process
 loses nothing the page cache holds, and after a power loss ``--resume`` re-checks every finished
-shard's sha256 (fsyncing 0.8 GB of output cost 3 s, more than the whole merge, on this disk).
+shard's CRC-32 (fsyncing 0.8 GB of output cost 3 s, more than the whole merge, on this disk).
+CRC-32 rather than sha256: it guards against torn or lost writes, not against an adversary, and
+runs at 6.3 GB/s instead of 1.9 (sha256 of 0.8 GB of output was 0.45 s of a 1.2 s merge).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import mmap
 import os
 import secrets
 import shutil
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from merger.errors import CheckpointFormatError, OutputError
-from merger.hubcache import file_sha256
-from merger.units import ST_NAMES, dtype_from_name
+from merger.units import ST_NAMES
 
 PROGRESS = "progress.json"
 
@@ -95,12 +98,23 @@ def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> 
     header: dict = {"__metadata__": {"format": "pt"}}
     off = 0
     for name, dtype, shape, nbytes in entries:
-        header[name] = {"dtype": ST_NAMES[dtype_from_name(dtype)], "shape": list(shape),
+        header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape),
                         "data_offsets": [off, off + nbytes]}
         off += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
+
+
+def _pwrite_all(fd: int, buf, n: int, offset: int) -> None:
+    """Write ``buf[:n]`` at ``offset``, retrying short writes."""
+    view = memoryview(buf)
+    try:
+        done = 0
+        while done < n:
+            done += os.pwrite(fd, view[done:n], offset + done)
+    finally:
+        view.release()
 
 
 def _write_failed(what: str, e: OSError) -> OutputError:
@@ -115,14 +129,14 @@ class ShardWriter:
     """One output ``.safetensors`` file: the header is written at open, data with pwrite.
 
     With ``hash``, the bytes are hashed as they are written (they arrive in file order);
-    :meth:`finish` makes the file durable and returns its sha256.
+    :meth:`finish` makes the file durable and returns its checksum.
 
     Args:
         path: the file to create.
         header: from :func:`safetensors_header`.
         data_bytes: bytes of the data section.
         label: how errors name the file (default: ``path``).
-        hash: compute the sha256 while writing.
+        hash: compute the CRC-32 while writing.
     """
 
     def __init__(self, path: Path, header: bytes, data_bytes: int, *, label: str | None = None,
@@ -131,20 +145,25 @@ class ShardWriter:
         self.label = label or str(path)
         self.data_start = len(header)
         self.size = self.data_start + data_bytes
-        # sha256 of bytes 0.._hpos, while writes come in file order; -1: finish() re-reads the file
-        self._h, self._hpos = (hashlib.sha256(), 0) if hash else (None, -1)
+        # CRC-32 of bytes 0.._hpos, while writes come in file order; -1: finish() re-reads the file
+        self._crc, self._hpos = (0, 0) if hash else (None, -1)
         # O_DIRECT: writes arrive in file order and go out in aligned STAGE-sized pieces, skipping
-        # the page cache (0.8 GB: 0.45 s instead of 2.05 s on this machine's disk)
-        self._stage: mmap.mmap | None = None
+        # the page cache (0.8 GB: 0.45 s instead of 2.05 s on this machine's disk). Two stages: one
+        # is written by a background thread while the other fills (the disk and the copy overlap)
+        self._stages: list[mmap.mmap] = []
+        self._stage: mmap.mmap | None = None  # the one filling
         self._staged = 0  # bytes in the stage; the file holds everything before _flushed
         self._flushed = 0
+        self._io: ThreadPoolExecutor | None = None
+        self._pending: tuple[Future, mmap.mmap, int, int] | None = None  # (write, its stage, bytes, offset)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
             self.fd = -1
             if direct and hasattr(os, "O_DIRECT"):
                 try:
                     self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
-                    self._stage = mmap.mmap(-1, STAGE)  # page-aligned
+                    self._stages = [mmap.mmap(-1, STAGE), mmap.mmap(-1, STAGE)]  # page-aligned
+                    self._stage = self._stages[0]
                 except OSError as e:
                     if e.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT
                         raise
@@ -158,13 +177,13 @@ class ShardWriter:
         pos = offset if absolute else self.data_start + offset
         mv = memoryview(data).cast("B")
         if self._hpos == pos:
-            self._h.update(mv)
+            self._crc = zlib.crc32(mv, self._crc)
             self._hpos += len(mv)
         elif len(mv):
             self._hpos = -1
         try:
             if self._stage is not None and pos == self._flushed + self._staged:
-                self._stage_write(mv)
+                self._stage_write(mv, pos)
                 return
             self._buffered()
             while len(mv):
@@ -173,45 +192,79 @@ class ShardWriter:
         except OSError as e:
             raise _write_failed(f"writing {self.label}", e) from e
 
-    def _stage_write(self, mv: memoryview) -> None:
+    def _stage_write(self, mv: memoryview, pos: int) -> None:
         while len(mv):
+            if self._stage is None:  # O_DIRECT refused on the way
+                _pwrite_all(self.fd, mv, len(mv), pos)
+                return
             n = min(len(mv), STAGE - self._staged)
             self._stage[self._staged: self._staged + n] = mv[:n]
             self._staged += n
-            mv = mv[n:]
+            mv, pos = mv[n:], pos + n
             if self._staged == STAGE:
                 self._flush(STAGE)
 
     def _flush(self, n: int) -> None:
-        """Write the first ``n`` staged bytes (a multiple of DIRECT_ALIGN) with O_DIRECT."""
-        view = memoryview(self._stage)
+        """Start writing the first ``n`` staged bytes (a multiple of DIRECT_ALIGN) with O_DIRECT, in
+        the background; the bytes after them move to the other stage, which fills next."""
+        self._wait()
+        if self._stage is None:  # O_DIRECT was refused: the page cache from now on
+            return
+        stage, other = self._stage, self._stages[1] if self._stage is self._stages[0] else self._stages[0]
+        left = self._staged - n
+        other[:left] = stage[n: self._staged]
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="merger-io")
+        self._pending = (self._io.submit(_pwrite_all, self.fd, stage, n, self._flushed), stage, n, self._flushed)
+        self._stage, self._staged, self._flushed = other, left, self._flushed + n
+
+    def _wait(self) -> None:
+        """Wait for the background write; where O_DIRECT turns out refused, redo it buffered."""
+        if self._pending is None:
+            return
+        fut, stage, n, offset = self._pending
+        self._pending = None
         try:
-            done = 0
-            while done < n:
-                done += os.pwrite(self.fd, view[done:n], self._flushed + done)
+            fut.result()
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            self._buffered()  # O_DIRECT refused after all: write the rest through the page cache
-            return
-        finally:
-            view.release()
-        self._stage.move(0, n, self._staged - n)
-        self._staged -= n
-        self._flushed += n
+            # O_DIRECT refused after all: this piece and everything after through the page cache
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            _pwrite_all(self.fd, stage, n, offset)
+            self._buffered()
 
     def _buffered(self) -> None:
         """Leave O_DIRECT: write out what is staged and go on through the page cache."""
         if self._stage is None:
             return
+        self._wait()
+        if self._stage is None:
+            return
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         stage, self._stage = self._stage, None
-        view = memoryview(stage)[: self._staged]
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], self._flushed + done)
-        view.release()
-        stage.close()
+        _pwrite_all(self.fd, stage, self._staged, self._flushed)
+        self._flushed += self._staged
+        self._staged = 0
+        self._release_stages()
+
+    def _release_stages(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
+        self._pending = None
+        for st in self._stages:
+            st.close()
+        self._stages = []
+
+    def abandon(self) -> None:
+        """Stop without finishing (an error elsewhere): wait for the background write, close."""
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def close(self) -> None:
         """Write what is staged, set the final size and close; idempotent."""
@@ -221,8 +274,7 @@ class ShardWriter:
                     self._flush(self._staged // DIRECT_ALIGN * DIRECT_ALIGN)
                     self._buffered()
             except OSError as e:
-                os.close(self.fd)
-                self.fd = -1
+                self.abandon()
                 raise _write_failed(f"writing {self.label}", e) from e
             try:
                 if os.fstat(self.fd).st_size != self.size:
@@ -234,11 +286,20 @@ class ShardWriter:
                 self.fd = -1
 
     def finish(self) -> str:
-        """Close and return the file's sha256."""
+        """Close and return the file's checksum (:func:`file_checksum`)."""
         self.close()
-        if self._h is not None and self._hpos == self.size:
-            return self._h.hexdigest()
-        return file_sha256(self.path)
+        if self._crc is not None and self._hpos == self.size:
+            return f"crc32:{self._crc:08x}"
+        return file_checksum(self.path)
+
+
+def file_checksum(path: str | Path, *, chunk: int = 1 << 22) -> str:
+    """``crc32:<8 hex digits>`` of a file's bytes: what ``progress.json`` records per finished shard."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return f"crc32:{crc:08x}"
 
 
 def _is_within(child: Path, parent: Path) -> bool:

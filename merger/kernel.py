@@ -23,35 +23,13 @@ start, so they never depend on how a tensor was cut into slices:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from merger.errors import TensorError
 from merger.plan import CHUNK, TensorPlan
+from merger.rules import FoldRule, acc_dtype, differing_error, nonfinite_error, overflow_error
 from merger.units import dtype_from_name
 
 BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def nonfinite_error(t: TensorPlan, revision: str) -> TensorError:
-    return TensorError(f"tensor {t.name!r} holds NaN or Inf in {revision}, and it is being averaged",
-                       tensor=t.name, revisions=[revision],
-                       hint="drop that revision (it may be a diverged or corrupt checkpoint), "
-                            "or pass --allow-nonfinite to keep going")
-
-
-def overflow_error(t: TensorPlan) -> TensorError:
-    return TensorError(f"tensor {t.name!r}: the weighted sum overflows {t.out_dtype}", tensor=t.name,
-                       revisions=[], hint="use a wider --dtype (e.g. float32), or check the weights")
-
-
-def differing_error(t: TensorPlan, first: str, differ: list[str]) -> TensorError:
-    return TensorError(
-        f"tensor {t.name!r} ({t.dtype}) is not floating and differs between revisions: "
-        f"{first} vs {', '.join(differ)}; integer and bool tensors are never averaged",
-        tensor=t.name, revisions=[first, *differ],
-        hint="merge checkpoints of one run, or drop the revisions whose buffers differ")
 
 
 def axpy(acc: torch.Tensor, tmp: torch.Tensor, x: torch.Tensor, w: float, *, first: bool) -> None:
@@ -91,14 +69,10 @@ class Kernel:
                  accumulate: str = "float32", allow_nonfinite: bool = False):
         self.weights = [float(w) for w in weights]
         # "identical in every input -> copied unchanged" holds only for an average (weights summing
-        # to 1); with --no-normalize weights that don't, every floating chunk is the weighted sum
-        self.copy_identical = abs(math.fsum(self.weights) - 1.0) <= 1e-9
-        # equal weights: fold the plain sum, scale once in finish() (an average divides by n)
-        n = len(self.weights)
-        equal = all(w == self.weights[0] for w in self.weights)
-        self.fold_weights = [1.0] * n if equal else self.weights
-        self._divide = n if equal and abs(self.weights[0] * n - 1.0) <= 1e-12 else None
-        self._scale = self.weights[0] if equal and self._divide is None and self.weights[0] != 1.0 else None
+        # to 1); equal weights fold the plain sum and scale once in finish()
+        self.rule = FoldRule.of(self.weights)
+        self.copy_identical = self.rule.copy_identical
+        self.fold_weights = list(self.rule.weights)
         self.names = list(names)
         self.device = torch.device(device)
         self.accumulate = accumulate
@@ -109,9 +83,7 @@ class Kernel:
 
     def acc_dtype(self, t: TensorPlan) -> torch.dtype:
         """The accumulation dtype for tensor ``t``."""
-        if self.accumulate != "auto":
-            return dtype_from_name(self.accumulate)
-        return torch.float64 if max(t.itemsize, t.out_itemsize) >= 4 else torch.float32
+        return dtype_from_name(acc_dtype(self.accumulate, t.itemsize, t.out_itemsize))
 
     def _buffers(self, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if dt not in self._scratch:
@@ -139,10 +111,10 @@ class Kernel:
 
     def finish(self, acc: torch.Tensor) -> None:
         """Apply the common scale of equal weights to a folded accumulator (in place)."""
-        if self._divide is not None:
-            acc.div_(self._divide)
-        elif self._scale is not None:
-            acc.mul_(self._scale)
+        if self.rule.divide is not None:
+            acc.div_(self.rule.divide)
+        elif self.rule.scale is not None:
+            acc.mul_(self.rule.scale)
 
     def duplicates(self) -> list[tuple[str, str]]:
         """Pairs (older, newer) of consecutive inputs whose tensors were bit-identical."""
@@ -152,7 +124,7 @@ class Kernel:
     def _exact(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
         differ = [self.names[i] for i in range(1, len(xs)) if not torch.equal(xs[i], xs[0])]
         if differ:
-            raise differing_error(t, self.names[0], differ)
+            raise differing_error(t.name, t.dtype, self.names[0], differ)
         self.copied.setdefault(t.name, True)
         out.copy_(xs[0])
 
@@ -165,8 +137,8 @@ class Kernel:
         """Raise for the first input that holds NaN/Inf here, or for an overflow of the output dtype."""
         for name, x in zip(self.names, xs):
             if not bool(torch.isfinite(x).all()):
-                raise nonfinite_error(t, name)
-        raise overflow_error(t)
+                raise nonfinite_error(t.name, name)
+        raise overflow_error(t.name, t.out_dtype)
 
     # -- CPU: cache-sized chunks --------------------------------------------------------------
     def _fold_cpu(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:

@@ -6,9 +6,9 @@ import datetime as _dt
 import json
 import os
 import platform
+import sys
+from importlib import metadata
 from pathlib import Path
-
-import torch
 
 from merger import __version__
 from merger.execute import Result
@@ -37,6 +37,16 @@ def source_files(plan: Plan, result: Result) -> list[list[dict]]:
     return out
 
 
+def torch_version() -> str | None:
+    """The installed torch's version, without importing torch (1 s) when nothing has yet; None without torch."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].__version__
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def manifest(plan: Plan, result: Result, *, command: list[str] | None) -> dict:
     """The contents of ``merger.json``."""
     files = source_files(plan, result)
@@ -50,6 +60,7 @@ def manifest(plan: Plan, result: Result, *, command: list[str] | None) -> dict:
         "dtypes": output_dtypes(plan),
         "device": plan.device,
         "schedule": plan.schedule,
+        "kernel": result.kernel,
         "max_memory": plan.max_memory,
         "sources": [dict(s.to_dict(), weight=w, files=f) for s, w, f in zip(plan.sources, plan.weights, files)],
         "output": {"shards": [s.filename for s in plan.shards], "bytes": result.written_bytes,
@@ -59,7 +70,7 @@ def manifest(plan: Plan, result: Result, *, command: list[str] | None) -> dict:
         "timings": {"total_s": round(result.seconds, 3), **{f"{k}_busy_s": v for k, v in result.timings.items()}},
         "read_bytes": result.read_bytes,
         "peak_rss": result.peak_rss,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+        "environment": {"python": platform.python_version(), "torch": torch_version(),
                         "platform": platform.platform()},
     }
 

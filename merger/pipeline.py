@@ -1,30 +1,36 @@
-"""The pipeline of one *blocks* run: reader threads -> kernel -> writer thread.
+"""The pipelines of one *blocks* run: block b is folded while block b-1 is written.
+
+:class:`NativePipeline` (the CPU default, no torch):
+
+    fold (threads)    : the native kernel reads and folds the slices of block b, in parallel
+    writer (thread)   : pwrite block b-1's output bytes into the shards
+
+:class:`TorchPipeline` (CUDA, ``--hash``, ``MERGER_KERNEL=torch``, CPUs without AVX2):
 
     reader (threads)  : pread every input's bytes of block b+1 into a free buffer set (+ sha256)
     kernel (this one) : fold block b (CPU chunks, or copy to the GPU and fold there)
     writer (thread)   : pwrite block b-1's output bytes into the shards
 
-Two input buffer sets and two output buffers circulate, so the working set is what the plan
-counted against ``--max-memory``. An error in any of the three stops all of them and is raised
-in the calling thread. ``execute.run`` owns the output folder, resuming and the manifest.
+Two output buffers circulate (and, for torch, two input buffer sets), so the working set is at
+most what the plan counted against ``--max-memory``. An error in any thread stops all of them and
+is raised in the calling thread. Both give the same bits (tests/test_native.py).
+``execute.run`` owns the output folder, resuming and the manifest.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import Callable, Iterator
 
 from merger.errors import MergerError
 from merger.io import FileHasher, ShardWriter, pread_into, safetensors_header
-from merger.kernel import Kernel
-from merger.plan import Plan, Slice
+from merger.plan import CHUNK, Plan, Slice, TensorPlan
 
 ALIGN = 8  # bytes: each slice starts aligned in the block buffers, so any dtype can view its bytes
 _STOP = object()
@@ -69,15 +75,17 @@ def _runs(plan: Plan, layout, i: int) -> list[tuple[str, int, int, int]]:
 
 
 class _Pipeline:
-    """Reader -> kernel -> writer over the plan's blocks.
+    """Fold -> writer over the plan's blocks; subclasses say how a block is read and folded.
 
     Args:
         done: the first ``done`` shards are finished (by an interrupted run, verified): nothing is
             written into them, and the blocks that write only into them are skipped.
         state: with ``done``, the kernel state recorded with shard ``done - 1``.
-        on_shard: called from the writer thread with (shard index, sha256, kernel state) once a
+        on_shard: called from the writer thread with (shard index, checksum, kernel state) once a
             shard is complete and closed; the state is what a resume after it must restore.
     """
+
+    name = "blocks"
 
     def __init__(self, plan: Plan, tmp: Path, progress: Callable[[int], None] | None, threads: int | None, *,
                  label: str = "", done: int = 0, state: dict | None = None,
@@ -85,43 +93,25 @@ class _Pipeline:
         self.plan, self.tmp, self.progress = plan, tmp, progress or (lambda n: None)
         self.label = label or str(tmp)
         self.n = len(plan.sources)
-        self.device = torch.device(plan.device)
-        self.cuda = self.device.type == "cuda"
         self.layouts = [_block_layout(plan, b) for b in plan.blocks]
         # input bytes each block folds (every input's slices), for progress and Result.read_bytes
         self.block_read = [sum((s.stop - s.start) * plan.tensors[s.tensor].itemsize for s in blk) * self.n
                            for blk in plan.blocks]
         self.done = done
-        self.on_shard = on_shard or (lambda i, sha, state: None)
+        self.on_shard = on_shard or (lambda i, checksum, state: None)
         self.remaining = {i: sp.data_bytes for i, sp in enumerate(plan.shards) if i >= done}
         self.read_bytes = 0
-        in_max = max((_layout_bytes(plan, lay)[0] for lay in self.layouts), default=0)
-        out_max = max((_layout_bytes(plan, lay)[1] for lay in self.layouts), default=0)
-        pin = self.cuda
-        self.free_in: queue.Queue = queue.Queue()
-        for _ in range(2):
-            self.free_in.put([torch.empty(in_max, dtype=torch.uint8, pin_memory=pin) for _ in range(self.n)])
-        self.free_out: queue.Queue = queue.Queue()
-        for _ in range(2):
-            self.free_out.put(torch.empty(out_max, dtype=torch.uint8, pin_memory=pin))
-        if self.cuda:
-            self.dev_in = [torch.empty(in_max, dtype=torch.uint8, device=self.device) for _ in range(self.n)]
-            self.dev_out = torch.empty(out_max, dtype=torch.uint8, device=self.device)
-        self.ready: queue.Queue = queue.Queue(maxsize=2)
         self.to_write: queue.Queue = queue.Queue(maxsize=2)
+        self.free_out: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.abort = threading.Event()
         paths = sorted({p for t in plan.tensors for p, _ in t.locs})
         self.fds = {p: os.open(p, os.O_RDONLY) for p in paths}
-        known = {str(Path(s.path) / f) for s in plan.sources if s.path for f, _, sha in s.files if sha}
-        self.hashers = {p: FileHasher(fd, os.fstat(fd).st_size, p) for p, fd in self.fds.items()
-                        if p not in known} if plan.options.hash_inputs else {}
-        cpus = os.cpu_count() or 1
-        self.threads = threads or max(1, min(self.n, cpus if not self.cuda else cpus - 1, 16))
-        self.kernel = Kernel(list(plan.weights), [s.name for s in plan.sources], device=str(self.device),
-                             accumulate=plan.options.accumulate, allow_nonfinite=plan.options.allow_nonfinite)
+        self.hashers: dict[str, FileHasher] = {}
+        self.threads = threads or self.default_threads(plan)
+        self.kernel = self._make_kernel()
         self.writers: dict[int, ShardWriter] = {}
-        self.busy = {"read": 0.0, "fold": 0.0, "write": 0.0}
+        self.busy = {"fold": 0.0, "write": 0.0}
 
         # Resume points. Shard k's last byte is written in block last[k]; the kernel state (which
         # tensors were copied, which inputs duplicate their predecessor) that a run resuming after
@@ -140,6 +130,38 @@ class _Pipeline:
         self.snapshots = {skip: self._kernel_state()}  # block -> kernel state after it (main thread writes)
         self.snap_at = set(self.settled.values())
 
+    def out_max(self) -> int:
+        """Bytes of the largest block's output."""
+        return max((_layout_bytes(self.plan, lay)[1] for lay in self.layouts), default=0)
+
+    # -- what subclasses define ---------------------------------------------------------------
+    @staticmethod
+    def default_threads(plan: Plan) -> int:
+        return max(1, min(os.cpu_count() or 1, 16))
+
+    def _make_kernel(self):
+        raise NotImplementedError
+
+    def _blocks(self) -> Iterator[tuple[int, object]]:
+        """(block index, its input) in order; the input is what :meth:`fold_block` needs."""
+        return ((b, None) for b in self.todo)
+
+    def fold_block(self, b: int, inputs, out) -> None:
+        raise NotImplementedError
+
+    def _view(self, out) -> memoryview:
+        """The bytes of an output buffer."""
+        return memoryview(out)
+
+    def _start(self) -> None:
+        """Start helper threads (after the writer)."""
+
+    def _stop(self) -> None:
+        """Join helper threads (the abort event is set)."""
+
+    def _release(self, inputs) -> None:
+        """A block's input is folded: its buffers can be reused."""
+
     # -- resume state -------------------------------------------------------------------------
     def _kernel_state(self) -> dict:
         k = self.kernel
@@ -154,39 +176,13 @@ class _Pipeline:
                 self.kernel.copied.setdefault(name, name in copied)
         self.kernel.same_as_prev = list(state["same_as_prev"])
 
-    # -- threads ------------------------------------------------------------------------------
-    def _read_input(self, i: int, layout, bufs) -> None:
-        mv = memoryview(bufs[i].numpy())
-        for path, off, boff, n in _runs(self.plan, layout, i):
-            dst = mv[boff: boff + n]
-            pread_into(self.fds[path], dst, off, path=path)
-            if self.hashers:
-                self.hashers[path].feed(off, dst)
-
-    def reader(self) -> None:
-        try:
-            with ThreadPoolExecutor(self.threads) as pool:
-                for b in self.todo:
-                    layout = self.layouts[b]
-                    bufs = self._get(self.free_in)
-                    if bufs is None:
-                        return
-                    t0 = time.perf_counter()
-                    # one task per input keeps each file's reads (and hash) in order
-                    list(pool.map(lambda i, lay=layout, bs=bufs: self._read_input(i, lay, bs), range(self.n)))
-                    self.busy["read"] += time.perf_counter() - t0
-                    self._put(self.ready, (b, bufs))
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            self._fail(e)
-        finally:
-            self._put(self.ready, _STOP, force=True)
-
+    # -- the writer -----------------------------------------------------------------------------
     def writer(self) -> None:
         try:
             while (item := self._get(self.to_write)) is not None and item is not _STOP:
                 b, out = item
                 t0 = time.perf_counter()
-                mv = memoryview(out.numpy())
+                mv = self._view(out)
                 for s, _, ooff in self.layouts[b]:
                     t = self.plan.tensors[s.tensor]
                     if t.shard < self.done:
@@ -196,8 +192,8 @@ class _Pipeline:
                     self.remaining[t.shard] -= n
                     if self.remaining[t.shard] == 0:  # its last byte: make it durable, record it
                         self.remaining[t.shard] = -1
-                        sha = self.writers[t.shard].finish()
-                        self.on_shard(t.shard, sha, self.snapshots[self.settled[t.shard]])
+                        checksum = self.writers[t.shard].finish()
+                        self.on_shard(t.shard, checksum, self.snapshots[self.settled[t.shard]])
                 self.busy["write"] += time.perf_counter() - t0
                 self.free_out.put(out)
         except BaseException as e:  # noqa: BLE001
@@ -240,7 +236,192 @@ class _Pipeline:
                     except queue.Empty:
                         pass
 
-    def fold_block(self, b: int, bufs: list[torch.Tensor], out: torch.Tensor) -> None:
+    def run(self) -> None:
+        writer = threading.Thread(target=self.writer, name="merger-writer", daemon=True)
+        for b in range(self.todo.start):  # resumed: count as done
+            self.progress(self.block_read[b])
+        writer.start()
+        self._start()
+        try:
+            for b, inputs in self._blocks():
+                out = self._get(self.free_out)
+                if out is None:
+                    break
+                t0 = time.perf_counter()
+                self.fold_block(b, inputs, out)
+                if b in self.snap_at:
+                    self.snapshots[b] = self._kernel_state()
+                self.busy["fold"] += time.perf_counter() - t0
+                self._release(inputs)
+                self._put(self.to_write, (b, out))
+                self.read_bytes += self.block_read[b]
+                self.progress(self.block_read[b])
+        except BaseException as e:  # noqa: BLE001
+            self._fail(e)
+        finally:
+            if self.error is None:
+                self._put(self.to_write, _STOP)
+            else:
+                self.abort.set()
+            writer.join()
+            self.abort.set()
+            self._stop()
+        if self.error is not None:
+            raise self.error
+        for i, left in self.remaining.items():  # every shard is finished by its last write; a guard
+            if left != -1:
+                raise MergerError(f"internal error: {self.plan.shards[i].filename} is incomplete "
+                                  f"({left} bytes missing)", hint="report this with the --dry-run --json plan")
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.abandon()
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+UNIT = 4 * CHUNK  # elements per native call: small enough to balance two threads within a block
+
+
+class NativePipeline(_Pipeline):
+    """The native kernel (``_fold.c``): every thread reads and folds its own slices.
+
+    No input buffers at all: each call preads SUB elements of every input into per-thread
+    buffers that stay in cache. Memory is the two output buffers.
+    """
+
+    name = "native"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        size = max(self.out_max(), 1)
+        for _ in range(2):
+            buf = bytearray(size)
+            self.free_out.put(buf)
+        self.units = [self._units(b) for b in range(len(self.plan.blocks))]
+        self.pool: ThreadPoolExecutor | None = None
+
+    def _make_kernel(self):
+        from merger.native import NativeKernel
+
+        o = self.plan.options
+        return NativeKernel(list(self.plan.weights), [s.name for s in self.plan.sources], accumulate=o.accumulate,
+                            allow_nonfinite=o.allow_nonfinite)
+
+    def _units(self, b: int) -> list[tuple[TensorPlan, int, int, list[int], int]]:
+        """Block b cut into native calls: (tensor, start, stop, input fds, output byte offset)."""
+        out = []
+        for s, _, ooff in self.layouts[b]:
+            t = self.plan.tensors[s.tensor]
+            fds = [self.fds[p] for p, _ in t.locs]
+            for a in range(s.start, s.stop, UNIT):
+                out.append((t, a, min(s.stop, a + UNIT), fds, ooff + (a - s.start) * t.out_itemsize))
+        return out
+
+    def _start(self) -> None:
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="merger-fold")
+
+    def _stop(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    def fold_block(self, b: int, inputs, out: bytearray) -> None:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(out))
+        k = self.kernel
+        jobs = list(self.pool.map(lambda u: k.fold(u[0], u[1], u[2], u[3], base + u[4]), self.units[b]))
+        for u, job in zip(self.units[b], jobs):
+            k.merge(u[0], job)
+
+
+class TorchPipeline(_Pipeline):
+    """The torch kernel: reader threads fill whole-block input buffers, the kernel folds them
+    (on the CPU in cache-sized chunks, or on the GPU), with sha256 of the inputs on the way."""
+
+    name = "torch"
+
+    def __init__(self, *args, **kwargs):
+        import torch
+
+        super().__init__(*args, **kwargs)
+        plan = self.plan
+        self.device = torch.device(plan.device)
+        self.cuda = self.device.type == "cuda"
+        in_max = max((_layout_bytes(plan, lay)[0] for lay in self.layouts), default=0)
+        out_max = self.out_max()
+        pin = self.cuda
+        self.free_in: queue.Queue = queue.Queue()
+        for _ in range(2):
+            self.free_in.put([torch.empty(in_max, dtype=torch.uint8, pin_memory=pin) for _ in range(self.n)])
+        for _ in range(2):
+            self.free_out.put(torch.empty(out_max, dtype=torch.uint8, pin_memory=pin))
+        if self.cuda:
+            self.dev_in = [torch.empty(in_max, dtype=torch.uint8, device=self.device) for _ in range(self.n)]
+            self.dev_out = torch.empty(out_max, dtype=torch.uint8, device=self.device)
+        self.ready: queue.Queue = queue.Queue(maxsize=2)
+        known = {str(Path(s.path) / f) for s in plan.sources if s.path for f, _, sha in s.files if sha}
+        self.hashers = {p: FileHasher(fd, os.fstat(fd).st_size, p) for p, fd in self.fds.items()
+                        if p not in known} if plan.options.hash_inputs else {}
+        self.busy["read"] = 0.0
+        self._reader = threading.Thread(target=self.reader, name="merger-reader", daemon=True)
+
+    @staticmethod
+    def default_threads(plan: Plan) -> int:
+        """Reader threads: one per input, up to the CPUs (one left for the GPU's feeder)."""
+        cpus = os.cpu_count() or 1
+        return max(1, min(len(plan.sources), cpus - 1 if plan.device.startswith("cuda") else cpus, 16))
+
+    def _make_kernel(self):
+        from merger.kernel import Kernel
+
+        o = self.plan.options
+        return Kernel(list(self.plan.weights), [s.name for s in self.plan.sources], device=self.plan.device,
+                      accumulate=o.accumulate, allow_nonfinite=o.allow_nonfinite)
+
+    def _view(self, out) -> memoryview:
+        return memoryview(out.numpy())
+
+    def _start(self) -> None:
+        self._reader.start()
+
+    def _stop(self) -> None:
+        self._reader.join()
+
+    def _release(self, bufs) -> None:
+        self.free_in.put(bufs)
+
+    def _blocks(self):
+        while (item := self._get(self.ready)) is not None and item is not _STOP:
+            yield item
+
+    def _read_input(self, i: int, layout, bufs) -> None:
+        mv = memoryview(bufs[i].numpy())
+        for path, off, boff, n in _runs(self.plan, layout, i):
+            dst = mv[boff: boff + n]
+            pread_into(self.fds[path], dst, off, path=path)
+            if self.hashers:
+                self.hashers[path].feed(off, dst)
+
+    def reader(self) -> None:
+        try:
+            with ThreadPoolExecutor(self.threads) as pool:
+                for b in self.todo:
+                    layout = self.layouts[b]
+                    bufs = self._get(self.free_in)
+                    if bufs is None:
+                        return
+                    t0 = time.perf_counter()
+                    # one task per input keeps each file's reads (and hash) in order
+                    list(pool.map(lambda i, lay=layout, bs=bufs: self._read_input(i, lay, bs), range(self.n)))
+                    self.busy["read"] += time.perf_counter() - t0
+                    self._put(self.ready, (b, bufs))
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self._fail(e)
+        finally:
+            self._put(self.ready, _STOP, force=True)
+
+    def fold_block(self, b: int, bufs, out) -> None:
+        import torch
+
         layout = self.layouts[b]
         if self.cuda:
             nbytes = _layout_bytes(self.plan, layout)[0]
@@ -259,58 +440,31 @@ class _Pipeline:
             torch.cuda.current_stream(self.device).synchronize()
 
     def run(self) -> None:
+        import torch
+
         # The pipeline is the parallelism: torch's own OpenMP workers would spin against the reader
         # and writer threads (measured: 15x slower on 2 cores), so fold with one intra-op thread.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            self._run()
+            super().run()
         finally:
             torch.set_num_threads(threads)
 
-    def _run(self) -> None:
-        reader = threading.Thread(target=self.reader, name="merger-reader", daemon=True)
-        writer = threading.Thread(target=self.writer, name="merger-writer", daemon=True)
-        for b in range(self.todo.start):  # resumed: count as done
-            self.progress(self.block_read[b])
-        reader.start()
-        writer.start()
-        try:
-            while (item := self._get(self.ready)) is not None and item is not _STOP:
-                b, bufs = item
-                out = self._get(self.free_out)
-                if out is None:
-                    break
-                t0 = time.perf_counter()
-                self.fold_block(b, bufs, out)
-                if b in self.snap_at:
-                    self.snapshots[b] = self._kernel_state()
-                self.busy["fold"] += time.perf_counter() - t0
-                self.free_in.put(bufs)
-                self._put(self.to_write, (b, out))
-                self.read_bytes += self.block_read[b]
-                self.progress(self.block_read[b])
-        except BaseException as e:  # noqa: BLE001
-            self._fail(e)
-        finally:
-            if self.error is None:
-                self._put(self.to_write, _STOP)
-            else:
-                self.abort.set()
-            writer.join()
-            self.abort.set()
-            reader.join()
-        if self.error is not None:
-            raise self.error
-        for i, left in self.remaining.items():  # every shard is finished by its last write; a guard
-            if left != -1:
-                raise MergerError(f"internal error: {self.plan.shards[i].filename} is incomplete "
-                                  f"({left} bytes missing)", hint="report this with the --dry-run --json plan")
 
-    def close(self) -> None:
-        for w in self.writers.values():
-            if w.fd >= 0:
-                os.close(w.fd)
-                w.fd = -1
-        for fd in self.fds.values():
-            os.close(fd)
+def choose(plan: Plan) -> type[_Pipeline]:
+    """The native pipeline where it applies (CPU, no input hashing, the library built and usable),
+    else the torch one. ``MERGER_KERNEL=native`` makes a fallback an error (benchmarks, tests)."""
+    from merger.native import unavailable
+
+    why = unavailable()
+    if plan.device != "cpu":
+        why = why or f"--device {plan.device}"
+    elif plan.options.hash_inputs:
+        why = why or "--hash"
+    if why is None:
+        return NativePipeline
+    if os.environ.get("MERGER_KERNEL", "").lower() == "native":
+        raise MergerError(f"MERGER_KERNEL=native, but the native kernel can't run: {why}",
+                          hint="unset MERGER_KERNEL to use the torch kernel")
+    return TorchPipeline

@@ -25,8 +25,9 @@ from merger.execute import Result, peak_rss, write_index
 from merger.formats import read_folder
 from merger.hub import delete_revision, fetch
 from merger.io import FileHasher, OutputDir, ShardWriter, pread_into, safetensors_header
-from merger.kernel import BITS, Kernel, axpy, differing_error, nonfinite_error, overflow_error
+from merger.kernel import BITS, Kernel, axpy
 from merger.plan import CHUNK, COPY_FILES, Options, Plan, build, check_layouts
+from merger.rules import differing_error, nonfinite_error, overflow_error
 from merger.sources import Source
 from merger.units import dtype_from_name
 
@@ -143,7 +144,7 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
                         written_bytes=written, peak_rss=peak_rss(),
                         copied_tensors=[plan.tensors[ti].name for ti in raw0
                                         if not plan.tensors[ti].averaged or all(same[ti])],
-                        file_hashes=hashes)
+                        file_hashes=hashes, kernel="stream")
         if finalize is not None:
             finalize(tmp, plan, result)
         out.publish()
@@ -169,7 +170,7 @@ def _fold_piece(kernel: Kernel, plan: Plan, ti: int, i: int, start: int, stop: i
         r0.copy_(x)
     if not t.averaged:
         if i > 0 and not torch.equal(x, r0):
-            raise differing_error(t, kernel.names[0], [kernel.names[i]])
+            raise differing_error(t.name, t.dtype, kernel.names[0], [kernel.names[i]])
         return
     vals = x.view(dtype_from_name(t.dtype))
     bits, bits0 = x.view(BITS[size]), r0.view(BITS[size])
@@ -207,12 +208,12 @@ def _write(plan: Plan, kernel: Kernel, tmp: Path, acc, raw0, same, bad) -> int:
                     if s:
                         o[c:e].copy_(x0[c:e])
                     elif not kernel.allow_nonfinite and not bool(torch.isfinite(o[c:e]).all()):
-                        raise nonfinite_error(t, kernel.names[bad[ti][k]]) if k in bad[ti] else overflow_error(t)
+                        raise (nonfinite_error(t.name, kernel.names[bad[ti][k]]) if k in bad[ti]
+                               else overflow_error(t.name, t.out_dtype))
                 w.write(o.cpu().contiguous().view(torch.uint8).numpy() if o.dim() else
                         o.cpu().reshape(1).view(torch.uint8).numpy(), t.out_offset)
             w.close()
             written += w.size
         finally:
-            if w.fd >= 0:
-                os.close(w.fd)
+            w.abandon()
     return written

@@ -1,0 +1,174 @@
+"""The native CPU kernel (``_fold.c``) gives the torch kernel's bits, state and errors.
+
+The torch kernel (``merger/kernel.py``) is the definition; here both fold the same inputs, read
+from real files at unaligned offsets, for every input/output/accumulation dtype, for equal,
+unequal and unnormalised weights, with partial chunks, chunks identical in every input (copied)
+and slices cut at chunk boundaries.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from merger import native
+from merger.errors import CheckpointFormatError, TensorError
+from merger.kernel import Kernel
+from merger.plan import CHUNK, TensorPlan
+
+pytestmark = pytest.mark.skipif(native.unavailable() is not None and native.unavailable() != "MERGER_KERNEL=torch",
+                                reason=f"native kernel unavailable: {native.unavailable()}")
+HEADER = 13  # bytes before the tensor in each file: every read is unaligned
+
+WEIGHTS = {
+    "uniform": [1 / 5] * 5,  # LAWA: plain sum, one division
+    "ema": [0.1, 0.3, 0.2, 0.25, 0.15],  # unequal, summing to 1: fma per input
+    "sum": [1.0] * 5,  # --no-normalize equal weights: plain sum, no copies
+    "scaled": [0.5] * 5,  # equal, not averaging: sum then * 0.5
+    "unnormalised": [0.5, 1.5, -0.25, 2.0, 0.125],
+}
+
+
+def test_native_kernel_is_built_here():
+    """Where CI runs (x86-64 Linux with a C compiler) the package must have built the kernel."""
+    if sys.platform != "linux" or platform.machine() != "x86_64" or not shutil.which("cc"):
+        pytest.skip("the native kernel is only required on x86-64 Linux with a C compiler")
+    lib, why = native._load()
+    assert lib is not None, why
+
+
+def write_inputs(tmp: Path, xs: list[torch.Tensor]) -> tuple[list[int], list[tuple[str, int]]]:
+    fds, locs = [], []
+    for i, x in enumerate(xs):
+        p = tmp / f"in{i}.bin"
+        p.write_bytes(b"h" * HEADER + x.contiguous().view(torch.uint8).numpy().tobytes())
+        fds.append(os.open(p, os.O_RDONLY))
+        locs.append((str(p), HEADER))
+    return fds, locs
+
+
+def raw(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().reshape(-1).view(torch.uint8)
+
+
+def name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def native_fold(k: native.NativeKernel, t: TensorPlan, fds: list[int], cuts: list[int]) -> torch.Tensor:
+    out = torch.full((t.numel * t.out_itemsize,), 0xAB, dtype=torch.uint8)
+    for a, b in zip(cuts, cuts[1:]):
+        job = k.fold(t, a, b, fds, out.data_ptr() + a * t.out_itemsize)
+        k.merge(t, job)
+    return out
+
+
+def make_inputs(dtype: torch.dtype, n_el: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n_el, generator=g, dtype=torch.float64) * 3
+    xs = [(base + 0.05 * torch.randn(n_el, generator=g, dtype=torch.float64)).to(dtype) for _ in range(5)]
+    for x in xs[1:]:  # chunk 1 identical in every input, with an -inf: copied (when weights sum to 1)
+        x[CHUNK: 2 * CHUNK] = xs[0][CHUNK: 2 * CHUNK]
+    for x in xs:
+        x[CHUNK + 7] = float("-inf")
+        x[:50] = torch.tensor([6e-8, -6e-8, 1e-5, 65000.0, -0.0] * 10, dtype=torch.float64).to(dtype)  # denormals
+    return xs
+
+
+DTYPES = [(torch.float16, torch.float16, "auto"), (torch.bfloat16, torch.bfloat16, "auto"),
+          (torch.float32, torch.float32, "auto"), (torch.float64, torch.float64, "auto"),
+          (torch.float16, torch.float32, "auto"), (torch.float32, torch.float16, "auto"),
+          (torch.float32, torch.bfloat16, "auto"), (torch.bfloat16, torch.float16, "auto"),
+          (torch.float16, torch.float16, "float64"), (torch.bfloat16, torch.bfloat16, "float64"),
+          (torch.float32, torch.float32, "float32"), (torch.float64, torch.float16, "float32"),
+          (torch.float64, torch.bfloat16, "auto")]
+
+
+@pytest.mark.parametrize("method", list(WEIGHTS))
+@pytest.mark.parametrize("dtype,out_dtype,accumulate", DTYPES,
+                         ids=lambda v: name(v) if isinstance(v, torch.dtype) else v)
+def test_native_bits_equal_torch_kernel(tmp_path, dtype, out_dtype, accumulate, method):
+    n_el = 3 * CHUNK + 1237  # a partial last chunk, not a multiple of 8
+    xs = make_inputs(dtype, n_el)
+    fds, locs = write_inputs(tmp_path, xs)
+    w = WEIGHTS[method]
+    names = [f"step{i}" for i in range(5)]
+    t = TensorPlan("w", name(dtype), name(out_dtype), (n_el,), True, tuple(locs), 0, 0)
+    try:
+        ref = torch.empty(n_el * out_dtype.itemsize, dtype=torch.uint8)
+        tk = Kernel(w, names, accumulate=accumulate, allow_nonfinite=True)
+        tk._fold_cpu(t, [raw(x) for x in xs], ref)
+        for cuts in ([0, n_el], [0, 2 * CHUNK, n_el], [0, CHUNK, 2 * CHUNK, 3 * CHUNK, n_el]):
+            nk = native.NativeKernel(w, names, accumulate=accumulate, allow_nonfinite=True)
+            out = native_fold(nk, t, fds, cuts)
+            if not torch.equal(out, ref):
+                o, r = out.view(out_dtype), ref.view(out_dtype)
+                bad = ((o != r) & ~(o.isnan() & r.isnan())).nonzero()[:5, 0].tolist()
+                assert not bad, f"differs at {bad}: native {o[bad].tolist()} torch {r[bad].tolist()}"
+            assert nk.copied == tk.copied and nk.same_as_prev == tk.same_as_prev
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_native_state_copies_and_duplicates(tmp_path):
+    a, b = torch.randn(3000).half(), torch.randn(3000).half()
+    fds, locs = write_inputs(tmp_path, [a, a, b])
+    t = TensorPlan("w", "float16", "float16", (3000,), True, tuple(locs), 0, 0)
+    k = native.NativeKernel([1 / 3] * 3, ["s0", "s1", "s2"])
+    native_fold(k, t, fds, [0, 3000])
+    assert k.duplicates() == [("s0", "s1")] and k.copied == {"w": False}
+    fds2, locs2 = write_inputs(tmp_path, [b, b, b])  # identical everywhere: copied bit for bit
+    t2 = TensorPlan("inv_freq", "float16", "float16", (3000,), True, tuple(locs2), 0, 0)
+    out = native_fold(k, t2, fds2, [0, 3000])
+    assert torch.equal(out, raw(b)) and k.copied["inv_freq"] is True
+
+
+def test_native_nan_overflow_and_differing_buffers(tmp_path):
+    xs = [torch.randn(CHUNK + 5).half() for _ in range(3)]
+    xs[2][CHUNK + 2] = float("nan")
+    fds, locs = write_inputs(tmp_path, xs)
+    t = TensorPlan("w", "float16", "float16", (CHUNK + 5,), True, tuple(locs), 0, 0)
+    with pytest.raises(TensorError, match="'w' holds NaN or Inf in step3"):
+        native_fold(native.NativeKernel([1 / 3] * 3, ["step1", "step2", "step3"]), t, fds, [0, CHUNK + 5])
+    native_fold(native.NativeKernel([1 / 3] * 3, ["step1", "step2", "step3"], allow_nonfinite=True), t, fds,
+                [0, CHUNK + 5])
+
+    big = [torch.full((10,), 70000.0), torch.full((10,), 80000.0)]
+    fds, locs = write_inputs(tmp_path, big)
+    t = TensorPlan("w", "float32", "float16", (10,), True, tuple(locs), 0, 0)
+    with pytest.raises(TensorError, match="overflows float16"):
+        native_fold(native.NativeKernel([0.5, 0.5], ["a", "b"]), t, fds, [0, 10])
+
+    ints = [torch.arange(100), torch.arange(100), torch.arange(100) + 1]
+    fds, locs = write_inputs(tmp_path, ints)
+    t = TensorPlan("position_ids", "int64", "int64", (100,), False, tuple(locs), 0, 0)
+    with pytest.raises(TensorError, match=r"differs between revisions: a vs c"):
+        native_fold(native.NativeKernel([1 / 3] * 3, ["a", "b", "c"]), t, fds, [0, 100])
+    fds, locs = write_inputs(tmp_path, ints[:2])
+    t = TensorPlan("position_ids", "int64", "int64", (100,), False, tuple(locs), 0, 0)
+    k = native.NativeKernel([0.5, 0.5], ["a", "b"])
+    assert torch.equal(native_fold(k, t, fds, [0, 100]).view(torch.int64), ints[0]) and k.copied["position_ids"]
+
+
+def test_native_truncated_input(tmp_path):
+    xs = [torch.randn(5000).half() for _ in range(2)]
+    fds, locs = write_inputs(tmp_path, xs)
+    os.truncate(locs[1][0], HEADER + 4000)
+    t = TensorPlan("w", "float16", "float16", (5000,), True, tuple(locs), 0, 0)
+    with pytest.raises(CheckpointFormatError, match=r"in1.bin: file ended after 4013 bytes"):
+        native_fold(native.NativeKernel([0.5, 0.5], ["a", "b"]), t, fds, [0, 5000])
+
+
+def test_sub_elements_fit_the_cache():
+    assert native.sub_elements(9, 2) * 9 * 2 <= native.CACHE_BYTES
+    assert native.sub_elements(1, 8) <= CHUNK and CHUNK % native.sub_elements(1, 8) == 0
+    assert native.sub_elements(4096, 8) == native.MIN_SUB
+    assert ctypes.sizeof(native.Job) == 8 * 4 + 8 + 3 * 8 + 3 * 8 + 3 * 8 + 4 * 4 + 8
