@@ -102,7 +102,7 @@ def average(
     no_keep: Annotated[bool, typer.Option("--no-keep", help="Delete each downloaded Hub revision once folded "
                                           "(disk: at most two revisions).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command: keep "
-                                         "the output shards it finished (checked by sha256), merge the rest.")] = False,
+                                         "the output shards it finished (checked by CRC-32), merge the rest.")] = False,
     run_eval: Annotated[bool, typer.Option("--eval", help="Then evaluate the merged model against the latest "
                                            "input revision (lm-eval, offline task pack by default).")] = False,
     tasks: Annotated[Optional[str], typer.Option(help="With --eval: lm-eval tasks, comma-separated.")] = None,

@@ -13,15 +13,17 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
 from merger import ui
-from merger.eval import EvalReport, evaluate
 from merger.tasks import DEFAULT_TASKS, cache_root
+
+if TYPE_CHECKING:  # merger.eval (lm-eval glue) is imported when `merger eval` runs, not at every start
+    from merger.eval import EvalReport
 
 ModelsArg = Annotated[list[str], typer.Argument(
     metavar="MODEL", show_default=False,
@@ -65,6 +67,8 @@ def eval_command(models: ModelsArg, tasks: TasksOpt = None, limit: LimitOpt = No
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     n = int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
     out = output_dir or cache_root() / "eval" / time.strftime("%Y%m%d-%H%M%S")
+    from merger.eval import evaluate
+
     report = evaluate(models, tasks=task_list, limit=n, num_fewshot=num_fewshot,
                       batch_size=batch_size, device=device, dtype=dtype, output_dir=out,
                       include_path=include_path, progress=ui.info)

@@ -295,9 +295,8 @@ class NativePipeline(_Pipeline):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         size = max(self.out_max(), 1)
-        for _ in range(2):
-            buf = bytearray(size)
-            self.free_out.put(buf)
+        for _ in range(3):  # one folding, two queued for the writer: folds don't wait on a slow write
+            self.free_out.put(bytearray(size))
         self.units = [self._units(b) for b in range(len(self.plan.blocks))]
         self.pool: ThreadPoolExecutor | None = None
 
@@ -314,7 +313,7 @@ class NativePipeline(_Pipeline):
         for s, _, ooff in self.layouts[b]:
             t = self.plan.tensors[s.tensor]
             fds = [self.fds[p] for p, _ in t.locs]
-            for a in range(s.start, s.stop, UNIT):
+            for a in range(s.start, max(s.stop, s.start + 1), UNIT):  # an empty tensor: one empty call
                 out.append((t, a, min(s.stop, a + UNIT), fds, ooff + (a - s.start) * t.out_itemsize))
         return out
 
