@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import sys
-from importlib import metadata
 from pathlib import Path
 
 from merger import __version__
@@ -41,6 +40,8 @@ def torch_version() -> str | None:
     """The installed torch's version, without importing torch (1 s) when nothing has yet; None without torch."""
     if "torch" in sys.modules:
         return sys.modules["torch"].__version__
+    from importlib import metadata  # 10-20 ms: only here, where torch wasn't needed
+
     try:
         return metadata.version("torch")
     except metadata.PackageNotFoundError:
