@@ -11,6 +11,8 @@ tool's process tree).
             normalize (installed by ``bench/setup.sh`` into bench/.venv)
   naive     ``bench/naive_average.py``: fairseq's load-whole-state-dicts average, fp64 sums
   cat       ``cat`` of every input weight file to /dev/null: the read floor
+  io        ``cat`` as above while ``dd`` writes one revision's bytes with O_DIRECT: the I/O floor of
+            a merge (read every input, write one output), with no computing at all
 
 The outputs of merger and mergekit are then compared, tensor by tensor, with naive's fp64
 reference (max abs diff, max distance in units in the last place). Results go to the terminal
@@ -46,7 +48,7 @@ sys.path.insert(0, str(BENCH))
 from compare import compare_outputs  # noqa: E402
 from make_trajectory import trajectory, weight_files  # noqa: E402
 
-TOOLS = ("merger", "mergekit", "naive", "cat")
+TOOLS = ("merger", "mergekit", "naive", "cat", "io")
 DEFAULT_MERGER_CMD = ("{merger} average {root} --revisions {first}..{last} -o {out} --force "
                       "--max-memory {max_memory} --device {device}")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -83,6 +85,11 @@ def commands(a, root: Path, names: list[str], files: list[Path], runs: Path) -> 
     cmds["naive"] = [sys.executable, str(BENCH / "naive_average.py"), str(runs / "naive"),
                      *map(str, dirs), "--accumulate", a.naive_accumulate]
     cmds["cat"] = ["cat", *map(str, files)]
+    out_bytes = sum(f.stat().st_size for f in files) // len(dirs)  # one revision: the output's size
+    io_out = runs / "io" / "floor.bin"
+    cmds["io"] = ["sh", "-c", f"mkdir -p {q(str(io_out.parent))} && cat {' '.join(q(str(f)) for f in files)} "
+                  f">/dev/null & dd if=/dev/zero of={q(str(io_out))} bs=8M count={-(-out_bytes // (8 << 20))} "
+                  "oflag=direct status=none; wait"]
     return cmds
 
 
@@ -210,7 +217,7 @@ def summarize(runs: dict[str, list[dict]], input_bytes: int) -> dict[str, dict]:
                    "min_cached_before": min((r["cached_before"] for r in ok
                                              if r.get("cached_before") is not None), default=None),
                    "input_gb_per_s": input_bytes / min(walls) / 1e9}
-    for ref, key in (("mergekit", "vs_mergekit"), ("cat", "vs_cat")):
+    for ref, key in (("mergekit", "vs_mergekit"), ("cat", "vs_cat"), ("io", "vs_io")):
         if s.get(ref, {}).get("ok"):
             for v in s.values():
                 if v.get("ok"):
@@ -222,7 +229,7 @@ def print_table(title: str, summary: dict[str, dict], checks: dict[str, dict]) -
     gb = lambda kb: f"{kb / 1e6:.2f} GB"  # noqa: E731  (kB -> GB)
     x = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
     header = ["tool", "wall s (best)", "median", "cpu s", "peak RSS", "peak anon", "input GB/s",
-              "time/mergekit", "time/cat", "vs naive"]
+              "time/mergekit", "time/cat", "time/io", "vs naive"]
     rows = []
     for tool, v in summary.items():
         if not v["ok"]:
@@ -234,7 +241,7 @@ def print_table(title: str, summary: dict[str, dict], checks: dict[str, dict]) -
                  f"max abs {c['max_abs']:.1e}" if "max_abs" in c else c.get("error", "-"))
         rows.append([tool, f"{v['wall_s']:.2f}", f"{v['wall_median_s']:.2f}", f"{v['cpu_s']:.1f}", gb(v["maxrss_kb"]),
                      gb(v["peak_anon_kb"]), f"{v['input_gb_per_s']:.2f}", x(v.get("vs_mergekit")),
-                     x(v.get("vs_cat")), check])
+                     x(v.get("vs_cat")), x(v.get("vs_io")), check])
     try:
         from rich.console import Console
         from rich.table import Table
@@ -331,7 +338,7 @@ def main() -> None:
                     "for them): this run reads from disk")
             line = shlex.join(argv)
             log(f"[{rep + 1}/{a.repeat}] {tool}: {line[:200]}{' ...' if len(line) > 200 else ''}")
-            r = timed(argv, log=runs_dir / f"{tool}.log", stdout_null=tool == "cat")
+            r = timed(argv, log=runs_dir / f"{tool}.log", stdout_null=tool in ("cat", "io"))
             r.update(warm_s=w, busy_before=round(busy, 3), cached_before=cached,
                      output_bytes=dir_bytes(out), argv=argv)
             if r["rc"] != 0:

@@ -52,7 +52,10 @@ class Prepared:
 
     def to_dict(self) -> dict:
         if self.plan is not None:
+            from merger.pipeline import describe
+
             d = self.plan.to_dict()
+            d.update(describe(self.plan))
         else:
             w = weights_for(self.options.method, len(self.sources))
             d = {"method": self.options.method.describe(), "weights": w,

@@ -452,9 +452,8 @@ class TorchPipeline(_Pipeline):
             torch.set_num_threads(threads)
 
 
-def choose(plan: Plan) -> type[_Pipeline]:
-    """The native pipeline where it applies (CPU, no input hashing, the library built and usable),
-    else the torch one. ``MERGER_KERNEL=native`` makes a fallback an error (benchmarks, tests)."""
+def _choice(plan: Plan) -> tuple[type[_Pipeline], str | None]:
+    """(pipeline class, why not the native one or None)."""
     from merger.native import unavailable
 
     why = unavailable()
@@ -462,9 +461,32 @@ def choose(plan: Plan) -> type[_Pipeline]:
         why = why or f"--device {plan.device}"
     elif plan.options.hash_inputs:
         why = why or "--hash"
-    if why is None:
-        return NativePipeline
-    if os.environ.get("MERGER_KERNEL", "").lower() == "native":
+    return (NativePipeline, None) if why is None else (TorchPipeline, why)
+
+
+def choose(plan: Plan) -> type[_Pipeline]:
+    """The native pipeline where it applies (CPU, no input hashing, the library built and usable),
+    else the torch one. ``MERGER_KERNEL=native`` makes a fallback an error (benchmarks, tests)."""
+    cls, why = _choice(plan)
+    if why is not None and os.environ.get("MERGER_KERNEL", "").lower() == "native":
         raise MergerError(f"MERGER_KERNEL=native, but the native kernel can't run: {why}",
                           hint="unset MERGER_KERNEL to use the torch kernel")
-    return TorchPipeline
+    return cls
+
+
+def describe(plan: Plan) -> dict:
+    """What ``--dry-run`` shows of the pipeline: the kernel, why not the native one, the working set.
+
+    The native kernel holds three output blocks and, per fold thread, 1 MB of input slices plus
+    their accumulator; the torch one, every input's block double-buffered (the plan's estimate).
+    """
+    cls, why = _choice(plan)
+    threads = cls.default_threads(plan)
+    if cls is NativePipeline:
+        from merger.native import CACHE_BYTES
+
+        out_max = max((_layout_bytes(plan, _block_layout(plan, b))[1] for b in plan.blocks), default=0)
+        memory = 3 * out_max + threads * 3 * CACHE_BYTES
+    else:
+        memory = plan.block_bytes
+    return {"kernel": cls.name, "kernel_note": why, "threads": threads, "estimated_memory": memory}

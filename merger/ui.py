@@ -87,7 +87,8 @@ def plan_view(prep) -> Any:
                                ((x.dtype, x.out_dtype) for x in plan.tensors if x.averaged)}))
     facts = [
         f"tensors: {d['tensors']} ({d['averaged_tensors']} averaged), parameters: {d['parameters']:,}",
-        f"dtype: {dtypes}, accumulate: {d['accumulate']}, device: {d['device']}",
+        f"dtype: {dtypes}, accumulate: {d['accumulate']}, device: {d['device']}, kernel: {d['kernel']} "
+        f"({d['threads']} threads{', ' + d['kernel_note'] if d['kernel_note'] else ''})",
         f"schedule: {d['schedule']}, {d['blocks']} blocks, working set {_size(d['estimated_memory'])} "
         f"of --max-memory {_size(d['max_memory'])}",
         f"reads {_size(d['read_bytes'])}, writes {_size(d['output_bytes'])} in {len(d['shards'])} shard(s)",

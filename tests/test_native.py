@@ -9,6 +9,7 @@ and slices cut at chunk boundaries.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import platform
 import shutil
@@ -172,3 +173,47 @@ def test_sub_elements_fit_the_cache():
     assert native.sub_elements(1, 8) <= CHUNK and CHUNK % native.sub_elements(1, 8) == 0
     assert native.sub_elements(4096, 8) == native.MIN_SUB
     assert ctypes.sizeof(native.Job) == 8 * 4 + 8 + 3 * 8 + 3 * 8 + 3 * 8 + 4 * 4 + 8
+
+
+# -- through the CLI: the native pipeline is the CPU default, the torch one gives the same bytes --------
+
+def _average(root: Path, out: Path, *extra: str):
+    from typer.testing import CliRunner
+
+    from merger.cli import app
+
+    return CliRunner().invoke(app, ["average", str(root), "--revisions", "step1000..step4000", "-o", str(out),
+                                    "--max-memory", "8MB", "--max-shard-size", "1MB", *extra])
+
+
+@pytest.mark.parametrize("method", [[], ["--method", "ema", "--decay", "0.7"], ["--dtype", "float32"]],
+                         ids=["uniform", "ema", "to-float32"])
+def test_cli_native_and_torch_pipelines_write_the_same_bytes(tmp_path, monkeypatch, method):
+    from conftest import WIDE, files_equal, make_run
+
+    root, _ = make_run(tmp_path / "run", shape=WIDE, steps=(1000, 2000, 3000, 4000))
+    r = _average(root, tmp_path / "native", *method)
+    assert r.exit_code == 0, r.output
+    monkeypatch.setenv("MERGER_KERNEL", "torch")
+    r = _average(root, tmp_path / "torch", *method)
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "native").glob("model-*.safetensors"))) > 1  # several shards, many blocks
+    assert files_equal(tmp_path / "native", tmp_path / "torch")
+    kernels = [json.loads((tmp_path / d / "merger.json").read_text())["kernel"] for d in ("native", "torch")]
+    assert kernels == ["native", "torch"]
+
+
+def test_cli_kernel_choice_and_forced_native(tmp_path, monkeypatch):
+    from conftest import make_run
+
+    root, _ = make_run(tmp_path / "run", steps=(1000, 2000, 3000, 4000))
+    r = _average(root, tmp_path / "plan", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert (d["kernel"], d["kernel_note"]) == ("native", None) and d["estimated_memory"] > 0
+    r = _average(root, tmp_path / "plan", "--dry-run", "--json", "--hash")  # hashing reads through torch
+    assert (json.loads(r.stdout)["kernel"], json.loads(r.stdout)["kernel_note"]) == ("torch", "--hash")
+    monkeypatch.setenv("MERGER_KERNEL", "native")  # a fallback is then an error, before anything is written
+    r = _average(root, tmp_path / "out", "--hash")
+    assert r.exit_code == 1 and "MERGER_KERNEL=native, but the native kernel can't run: --hash" in r.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
