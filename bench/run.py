@@ -11,8 +11,8 @@ tool's process tree).
             normalize (installed by ``bench/setup.sh`` into bench/.venv)
   naive     ``bench/naive_average.py``: fairseq's load-whole-state-dicts average, fp64 sums
   cat       ``cat`` of every input weight file to /dev/null: the read floor
-  io        ``cat`` as above while ``dd`` writes one revision's bytes with O_DIRECT: the I/O floor of
-            a merge (read every input, write one output), with no computing at all
+  io        ``cat`` as above while ``dd`` copies the latest revision's weight files to a file with
+            O_DIRECT: the I/O floor of a merge (read every input, write one output), no computing
 
 The outputs of merger and mergekit are then compared, tensor by tensor, with naive's fp64
 reference (max abs diff, max distance in units in the last place). Results go to the terminal
@@ -85,11 +85,12 @@ def commands(a, root: Path, names: list[str], files: list[Path], runs: Path) -> 
     cmds["naive"] = [sys.executable, str(BENCH / "naive_average.py"), str(runs / "naive"),
                      *map(str, dirs), "--accumulate", a.naive_accumulate]
     cmds["cat"] = ["cat", *map(str, files)]
-    out_bytes = sum(f.stat().st_size for f in files) // len(dirs)  # one revision: the output's size
-    io_out = runs / "io" / "floor.bin"
-    cmds["io"] = ["sh", "-c", f"mkdir -p {q(str(io_out.parent))} && cat {' '.join(q(str(f)) for f in files)} "
-                  f">/dev/null & dd if=/dev/zero of={q(str(io_out))} bs=8M count={-(-out_bytes // (8 << 20))} "
-                  "oflag=direct status=none; wait"]
+    # one revision's bytes (real data: a virtual disk may skip writing zeros) to an O_DIRECT file
+    last = [q(str(f)) for f in files if dirs[-1] in f.parents]
+    io_out = q(str(runs / "io" / "floor.bin"))
+    cmds["io"] = ["sh", "-c", f"mkdir -p {q(str(runs / 'io'))} && {{ cat {' '.join(q(str(f)) for f in files)} "
+                  f">/dev/null & cat {' '.join(last)} | dd of={io_out} bs=8M iflag=fullblock oflag=direct "
+                  "status=none; wait; }"]
     return cmds
 
 

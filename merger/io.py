@@ -117,6 +117,19 @@ def _pwrite_all(fd: int, buf, n: int, offset: int) -> None:
         view.release()
 
 
+def _io_write(fd: int, buf, n: int, offset: int) -> None:
+    """:func:`_pwrite_all` for the background writer: where O_DIRECT turns out to be refused
+    (EINVAL: some filesystems accept the flag at open, then not the write), the file leaves
+    O_DIRECT and the write is redone through the page cache, as every later one will be."""
+    try:
+        _pwrite_all(fd, buf, n, offset)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        _pwrite_all(fd, buf, n, offset)
+
+
 def _write_failed(what: str, e: OSError) -> OutputError:
     full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
     why = " (disk full or file size limit reached)" if full else ""
@@ -155,7 +168,7 @@ class ShardWriter:
         self._staged = 0  # bytes in the stage; the file holds everything before _flushed
         self._flushed = 0
         self._io: ThreadPoolExecutor | None = None
-        self._pending: tuple[Future, mmap.mmap, int, int] | None = None  # (write, its stage, bytes, offset)
+        self._pending: tuple[Future, mmap.mmap] | None = None  # the background write of a stage
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
             self.fd = -1
@@ -173,14 +186,17 @@ class ShardWriter:
             raise _write_failed(f"creating {self.label}", e) from e
         self.write(header, 0, absolute=True)
 
-    def write(self, data, offset: int, *, absolute: bool = False) -> None:
-        pos = offset if absolute else self.data_start + offset
-        mv = memoryview(data).cast("B")
+    def _checksum(self, mv: memoryview, pos: int) -> None:
         if self._hpos == pos:
             self._crc = zlib.crc32(mv, self._crc)
             self._hpos += len(mv)
         elif len(mv):
             self._hpos = -1
+
+    def write(self, data, offset: int, *, absolute: bool = False) -> None:
+        pos = offset if absolute else self.data_start + offset
+        mv = memoryview(data).cast("B")
+        self._checksum(mv, pos)
         try:
             if self._stage is not None and pos == self._flushed + self._staged:
                 self._stage_write(mv, pos)
@@ -189,6 +205,47 @@ class ShardWriter:
             while len(mv):
                 k = os.pwrite(self.fd, mv, pos)
                 mv, pos = mv[k:], pos + k
+        except OSError as e:
+            raise _write_failed(f"writing {self.label}", e) from e
+
+    def write_owned(self, data: memoryview, offset: int, address: int) -> Future | None:
+        """Like :meth:`write`, but the whole pages of ``data`` go to the disk straight from it, with
+        no copy: ``data`` must stay unchanged until the returned future is done (:meth:`wait`).
+
+        ``address`` is where ``data`` lies in memory; only when it is congruent to the file
+        position modulo DIRECT_ALIGN (and writes are sequential, with O_DIRECT) can the pages be
+        written in place. Otherwise, and for the partial pages at both ends, the bytes are copied
+        into the stage as :meth:`write` does, and None is returned for an all-copied write.
+        """
+        pos = self.data_start + offset
+        mv = memoryview(data).cast("B")
+        if (self._stage is None or pos != self._flushed + self._staged
+                or (address - pos) % DIRECT_ALIGN or len(mv) < 2 * DIRECT_ALIGN):
+            self.write(mv, offset)
+            return None
+        self._checksum(mv, pos)
+        head = -pos % DIRECT_ALIGN
+        try:
+            self._stage_write(mv[:head], pos)  # the stage now ends on a page boundary
+            if self._stage is None:  # O_DIRECT refused on the way: page cache from here on
+                _pwrite_all(self.fd, mv[head:], len(mv) - head, pos + head)
+                return None
+            if self._staged:
+                self._flush(self._staged)
+            mid = (len(mv) - head) // DIRECT_ALIGN * DIRECT_ALIGN
+            fut = self._executor().submit(_io_write, self.fd, mv[head: head + mid], mid, pos + head)
+            self._flushed += mid
+            self._stage_write(mv[head + mid:], pos + head + mid)
+        except OSError as e:
+            raise _write_failed(f"writing {self.label}", e) from e
+        return fut
+
+    def wait(self, fut: Future | None) -> None:
+        """Wait for a :meth:`write_owned` write; its error is raised here."""
+        if fut is None:
+            return
+        try:
+            fut.result()
         except OSError as e:
             raise _write_failed(f"writing {self.label}", e) from e
 
@@ -213,26 +270,20 @@ class ShardWriter:
         stage, other = self._stage, self._stages[1] if self._stage is self._stages[0] else self._stages[0]
         left = self._staged - n
         other[:left] = stage[n: self._staged]
-        if self._io is None:
-            self._io = ThreadPoolExecutor(1, thread_name_prefix="merger-io")
-        self._pending = (self._io.submit(_pwrite_all, self.fd, stage, n, self._flushed), stage, n, self._flushed)
+        self._pending = (self._executor().submit(_io_write, self.fd, stage, n, self._flushed), stage)
         self._stage, self._staged, self._flushed = other, left, self._flushed + n
 
+    def _executor(self) -> ThreadPoolExecutor:
+        """The one background writer thread: writes go out in the order they were submitted."""
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="merger-io")
+        return self._io
+
     def _wait(self) -> None:
-        """Wait for the background write; where O_DIRECT turns out refused, redo it buffered."""
-        if self._pending is None:
-            return
-        fut, stage, n, offset = self._pending
-        self._pending = None
-        try:
+        """Wait for the background write of the other stage (its error is raised here)."""
+        if self._pending is not None:
+            fut, self._pending = self._pending[0], None
             fut.result()
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            # O_DIRECT refused after all: this piece and everything after through the page cache
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-            _pwrite_all(self.fd, stage, n, offset)
-            self._buffered()
 
     def _buffered(self) -> None:
         """Leave O_DIRECT: write out what is staged and go on through the page cache."""

@@ -19,6 +19,7 @@ is raised in the calling thread. Both give the same bits (tests/test_native.py).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import mmap
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from merger.errors import MergerError
-from merger.io import FileHasher, ShardWriter, pread_into, safetensors_header
+from merger.io import DIRECT_ALIGN, FileHasher, ShardWriter, pread_into, safetensors_header
 from merger.plan import CHUNK, Plan, Slice, TensorPlan
 
 ALIGN = 8  # bytes: each slice starts aligned in the block buffers, so any dtype can view its bytes
@@ -287,19 +288,48 @@ UNIT = 4 * CHUNK  # elements per native call: small enough to balance two thread
 class NativePipeline(_Pipeline):
     """The native kernel (``_fold.c``): every thread reads and folds its own slices.
 
-    No input buffers at all: each call preads SUB elements of every input into per-thread
-    buffers that stay in cache. Memory is the two output buffers.
+    No input buffers at all: each call preads 1 MB of every input at a time into per-thread
+    buffers that stay in cache. Memory is three output buffers, each laid out like the output
+    files (one segment per shard a block writes into, at the file position's offset within a
+    page), so that the writer sends their whole pages to the disk with O_DIRECT straight from
+    them, without a copy (``ShardWriter.write_owned``); a buffer is reused once its writes are done.
     """
 
     name = "native"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        size = max(self.out_max(), 1)
-        for _ in range(3):  # one folding, two queued for the writer: folds don't wait on a slow write
-            self.free_out.put(mmap.mmap(-1, size))  # not bytearray(size): zeroing 3 x 45 MB cost 50 ms
-        self.units = [self._units(b) for b in range(len(self.plan.blocks))]
+        plan = self.plan
+        self.headers = [self._header(k) for k in range(len(plan.shards))]
+        # per block: segments (shard, data offset, buffer offset, bytes), and each slice's buffer offset
+        self.segments: list[list[list[int]]] = []
+        self.slice_at: list[list[int]] = []
+        size = 0
+        for block in plan.blocks:
+            segs: list[list[int]] = []
+            at: list[int] = []
+            for s in block:
+                t = plan.tensors[s.tensor]
+                off = t.out_offset + s.start * t.out_itemsize
+                n = (s.stop - s.start) * t.out_itemsize
+                if not (segs and segs[-1][0] == t.shard and segs[-1][1] + segs[-1][3] == off):
+                    end = segs[-1][2] + segs[-1][3] if segs else 0
+                    pos = len(self.headers[t.shard]) + off  # in the file
+                    segs.append([t.shard, off, end + (pos - end) % DIRECT_ALIGN, 0])
+                at.append(segs[-1][2] + segs[-1][3])
+                segs[-1][3] += n
+            self.segments.append(segs)
+            self.slice_at.append(at)
+            size = max(size, segs[-1][2] + segs[-1][3] if segs else 0)
+        self.buffers = [mmap.mmap(-1, max(size, 1)) for _ in range(3)]  # one folding, two being written
+        self.address = {id(m): ctypes.addressof(ctypes.c_char.from_buffer(m)) for m in self.buffers}
+        for m in self.buffers:
+            self.free_out.put(m)
+        self.units = [self._units(b) for b in range(len(plan.blocks))]
         self.pool: ThreadPoolExecutor | None = None
+
+    def out_max(self) -> int:
+        return len(self.buffers[0])
 
     def _make_kernel(self):
         from merger.native import NativeKernel
@@ -308,14 +338,18 @@ class NativePipeline(_Pipeline):
         return NativeKernel(list(self.plan.weights), [s.name for s in self.plan.sources], accumulate=o.accumulate,
                             allow_nonfinite=o.allow_nonfinite)
 
+    def _header(self, k: int) -> bytes:
+        ts = [self.plan.tensors[i] for i in self.plan.shards[k].tensors]
+        return safetensors_header([(t.name, t.out_dtype, t.shape, t.numel * t.out_itemsize) for t in ts])
+
     def _units(self, b: int) -> list[tuple[TensorPlan, int, int, list[int], int]]:
-        """Block b cut into native calls: (tensor, start, stop, input fds, output byte offset)."""
+        """Block b cut into native calls: (tensor, start, stop, input fds, output buffer offset)."""
         out = []
-        for s, _, ooff in self.layouts[b]:
+        for s, at in zip(self.plan.blocks[b], self.slice_at[b]):
             t = self.plan.tensors[s.tensor]
             fds = [self.fds[p] for p, _ in t.locs]
             for a in range(s.start, max(s.stop, s.start + 1), UNIT):  # an empty tensor: one empty call
-                out.append((t, a, min(s.stop, a + UNIT), fds, ooff + (a - s.start) * t.out_itemsize))
+                out.append((t, a, min(s.stop, a + UNIT), fds, at + (a - s.start) * t.out_itemsize))
         return out
 
     def _start(self) -> None:
@@ -326,11 +360,57 @@ class NativePipeline(_Pipeline):
             self.pool.shutdown(wait=True)
 
     def fold_block(self, b: int, inputs, out: mmap.mmap) -> None:
-        base = ctypes.addressof(ctypes.c_char.from_buffer(out))
+        base = self.address[id(out)]
         k = self.kernel
         jobs = list(self.pool.map(lambda u: k.fold(u[0], u[1], u[2], u[3], base + u[4]), self.units[b]))
         for u, job in zip(self.units[b], jobs):
             k.merge(u[0], job)
+
+    def _writer(self, shard: int) -> ShardWriter:
+        if shard not in self.writers:
+            sp = self.plan.shards[shard]
+            self.writers[shard] = ShardWriter(self.tmp / sp.filename, self.headers[shard], sp.data_bytes,
+                                              label=f"{sp.filename} of {self.label}", hash=True)
+        return self.writers[shard]
+
+    def writer(self) -> None:
+        inflight: collections.deque = collections.deque()  # (buffer, [(shard writer, write)]) in order
+
+        def release_oldest() -> None:
+            buf, writes = inflight.popleft()
+            for w, fut in writes:
+                w.wait(fut)
+            self.free_out.put(buf)
+
+        try:
+            while (item := self._get(self.to_write)) is not None and item is not _STOP:
+                b, out = item
+                t0 = time.perf_counter()
+                writes = []
+                view = memoryview(out)
+                for shard, off, boff, n in self.segments[b]:
+                    if shard < self.done:
+                        continue
+                    w = self._writer(shard)
+                    writes.append((w, w.write_owned(view[boff: boff + n], off, self.address[id(out)] + boff)))
+                    self.remaining[shard] -= n
+                    if self.remaining[shard] == 0:  # its last byte: wait for its writes, record it
+                        self.remaining[shard] = -1
+                        for w2, fut in writes:
+                            w2.wait(fut)
+                        checksum = w.finish()
+                        self.on_shard(shard, checksum, self.snapshots[self.settled[shard]])
+                view.release()
+                inflight.append((out, writes))
+                while len(inflight) > 1 or all(f is None or f.done() for _, f in inflight[0][1]):
+                    release_oldest()
+                    if not inflight:
+                        break
+                self.busy["write"] += time.perf_counter() - t0
+            while inflight:
+                release_oldest()
+        except BaseException as e:  # noqa: BLE001
+            self._fail(e)
 
 
 class TorchPipeline(_Pipeline):

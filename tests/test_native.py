@@ -217,3 +217,37 @@ def test_cli_kernel_choice_and_forced_native(tmp_path, monkeypatch):
     r = _average(root, tmp_path / "out", "--hash")
     assert r.exit_code == 1 and "MERGER_KERNEL=native, but the native kernel can't run: --hash" in r.output
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+# -- ShardWriter.write_owned: whole pages straight from the caller's buffer ------------------------------
+
+@pytest.mark.parametrize("header_len", [8 + 16, 8 + 4088, 8 + 8000])
+def test_write_owned_gives_the_bytes_and_checksum_of_write(tmp_path, header_len):
+    import mmap
+    import random
+
+    from merger.io import DIRECT_ALIGN, ShardWriter, file_checksum
+
+    rng = random.Random(header_len)
+    header = b"H" * header_len
+    pieces = [rng.randbytes(n) for n in (3, 9000, 70000, 4096, 1, 123457, 20000)]
+    data = b"".join(pieces)
+    a = ShardWriter(tmp_path / "a.safetensors", header, len(data), hash=True)
+    b = ShardWriter(tmp_path / "b.safetensors", header, len(data), hash=True)
+    buf = mmap.mmap(-1, 1 << 20)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    off, futs, free = 0, [], 0  # buffer bytes before `free` belong to earlier writes (maybe in flight)
+    for i, p in enumerate(pieces):
+        a.write(p, off)
+        # half the pieces at the file position's offset within a page (written in place), half not
+        at = free + (header_len + off - free) % DIRECT_ALIGN + (0 if i % 2 == 0 else 8)
+        free = at + len(p)
+        buf[at: at + len(p)] = p
+        futs.append(b.write_owned(memoryview(buf)[at: at + len(p)], off, base + at))
+        off += len(p)
+    assert any(f is not None for f in futs) or not b._stages  # in place where O_DIRECT works here
+    for f in futs:
+        b.wait(f)
+    sa, sb = a.finish(), b.finish()
+    assert (tmp_path / "b.safetensors").read_bytes() == header + data == (tmp_path / "a.safetensors").read_bytes()
+    assert sa == sb == file_checksum(tmp_path / "a.safetensors")

@@ -45,14 +45,23 @@ STOP_AT = 3  # shards finished when the child is killed
 CHILD = """
 import os, sys, time
 from merger import io
-orig, prefix = io.ShardWriter.write, "model-%05d-of-" % (int(os.environ["MERGER_TEST_STOP_AT"]) + 1)
-def write(self, data, offset, *, absolute=False):
-    orig(self, data, offset, absolute=absolute)
-    if not absolute and self.path.name.startswith(prefix):
+prefix = "model-%05d-of-" % (int(os.environ["MERGER_TEST_STOP_AT"]) + 1)
+def park(self):
+    if self.path.name.startswith(prefix):
         open(os.environ["MERGER_TEST_MARKER"], "w").close()
         while True:
             time.sleep(1)
-io.ShardWriter.write = write
+orig, orig_owned = io.ShardWriter.write, io.ShardWriter.write_owned
+def write(self, data, offset, *, absolute=False):
+    orig(self, data, offset, absolute=absolute)
+    if not absolute:
+        park(self)
+def write_owned(self, data, offset, address):  # the native pipeline's writes
+    fut = orig_owned(self, data, offset, address)
+    self.wait(fut)
+    park(self)
+    return fut
+io.ShardWriter.write, io.ShardWriter.write_owned = write, write_owned
 sys.argv = ["merger", *sys.argv[1:]]
 from merger.cli import main
 main()
