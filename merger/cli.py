@@ -98,7 +98,8 @@ def average(
     allow_nonfinite: Annotated[bool, typer.Option(
         "--allow-nonfinite", help="Average NaN/Inf instead of failing.")] = False,
     hash_inputs: Annotated[bool, typer.Option("--hash", help="Record the sha256 of local input files in merger.json "
-                                              "(Hub files carry theirs; ~0.5 s/GB of CPU, on the slower torch kernel).")] = False,
+                                              "(Hub files carry theirs; ~0.5 s/GB of CPU, on the slower torch "
+                                              "kernel).")] = False,
     no_keep: Annotated[bool, typer.Option("--no-keep", help="Delete each downloaded Hub revision once folded "
                                           "(disk: at most two revisions).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command: keep "
