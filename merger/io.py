@@ -48,10 +48,14 @@ def pread_into(fd: int, buf: memoryview, offset: int, *, path: str = "") -> None
     while done < n:
         k = os.preadv(fd, [buf[done: done + READ_PIECE]], offset + done)
         if k <= 0:
-            raise CheckpointFormatError(
-                f"{path}: file ended after {offset + done} bytes while reading (truncated or changed "
-                "during the merge?)", path=path, hint="re-download the file and run again")
+            raise truncated_error(path, offset + done)
         done += k
+
+
+def truncated_error(path: str, at: int) -> CheckpointFormatError:
+    """An input that ended before the bytes its header promised (read by either kernel)."""
+    return CheckpointFormatError(f"{path}: file ended after {at} bytes while reading (truncated or changed "
+                                 "during the merge?)", path=path, hint="re-download the file and run again")
 
 
 class FileHasher:

@@ -18,7 +18,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from merger.errors import CheckpointFormatError, MergerError
+from merger.errors import MergerError
+from merger.io import truncated_error
 from merger.plan import CHUNK, TensorPlan
 from merger.rules import FoldRule, acc_dtype, differing_error, nonfinite_error, overflow_error
 
@@ -159,9 +160,7 @@ class NativeKernel:
                                   [self.names[i] for i in range(1, self.n) if job.differs[i]])
         path = t.locs[job.err_input][0] if job.err_input >= 0 else "an input"
         if st == ST_EOF:
-            raise CheckpointFormatError(
-                f"{path}: file ended after {job.err_element} bytes while reading (truncated or changed "
-                "during the merge?)", path=path, hint="re-download the file and run again")
+            raise truncated_error(path, job.err_element)
         if st == ST_READ:
             raise OSError(job.err_errno, os.strerror(job.err_errno), path)
         raise MemoryError("the native kernel could not allocate its buffers")
