@@ -61,3 +61,21 @@ def test_dtype_table_matches_torch():
         assert isinstance(dt, torch.dtype) and units.itemsize(name) == dt.itemsize, name
         assert units.ST_DTYPES[st] == name == units.dtype_name(dt)
     assert units.parse_dtype("bf16") == "bfloat16" and units.parse_dtype("torch.half") == "float16"
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_cpu_merge_does_not_import_torch(tmp_path, fmt):
+    """The whole CPU merge (native kernel, writer, merger.json) runs without torch; the output is the
+    torch kernel's, byte for byte (tests/test_native.py compares them)."""
+    from merger import native
+
+    if native.unavailable() is not None:
+        pytest.skip(f"native kernel unavailable: {native.unavailable()}")
+    root, _ = make_run(tmp_path / "run", fmt=fmt)
+    r = python(CLI.replace("NO_GPU", "True"), "average", str(root), "--revisions", "step1000..step3000",
+               "-o", str(tmp_path / "o"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["result"]["kernel"] == "native"
+    m = json.loads((tmp_path / "o" / "merger.json").read_text())
+    assert m["kernel"] == "native" and m["environment"]["torch"] == torch.__version__
+    assert r.stderr.strip().endswith("torch imported: False"), r.stderr
