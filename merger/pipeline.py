@@ -38,6 +38,14 @@ ALIGN = 8  # bytes: each slice starts aligned in the block buffers, so any dtype
 _STOP = object()
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's cpuset, ``taskset``), not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _block_layout(plan: Plan, block: tuple[Slice, ...]) -> list[tuple[Slice, int, int]]:
     """(slice, input byte offset, output byte offset) within the block buffers.
 
@@ -139,7 +147,7 @@ class _Pipeline:
     # -- what subclasses define ---------------------------------------------------------------
     @staticmethod
     def default_threads(plan: Plan) -> int:
-        return max(1, min(os.cpu_count() or 1, 16))
+        return max(1, min(usable_cpus(), 16))
 
     def _make_kernel(self):
         raise NotImplementedError
@@ -447,7 +455,7 @@ class TorchPipeline(_Pipeline):
     @staticmethod
     def default_threads(plan: Plan) -> int:
         """Reader threads: one per input, up to the CPUs (one left for the GPU's feeder)."""
-        cpus = os.cpu_count() or 1
+        cpus = usable_cpus()
         return max(1, min(len(plan.sources), cpus - 1 if plan.device.startswith("cuda") else cpus, 16))
 
     def _make_kernel(self):

@@ -88,7 +88,8 @@ def plan_view(prep) -> Any:
     facts = [
         f"tensors: {d['tensors']} ({d['averaged_tensors']} averaged), parameters: {d['parameters']:,}",
         f"dtype: {dtypes}, accumulate: {d['accumulate']}, device: {d['device']}, kernel: {d['kernel']} "
-        f"({d['threads']} threads{', ' + d['kernel_note'] if d['kernel_note'] else ''})",
+        f"({d['threads']} thread{'s' if d['threads'] != 1 else ''}"
+        f"{', ' + d['kernel_note'] if d['kernel_note'] else ''})",
         f"schedule: {d['schedule']}, {d['blocks']} blocks, working set {_size(d['estimated_memory'])} "
         f"of --max-memory {_size(d['max_memory'])}",
         f"reads {_size(d['read_bytes'])}, writes {_size(d['output_bytes'])} in {len(d['shards'])} shard(s)",
