@@ -16,7 +16,7 @@
  * Why native: folding from torch costs an `import torch` (1.1 s, three times a `cat` of a
  * 410m x 9 trajectory on the machine this was written on), and a chunked torch fold moves every
  * byte through DRAM twice (pread into a block buffer, then fold). Here every input's bytes are
- * pread, SUB elements at a time, into small per-thread buffers that stay in L2, and folded from
+ * pread, SUB elements at a time, into small per-thread buffers that stay in cache, and folded from
  * there in one fused pass (n inputs -> one output, the accumulator in registers). Callers run one
  * call per thread with the GIL released (ctypes), so the folds of two slices overlap.
  *

@@ -296,8 +296,8 @@ UNIT = 4 * CHUNK  # elements per native call: small enough to balance two thread
 class NativePipeline(_Pipeline):
     """The native kernel (``_fold.c``): every thread reads and folds its own slices.
 
-    No input buffers at all: each call preads 1 MB of every input at a time into per-thread
-    buffers that stay in cache. Memory is three output buffers, each laid out like the output
+    No input buffers at all: each call preads a few MB of every input at a time into per-thread
+    buffers that stay in the CPU caches. Memory is three output buffers, each laid out like the output
     files (one segment per shard a block writes into, at the file position's offset within a
     page), so that the writer sends their whole pages to the disk with O_DIRECT straight from
     them, without a copy (``ShardWriter.write_owned``); a buffer is reused once its writes are done.
@@ -565,7 +565,7 @@ def choose(plan: Plan) -> type[_Pipeline]:
 def describe(plan: Plan) -> dict:
     """What ``--dry-run`` shows of the pipeline: the kernel, why not the native one, the working set.
 
-    The native kernel holds three output blocks and, per fold thread, 1 MB of input slices plus
+    The native kernel holds three output blocks and, per fold thread, 4 MB of input pieces plus
     their accumulator; the torch one, every input's block double-buffered (the plan's estimate).
     """
     cls, why = _choice(plan)
