@@ -28,7 +28,8 @@ from typing import Callable
 
 
 from merger.errors import MergerError, OutputError, TensorError
-from merger.io import PROGRESS, OutputDir, file_checksum
+from merger.io import PROGRESS, OutputDir
+from merger.shards import file_checksum
 from merger.plan import Plan
 
 @dataclass

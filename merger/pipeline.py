@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from merger.errors import MergerError
-from merger.io import DIRECT_ALIGN, FileHasher, ShardWriter, pread_into, safetensors_header
+from merger.io import FileHasher, pread_into
+from merger.shards import DIRECT_ALIGN, ShardWriter, shard_header
 from merger.plan import CHUNK, Plan, Slice, TensorPlan
 
 ALIGN = 8  # bytes: each slice starts aligned in the block buffers, so any dtype can view its bytes
@@ -120,6 +121,7 @@ class _Pipeline:
         self.hashers: dict[str, FileHasher] = {}
         self.threads = threads or self.default_threads(plan)
         self.kernel = self._make_kernel()
+        self.headers = [shard_header(plan, k) for k in range(len(plan.shards))]
         self.writers: dict[int, ShardWriter] = {}
         self.busy = {"fold": 0.0, "write": 0.0}
 
@@ -212,9 +214,7 @@ class _Pipeline:
     def _writer(self, shard: int) -> ShardWriter:
         if shard not in self.writers:
             sp = self.plan.shards[shard]
-            ts = [self.plan.tensors[i] for i in sp.tensors]
-            header = safetensors_header([(t.name, t.out_dtype, t.shape, t.numel * t.out_itemsize) for t in ts])
-            self.writers[shard] = ShardWriter(self.tmp / sp.filename, header, sp.data_bytes,
+            self.writers[shard] = ShardWriter(self.tmp / sp.filename, self.headers[shard], sp.data_bytes,
                                               label=f"{sp.filename} of {self.label}", hash=True)
         return self.writers[shard]
 
@@ -308,7 +308,6 @@ class NativePipeline(_Pipeline):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         plan = self.plan
-        self.headers = [self._header(k) for k in range(len(plan.shards))]
         # per block: segments (shard, data offset, buffer offset, bytes), and each slice's buffer offset
         self.segments: list[list[list[int]]] = []
         self.slice_at: list[list[int]] = []
@@ -346,10 +345,6 @@ class NativePipeline(_Pipeline):
         return NativeKernel(list(self.plan.weights), [s.name for s in self.plan.sources], accumulate=o.accumulate,
                             allow_nonfinite=o.allow_nonfinite)
 
-    def _header(self, k: int) -> bytes:
-        ts = [self.plan.tensors[i] for i in self.plan.shards[k].tensors]
-        return safetensors_header([(t.name, t.out_dtype, t.shape, t.numel * t.out_itemsize) for t in ts])
-
     def _units(self, b: int) -> list[tuple[TensorPlan, int, int, list[int], int]]:
         """Block b cut into native calls: (tensor, start, stop, input fds, output buffer offset)."""
         out = []
@@ -373,13 +368,6 @@ class NativePipeline(_Pipeline):
         jobs = list(self.pool.map(lambda u: k.fold(u[0], u[1], u[2], u[3], base + u[4]), self.units[b]))
         for u, job in zip(self.units[b], jobs):
             k.merge(u[0], job)
-
-    def _writer(self, shard: int) -> ShardWriter:
-        if shard not in self.writers:
-            sp = self.plan.shards[shard]
-            self.writers[shard] = ShardWriter(self.tmp / sp.filename, self.headers[shard], sp.data_bytes,
-                                              label=f"{sp.filename} of {self.label}", hash=True)
-        return self.writers[shard]
 
     def writer(self) -> None:
         inflight: collections.deque = collections.deque()  # (buffer, [(shard writer, write)]) in order

@@ -24,10 +24,11 @@ import torch
 from merger.execute import Result, peak_rss, write_index
 from merger.formats import read_folder
 from merger.hub import delete_revision, fetch
-from merger.io import FileHasher, OutputDir, ShardWriter, pread_into, safetensors_header
+from merger.io import FileHasher, OutputDir, pread_into
 from merger.kernel import BITS, Kernel, axpy
 from merger.plan import CHUNK, COPY_FILES, Options, Plan, build, check_layouts
 from merger.rules import differing_error, nonfinite_error, overflow_error
+from merger.shards import ShardWriter, shard_header
 from merger.sources import Source
 from merger.units import dtype_from_name
 
@@ -189,10 +190,8 @@ def _fold_piece(kernel: Kernel, plan: Plan, ti: int, i: int, start: int, stop: i
 def _write(plan: Plan, kernel: Kernel, tmp: Path, acc, raw0, same, bad) -> int:
     """Cast the accumulators (identical chunks: the raw bytes) and write the shards."""
     written = 0
-    for sp in plan.shards:
-        ts = [plan.tensors[i] for i in sp.tensors]
-        w = ShardWriter(tmp / sp.filename, safetensors_header(
-            [(t.name, t.out_dtype, t.shape, t.numel * t.out_itemsize) for t in ts]), sp.data_bytes)
+    for k, sp in enumerate(plan.shards):
+        w = ShardWriter(tmp / sp.filename, shard_header(plan, k), sp.data_bytes)
         try:
             for ti in sp.tensors:
                 t = plan.tensors[ti]

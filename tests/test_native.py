@@ -226,7 +226,7 @@ def test_write_owned_gives_the_bytes_and_checksum_of_write(tmp_path, header_len)
     import mmap
     import random
 
-    from merger.io import DIRECT_ALIGN, ShardWriter, file_checksum
+    from merger.shards import DIRECT_ALIGN, ShardWriter, file_checksum
 
     rng = random.Random(header_len)
     header = b"H" * header_len

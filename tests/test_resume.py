@@ -44,14 +44,14 @@ STOP_AT = 3  # shards finished when the child is killed
 # file) and park the writer thread, so nothing more is written until the test's SIGKILL lands.
 CHILD = """
 import os, sys, time
-from merger import io
+from merger import shards
 prefix = "model-%05d-of-" % (int(os.environ["MERGER_TEST_STOP_AT"]) + 1)
 def park(self):
     if self.path.name.startswith(prefix):
         open(os.environ["MERGER_TEST_MARKER"], "w").close()
         while True:
             time.sleep(1)
-orig, orig_owned = io.ShardWriter.write, io.ShardWriter.write_owned
+orig, orig_owned = shards.ShardWriter.write, shards.ShardWriter.write_owned
 def write(self, data, offset, *, absolute=False):
     orig(self, data, offset, absolute=absolute)
     if not absolute:
@@ -61,7 +61,7 @@ def write_owned(self, data, offset, address):  # the native pipeline's writes
     self.wait(fut)
     park(self)
     return fut
-io.ShardWriter.write, io.ShardWriter.write_owned = write, write_owned
+shards.ShardWriter.write, shards.ShardWriter.write_owned = write, write_owned
 sys.argv = ["merger", *sys.argv[1:]]
 from merger.cli import main
 main()
