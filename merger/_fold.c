@@ -121,6 +121,8 @@ static inline uint16_t f32_to_f16(float f) {
     return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
 }
 
+static inline int float_size(int dt) { return dt == DT_F16 || dt == DT_BF16 ? 2 : dt == DT_F32 ? 4 : 8; }
+
 static inline double load_f64(const void *p, int dt, int64_t j) {
     switch (dt) {
     case DT_F16: return f16_to_f32(((const uint16_t *)p)[j]);
@@ -337,7 +339,7 @@ static int first_nonfinite(merger_job *job, void **bufs, int64_t c0, int64_t c1)
 
 /* out[c0:c1] = cast(input 1's elements) */
 static int copy_first(merger_job *job, void **bufs, int64_t c0, int64_t c1) {
-    const int osz = job->out_dtype == DT_F16 || job->out_dtype == DT_BF16 ? 2 : job->out_dtype == DT_F32 ? 4 : 8;
+    const int osz = float_size(job->out_dtype);
     for (int64_t s0 = c0; s0 < c1; s0 += job->sub) {
         const int64_t m = c1 - s0 < job->sub ? c1 - s0 : job->sub;
         char *o = (char *)job->out + s0 * osz;
@@ -414,7 +416,7 @@ int merger_fold(merger_job *job) {
 
     float wf[MAX_INPUTS];
     for (int i = 0; i < n; i++) wf[i] = (float)job->weights[i];
-    const int osz = job->out_dtype == DT_F16 || job->out_dtype == DT_BF16 ? 2 : job->out_dtype == DT_F32 ? 4 : 8;
+    const int osz = float_size(job->out_dtype);
     const int vec = MERGER_X86 && !f64 && job->in_dtype != DT_F64;
 
     for (int64_t c0 = 0; c0 < job->count; c0 += job->chunk) {

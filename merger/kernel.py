@@ -36,7 +36,7 @@ def axpy(acc: torch.Tensor, tmp: torch.Tensor, x: torch.Tensor, w: float, *, fir
     """``acc = x * w`` (first input) or ``acc += w * x``; ``tmp`` is scratch of acc's dtype.
 
     The one definition of the per-element arithmetic, shared by every schedule, so that they all
-    produce the same bits. ``w == 1`` is a plain copy or sum (see :attr:`Kernel.fold_weights`).
+    produce the same bits. ``w == 1`` is a plain copy or sum (see :class:`merger.rules.FoldRule`).
     """
     if first:
         if w == 1.0:
@@ -71,8 +71,6 @@ class Kernel:
         # "identical in every input -> copied unchanged" holds only for an average (weights summing
         # to 1); equal weights fold the plain sum and scale once in finish()
         self.rule = FoldRule.of(self.weights)
-        self.copy_identical = self.rule.copy_identical
-        self.fold_weights = list(self.rule.weights)
         self.names = list(names)
         self.device = torch.device(device)
         self.accumulate = accumulate
@@ -146,7 +144,7 @@ class Kernel:
         bits = [x.view(BITS[t.itemsize]) for x in xs]
         vals = [x.view(dt) for x in xs]
         o = out.view(odt)
-        w = self.fold_weights
+        w = self.rule.weights
         n_el = o.numel()
         omax = torch.finfo(odt).max
         all_copied = True
@@ -154,7 +152,7 @@ class Kernel:
         for c in range(0, n_el, CHUNK):
             e = min(n_el, c + CHUNK)
             b = [x[c:e] for x in bits]
-            if self.copy_identical and all(torch.equal(b[i], b[0]) for i in range(1, len(b))):
+            if self.rule.copy_identical and all(torch.equal(b[i], b[0]) for i in range(1, len(b))):
                 o[c:e].copy_(vals[0][c:e])
                 continue
             all_copied = False
@@ -183,7 +181,7 @@ class Kernel:
         n_chunks = -(-n_el // CHUNK)
         pad = n_chunks * CHUNK - n_el
         chunk_same = torch.nn.functional.pad(same, (0, pad), value=True).view(n_chunks, CHUNK).all(1)
-        if not self.copy_identical:
+        if not self.rule.copy_identical:
             chunk_same.zero_()
         if bool(chunk_same.all()):
             out.view(odt).copy_(vals[0])
@@ -196,7 +194,7 @@ class Kernel:
         acc = torch.empty(n_el, dtype=adt, device=xs[0].device)
         tmp = torch.empty_like(acc)
         for i in range(len(vals)):
-            axpy(acc, tmp, vals[i], self.fold_weights[i], first=i == 0)
+            axpy(acc, tmp, vals[i], self.rule.weights[i], first=i == 0)
         self.finish(acc)
         keep = chunk_same.repeat_interleave(CHUNK)[:n_el]
         merged = torch.where(keep, vals[0].to(odt), acc.to(odt))

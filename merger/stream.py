@@ -113,7 +113,7 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
                         raw0[ti] = torch.empty(t.numel * t.itemsize, dtype=torch.uint8, device=dev)
                         if t.averaged:
                             acc[ti] = torch.empty(t.numel, dtype=kernel.acc_dtype(t), device=dev)
-                            same[ti] = [kernel.copy_identical] * -(-t.numel // CHUNK)
+                            same[ti] = [kernel.rule.copy_identical] * -(-t.numel // CHUNK)
                             bad[ti] = {}
                     for start in range(0, t.numel, PIECE):
                         stop = min(t.numel, start + PIECE)
@@ -182,7 +182,7 @@ def _fold_piece(kernel: Kernel, plan: Plan, ti: int, i: int, start: int, stop: i
         k = c // CHUNK
         if i > 0 and same[ti][k]:
             same[ti][k] = torch.equal(bits[c - start: e - start], bits0[c - start: e - start])
-        axpy(a[c:e], tmp[: e - c], vals[c - start: e - start], kernel.fold_weights[i], first=i == 0)
+        axpy(a[c:e], tmp[: e - c], vals[c - start: e - start], kernel.rule.weights[i], first=i == 0)
         if not kernel.allow_nonfinite and k not in bad[ti] and not bool(torch.isfinite(a[c:e]).all()):
             bad[ti][k] = i
 
