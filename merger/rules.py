@@ -2,7 +2,8 @@
 
 Two kernels compute the same bits: the torch one (``kernel.py``: CUDA, ``--hash``, CPUs without
 AVX2) and the native one (``native.py`` over ``_fold.c``: the CPU default). Both take their
-arithmetic from :class:`FoldRule` and raise the errors built here.
+arithmetic from :class:`FoldRule` and raise the errors built here, as do the stream schedule
+and ``merger sweep`` (with their own hints).
 """
 
 from __future__ import annotations
@@ -46,11 +47,11 @@ def acc_dtype(accumulate: str, itemsize: int, out_itemsize: int) -> str:
     return "float64" if max(itemsize, out_itemsize) >= 4 else "float32"
 
 
-def nonfinite_error(name: str, revision: str) -> TensorError:
+def nonfinite_error(name: str, revision: str, *,
+                    hint: str = "drop that revision (it may be a diverged or corrupt checkpoint), "
+                                "or pass --allow-nonfinite to keep going") -> TensorError:
     return TensorError(f"tensor {name!r} holds NaN or Inf in {revision}, and it is being averaged",
-                       tensor=name, revisions=[revision],
-                       hint="drop that revision (it may be a diverged or corrupt checkpoint), "
-                            "or pass --allow-nonfinite to keep going")
+                       tensor=name, revisions=[revision], hint=hint)
 
 
 def overflow_error(name: str, out_dtype: str) -> TensorError:
@@ -58,9 +59,10 @@ def overflow_error(name: str, out_dtype: str) -> TensorError:
                        revisions=[], hint="use a wider --dtype (e.g. float32), or check the weights")
 
 
-def differing_error(name: str, dtype: str, first: str, differ: list[str]) -> TensorError:
+def differing_error(name: str, dtype: str, first: str, differ: list[str], *,
+                    hint: str = "merge checkpoints of one run, or drop the revisions whose buffers differ",
+                    ) -> TensorError:
     return TensorError(
         f"tensor {name!r} ({dtype}) is not floating and differs between revisions: "
         f"{first} vs {', '.join(differ)}; integer and bool tensors are never averaged",
-        tensor=name, revisions=[first, *differ],
-        hint="merge checkpoints of one run, or drop the revisions whose buffers differ")
+        tensor=name, revisions=[first, *differ], hint=hint)

@@ -47,6 +47,7 @@ from merger.errors import TensorError, UsageError
 from merger.formats import TensorInfo, read_folder
 from merger.io import pread_into
 from merger.plan import FLOAT_DTYPES, check_layouts
+from merger.rules import differing_error, nonfinite_error
 from merger.sources import Source
 from merger.scoring import HELDOUT, HeldoutScorer, LmEvalScorer, StateDict
 from merger.units import dtype_from_name
@@ -207,9 +208,7 @@ def sliding_states(sources: list[Source], window: int | None, *, decay: float | 
                 if decay is not None:
                     emas[name] = c.double()
             if not bool(torch.isfinite(v).all()):
-                raise TensorError(f"tensor {name!r} holds NaN or Inf in {src.name}, and it is "
-                                  "being averaged", tensor=name, revisions=[src.name],
-                                  hint="drop that revision from --revisions (diverged or corrupt?)")
+                raise nonfinite_error(name, src.name, hint="drop that revision from --revisions (diverged or corrupt?)")
             if window is not None:
                 sums[name].add_(v.double())
             if decay is not None:
@@ -229,11 +228,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _check_averageable(name: str, c: torch.Tensor, v: torch.Tensor, first: str, rev: str) -> None:
     if str(v.dtype).removeprefix("torch.") not in FLOAT_DTYPES:
-        raise TensorError(f"tensor {name!r} ({v.dtype}) is not floating and differs between "
-                          f"revisions: {first} vs {rev}; integer and bool tensors are never "
-                          "averaged",
-                          tensor=name, revisions=[first, rev],
-                          hint="sweep checkpoints of one run, or drop the revisions that differ")
+        raise differing_error(name, str(v.dtype), first, [rev],
+                              hint="sweep checkpoints of one run, or drop the revisions that differ")
     if not bool(torch.isfinite(c).all()):
         raise TensorError(f"tensor {name!r} holds NaN or Inf in {first} and changes in {rev}: it "
                           "can't be averaged", tensor=name, revisions=[first, rev],
