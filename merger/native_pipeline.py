@@ -70,9 +70,6 @@ class NativePipeline(_Pipeline):
         self.units = [self._units(b) for b in range(len(plan.blocks))]
         self.pool: ThreadPoolExecutor | None = None
 
-    def out_max(self) -> int:
-        return len(self.buffers[0])
-
     @classmethod
     def working_set(cls, plan: Plan) -> int:
         """Three output buffers, and per fold thread about three times its input pieces (the
@@ -112,10 +109,13 @@ class NativePipeline(_Pipeline):
     def writer(self) -> None:
         inflight: collections.deque = collections.deque()  # (buffer, [(shard writer, write)]) in order
 
-        def release_oldest() -> None:
-            buf, writes = inflight.popleft()
+        def wait_all(writes) -> None:
             for w, fut in writes:
                 w.wait(fut)
+
+        def release_oldest() -> None:
+            buf, writes = inflight.popleft()
+            wait_all(writes)
             self.free_out.put(buf)
 
         try:
@@ -129,13 +129,8 @@ class NativePipeline(_Pipeline):
                         continue
                     w = self._writer(shard)
                     writes.append((w, w.write_owned(view[boff: boff + n], off, self.address[id(out)] + boff)))
-                    self.remaining[shard] -= n
-                    if self.remaining[shard] == 0:  # its last byte: wait for its writes, record it
-                        self.remaining[shard] = -1
-                        for w2, fut in writes:
-                            w2.wait(fut)
-                        checksum = w.finish()
-                        self.on_shard(shard, checksum, self.snapshots[self.settled[shard]])
+                    # after its last byte, its writes must be done (and have succeeded) before it is recorded
+                    self._shard_written(shard, n, before_finish=lambda ws=writes: wait_all(ws))
                 view.release()
                 inflight.append((out, writes))
                 while len(inflight) > 1 or all(f is None or f.done() for _, f in inflight[0][1]):

@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from merger.errors import MergerError
-from merger.plan import Plan, Slice
+from merger.plan import Plan
 from merger.shards import ShardWriter, shard_header
 
-ALIGN = 8  # bytes: each slice starts aligned in the block buffers, so any dtype can view its bytes
 _STOP = object()
 
 
@@ -43,30 +42,6 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
         return os.cpu_count() or 1
-
-
-def _block_layout(plan: Plan, block: tuple[Slice, ...]) -> list[tuple[Slice, int, int]]:
-    """(slice, input byte offset, output byte offset) within the block buffers.
-
-    Offsets are rounded up to ``ALIGN``: after an odd-sized uint8/bool slice, a float16 slice at
-    an odd offset couldn't be viewed as float16.
-    """
-    out, a, b = [], 0, 0
-    for s in block:
-        t = plan.tensors[s.tensor]
-        out.append((s, a, b))
-        a += -(-(s.stop - s.start) * t.itemsize // ALIGN) * ALIGN
-        b += -(-(s.stop - s.start) * t.out_itemsize // ALIGN) * ALIGN
-    return out
-
-
-def _layout_bytes(plan: Plan, layout) -> tuple[int, int]:
-    """Bytes of the (input, output) block buffers that ``layout`` uses."""
-    if not layout:
-        return 0, 0
-    s, a, b = layout[-1]
-    t = plan.tensors[s.tensor]
-    return a + (s.stop - s.start) * t.itemsize, b + (s.stop - s.start) * t.out_itemsize
 
 
 class _Pipeline:
@@ -88,7 +63,6 @@ class _Pipeline:
         self.plan, self.tmp, self.progress = plan, tmp, progress or (lambda n: None)
         self.label = label or str(tmp)
         self.n = len(plan.sources)
-        self.layouts = [_block_layout(plan, b) for b in plan.blocks]
         # input bytes each block folds (every input's slices), for progress and Result.read_bytes
         self.block_read = [sum((s.stop - s.start) * plan.tensors[s.tensor].itemsize for s in blk) * self.n
                            for blk in plan.blocks]
@@ -126,10 +100,6 @@ class _Pipeline:
         self.snapshots = {skip: self._kernel_state()}  # block -> kernel state after it (main thread writes)
         self.snap_at = set(self.settled.values())
 
-    def out_max(self) -> int:
-        """Bytes of the largest block's output."""
-        return max((_layout_bytes(self.plan, lay)[1] for lay in self.layouts), default=0)
-
     # -- what subclasses define ---------------------------------------------------------------
     @staticmethod
     def default_threads(plan: Plan) -> int:
@@ -149,10 +119,6 @@ class _Pipeline:
 
     def fold_block(self, b: int, inputs, out) -> None:
         raise NotImplementedError
-
-    def _view(self, out) -> memoryview:
-        """The bytes of an output buffer."""
-        return memoryview(out)
 
     def _start(self) -> None:
         """Start helper threads (after the writer)."""
@@ -177,28 +143,20 @@ class _Pipeline:
                 self.kernel.copied.setdefault(name, name in copied)
         self.kernel.same_as_prev = list(state["same_as_prev"])
 
-    # -- the writer -----------------------------------------------------------------------------
+    # -- writing -----------------------------------------------------------------------------
     def writer(self) -> None:
-        try:
-            while (item := self._get(self.to_write)) is not None and item is not _STOP:
-                b, out = item
-                t0 = time.perf_counter()
-                mv = self._view(out)
-                for s, _, ooff in self.layouts[b]:
-                    t = self.plan.tensors[s.tensor]
-                    if t.shard < self.done:
-                        continue
-                    n = (s.stop - s.start) * t.out_itemsize
-                    self._writer(t.shard).write(mv[ooff: ooff + n], t.out_offset + s.start * t.out_itemsize)
-                    self.remaining[t.shard] -= n
-                    if self.remaining[t.shard] == 0:  # its last byte: make it durable, record it
-                        self.remaining[t.shard] = -1
-                        checksum = self.writers[t.shard].finish()
-                        self.on_shard(t.shard, checksum, self.snapshots[self.settled[t.shard]])
-                self.busy["write"] += time.perf_counter() - t0
-                self.free_out.put(out)
-        except BaseException as e:  # noqa: BLE001
-            self._fail(e)
+        """The writer thread: each folded block's output into the shards, then its buffer back."""
+        raise NotImplementedError
+
+    def _shard_written(self, shard: int, n: int, before_finish: Callable[[], None] = lambda: None) -> None:
+        """``n`` more bytes of ``shard`` are written; after its last one (and ``before_finish``),
+        close it and record it for a resume."""
+        self.remaining[shard] -= n
+        if self.remaining[shard] == 0:
+            self.remaining[shard] = -1
+            before_finish()
+            checksum = self.writers[shard].finish()
+            self.on_shard(shard, checksum, self.snapshots[self.settled[shard]])
 
     def _writer(self, shard: int) -> ShardWriter:
         if shard not in self.writers:

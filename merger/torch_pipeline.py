@@ -14,8 +14,35 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from merger.io import FileHasher, pread_into
-from merger.pipeline import _STOP, _layout_bytes, _Pipeline, usable_cpus
-from merger.plan import Plan
+from merger.pipeline import _STOP, _Pipeline, usable_cpus
+from merger.plan import Plan, Slice
+
+
+ALIGN = 8  # bytes: each slice starts aligned in the block buffers, so any dtype can view its bytes
+
+
+def _block_layout(plan: Plan, block: tuple[Slice, ...]) -> list[tuple[Slice, int, int]]:
+    """(slice, input byte offset, output byte offset) within the block buffers.
+
+    Offsets are rounded up to ``ALIGN``: after an odd-sized uint8/bool slice, a float16 slice at
+    an odd offset couldn't be viewed as float16.
+    """
+    out, a, b = [], 0, 0
+    for s in block:
+        t = plan.tensors[s.tensor]
+        out.append((s, a, b))
+        a += -(-(s.stop - s.start) * t.itemsize // ALIGN) * ALIGN
+        b += -(-(s.stop - s.start) * t.out_itemsize // ALIGN) * ALIGN
+    return out
+
+
+def _layout_bytes(plan: Plan, layout) -> tuple[int, int]:
+    """Bytes of the (input, output) block buffers that ``layout`` uses."""
+    if not layout:
+        return 0, 0
+    s, a, b = layout[-1]
+    t = plan.tensors[s.tensor]
+    return a + (s.stop - s.start) * t.itemsize, b + (s.stop - s.start) * t.out_itemsize
 
 
 def _runs(plan: Plan, layout, i: int) -> list[tuple[str, int, int, int]]:
@@ -45,8 +72,9 @@ class TorchPipeline(_Pipeline):
         plan = self.plan
         self.device = torch.device(plan.device)
         self.cuda = self.device.type == "cuda"
+        self.layouts = [_block_layout(plan, b) for b in plan.blocks]
         in_max = max((_layout_bytes(plan, lay)[0] for lay in self.layouts), default=0)
-        out_max = self.out_max()
+        out_max = max((_layout_bytes(plan, lay)[1] for lay in self.layouts), default=0)
         pin = self.cuda
         self.free_in: queue.Queue = queue.Queue()
         for _ in range(2):
@@ -81,8 +109,23 @@ class TorchPipeline(_Pipeline):
         return Kernel(list(self.plan.weights), [s.name for s in self.plan.sources], device=self.plan.device,
                       accumulate=o.accumulate, allow_nonfinite=o.allow_nonfinite)
 
-    def _view(self, out) -> memoryview:
-        return memoryview(out.numpy())
+    def writer(self) -> None:
+        try:
+            while (item := self._get(self.to_write)) is not None and item is not _STOP:
+                b, out = item
+                t0 = time.perf_counter()
+                mv = memoryview(out.numpy())
+                for s, _, ooff in self.layouts[b]:
+                    t = self.plan.tensors[s.tensor]
+                    if t.shard < self.done:
+                        continue
+                    n = (s.stop - s.start) * t.out_itemsize
+                    self._writer(t.shard).write(mv[ooff: ooff + n], t.out_offset + s.start * t.out_itemsize)
+                    self._shard_written(t.shard, n)
+                self.busy["write"] += time.perf_counter() - t0
+                self.free_out.put(out)
+        except BaseException as e:  # noqa: BLE001
+            self._fail(e)
 
     def _start(self) -> None:
         self._reader.start()
