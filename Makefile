@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml setup.py merger/_fold.c | $(BIN)/python
+$(VENV)/.installed: pyproject.toml setup.py merger/fold/_fold.c | $(BIN)/python
 	@if ! $(BIN)/python -c "import torch" 2>/dev/null && [ -n "$(TORCH_SPEC)" ]; then \
 		$(BIN)/pip install -q "$(TORCH_SPEC)"; fi
 	$(BIN)/pip install -q -e '.[test]'

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from merger import synth  # noqa: E402
+from merger.testing import synth  # noqa: E402
 from merger.api import average  # noqa: E402
 from merger.plan import Options  # noqa: E402
 from merger.units import parse_size  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from merger.synth import write_trajectory
+from merger.testing.synth import write_trajectory
 
 BENCH = Path(__file__).resolve().parent
 DATA = BENCH / "out" / "data"

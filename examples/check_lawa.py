@@ -23,9 +23,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train_tiny_pythia.py
 
 import torch  # noqa: E402
 
-from merger.hubcache import repo_folder_name
-from merger.textdata import split_docs
-from merger.tokenizer import byte_tokenizer
+from merger.testing.hubcache import repo_folder_name
+from merger.eval.textdata import split_docs
+from merger.testing.tokenizer import byte_tokenizer
 
 DEFAULT_REPOS = ["local/tiny-pythia", "local/tiny-pythia-lowlr"]
 

@@ -35,9 +35,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from merger.hubcache import repo_folder_name, write_cache_revision
-from merger.textdata import split_docs
-from merger.tokenizer import byte_tokenizer
+from merger.testing.hubcache import repo_folder_name, write_cache_revision
+from merger.eval.textdata import split_docs
+from merger.testing.tokenizer import byte_tokenizer
 
 # The two runs of the demo. Only the learning rate differs (and the repo it is published as).
 RUNS = {"high": ("local/tiny-pythia", 6e-3), "low": ("local/tiny-pythia-lowlr", 3e-4)}

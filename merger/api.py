@@ -1,7 +1,6 @@
 """The library entry points; the CLI calls these and nothing else.
 
-    from merger.api import average, prepare
-    from merger.plan import Options
+    from merger import average, Options
     plan, result = average(["runs/my-run"], revisions="step1000..step9000", every=1000,
                            options=Options(), output="merged/my-run-lawa")
 
@@ -16,27 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from merger import manifest
+from merger.engine.choose import describe
+from merger.engine.run import Result, run
 from merger.errors import TensorError, UsageError
-from merger.execute import Result, run
-from merger.io import OutputDir
-from merger.methods import weights_for
-from merger.plan import Options, Plan, build, default_max_memory
-from merger.sources import Source, resolve_local
+from merger.output import manifest
+from merger.output.folder import OutputDir
+from merger.plan import Options, Plan, build, default_max_memory, weights_for
+from merger.sources import Source, resolve
 from merger.units import format_size
-
-DEFAULT_MODEL = "EleutherAI/pythia-70m"
-
-
-def resolve(models: list[str] | None, revisions: str | None, every: int | None) -> list[Source]:
-    """Local folders, or a Hub repo id when the path doesn't exist (see ``hub.py``)."""
-    models = list(models or [DEFAULT_MODEL])
-    if len(models) == 1 and not Path(models[0]).expanduser().exists():
-        from merger.hub import looks_like_repo_id, resolve_hub
-
-        if looks_like_repo_id(models[0]):
-            return resolve_hub(models[0], revisions, every)
-    return resolve_local(models, revisions, every)
 
 
 @dataclass(frozen=True)
@@ -52,8 +38,6 @@ class Prepared:
 
     def to_dict(self) -> dict:
         if self.plan is not None:
-            from merger.pipeline import describe
-
             d = self.plan.to_dict()
             d.update(describe(self.plan))
         else:
@@ -79,7 +63,7 @@ def prepare(models: list[str] | None, *, revisions: str | None = None, every: in
     weights_for(options.method, len(sources))  # bad weights fail before any download
     dups: list[tuple[str, str]] = []
     if sources[0].repo_id:
-        from merger.hub import identical_revisions
+        from merger.sources.hub import identical_revisions
 
         dups = identical_revisions(sources)
         if dups and options.strict:
@@ -151,13 +135,13 @@ def average(models: list[str] | None, *, revisions: str | None = None, every: in
         manifest.write(tmp, plan, result, command=command)
 
     if prep.schedule == "stream":
-        from merger.stream import run_stream
+        from merger.engine.stream import run_stream
 
         return run_stream(list(prep.sources), options, out, force=force, keep=options.keep, progress=progress,
                           finalize=finalize)
     plan = prep.plan
     if plan is None:  # download everything, then blocks
-        from merger.hub import fetch
+        from merger.sources.hub import fetch
 
         plan = build([fetch(s) for s in prep.sources], options)
     result = run(plan, out, force=force, progress=progress, finalize=lambda tmp, res: finalize(tmp, plan, res))

@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from merger import synth  # noqa: E402
+from merger.testing import synth  # noqa: E402
 
 # One intra-op thread: predictable on a shared 2-core machine, where OpenMP workers spinning
 # against other processes made the fp64 reference checks 2x slower (merger's own pipeline sets
@@ -91,7 +91,7 @@ EPS = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
 
 def acc_dtype(dtype: torch.dtype, out_dtype: torch.dtype, accumulate: str = "auto") -> torch.dtype:
-    """What merger accumulates in (see merger.kernel.Kernel.acc_dtype)."""
+    """What merger accumulates in (see merger.fold.torch_kernel.Kernel.acc_dtype)."""
     if accumulate != "auto":
         return getattr(torch, accumulate)
     return torch.float64 if max(dtype.itemsize, out_dtype.itemsize) >= 4 else torch.float32
@@ -153,7 +153,7 @@ def files_equal(a: Path, b: Path, pattern: str = "*.safetensors") -> bool:
 
 
 def weights_of(method: str, n: int, decay=0.8, given=None):
-    from merger.methods import Method, weights_for
+    from merger.plan.methods import Method, weights_for
 
     return weights_for(Method(name=method, decay=decay, weights=given), n)
 

@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
-from merger.synth import SHAPES
-from merger.textdata import split_docs
-from merger.tokenizer import EOS, byte_tokenizer, save_byte_tokenizer
+from merger.testing.synth import SHAPES
+from merger.eval.textdata import split_docs
+from merger.testing.tokenizer import EOS, byte_tokenizer, save_byte_tokenizer
 
 
 def tiny_neox(seed: int):

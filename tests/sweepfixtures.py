@@ -15,7 +15,7 @@ from pathlib import Path
 
 from evalfixtures import save, tiny_neox, train
 
-from merger.hubcache import write_cache_revision
+from merger.testing.hubcache import write_cache_revision
 
 REPO_ID = "local/tiny-sweep"
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import WIDE, check_against_reference, files_equal, load_dir, make_run, weights_of
-from merger import synth
+from merger.testing import synth
 from merger.api import average
-from merger.formats import read_folder
-from merger.methods import Method
+from merger.formats import read_checkpoint
+from merger.plan.methods import Method
 from merger.plan import CHUNK, Options
 
 STEPS = (1000, 2000, 3000, 4000)
@@ -46,7 +46,7 @@ def test_uniform_average_is_correctly_rounded(tmp_path):
 def test_formats_and_shards(tmp_path, fmt, shard):
     root, sds = make_run(tmp_path / "run", steps=STEPS, fmt=fmt, max_shard_size=shard)
     if shard:
-        assert len(set(t.path for t in read_folder(root / "step1000").values())) > 1
+        assert len(set(t.path for t in read_checkpoint(root / "step1000").values())) > 1
     average([str(root)], revisions="step1000..step4000", output=tmp_path / "out")
     check_against_reference(tmp_path / "out", sds, [0.25] * 4)
 

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import check_against_reference, make_run
-from merger import synth
+from merger.testing import synth
 from merger.cli import app
 
 runner = CliRunner()

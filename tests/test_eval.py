@@ -20,11 +20,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from merger.errors import EvalError, UsageError
-from merger.eval import Score, evaluate, parse_scores
-from merger.eval_cli import eval_command, eval_table
-from merger.hubcache import write_cache_revision
-from merger.tasks import DEFAULT_TASKS, MC_TASK, PPL_TASK, build_data, task_pack_dir
-from merger.textdata import split_docs
+from merger.eval.harness import Score, evaluate, parse_scores
+from merger.cli.eval import eval_command, eval_table
+from merger.testing.hubcache import write_cache_revision
+from merger.eval.tasks import DEFAULT_TASKS, MC_TASK, PPL_TASK, build_data, task_pack_dir
+from merger.eval.textdata import split_docs
 
 LIMIT = 8  # documents per task: enough to separate trained from random perplexity, fast
 PPL_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")

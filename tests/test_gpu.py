@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_cuda_matches_reference_and_cpu(tmp_path, dtype):
     root, sds = make_run(tmp_path / "run", shape=WIDE, steps=(1, 2, 3, 4, 5), dtype=dtype)
     w = [0.1, 0.2, 0.3, 0.15, 0.25]
-    from merger.methods import Method
+    from merger.plan.methods import Method
 
     opts = dict(method=Method("weights", weights=tuple(w)), max_memory=CHUNK * 60)
     average([str(root)], options=Options(device="cuda", **opts), output=tmp_path / "gpu")
@@ -27,7 +27,7 @@ def test_cuda_matches_reference_and_cpu(tmp_path, dtype):
 
 def test_cuda_nan_is_reported(tmp_path):
     root, sds = make_run(tmp_path / "run", shape="tiny", steps=(1, 2, 3))
-    from merger import synth
+    from merger.testing import synth
     from merger.errors import TensorError
 
     sds[1]["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"][3, 5] = float("nan")

@@ -16,9 +16,9 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import check_against_reference, load_dir
-from merger import synth
+from merger.testing import synth
 from merger.cli import app
-from merger.hubcache import repo_folder_name, write_cache_revision
+from merger.testing.hubcache import repo_folder_name, write_cache_revision
 
 runner = CliRunner()
 SELECTED = list(range(100000, 143000, 5000)) + [143000]

@@ -17,16 +17,16 @@ import torch
 from conftest import make_run
 from merger import units
 
-LIBRARY = "merger.api, merger.plan, merger.io, merger.formats, merger.manifest, merger.execute, merger.units, " \
-          "merger.sources"
+LIBRARY = "merger.api, merger.plan, merger.output.folder, merger.formats, merger.output.manifest, merger.engine.run, " \
+          "merger.engine.choose, merger.units, merger.sources, merger.device"
 
 # runs the CLI with the arguments after -c; ``NO_GPU`` hides any GPU driver from --device auto
 CLI = """
 import atexit, sys
 atexit.register(lambda: sys.stderr.write(f"\\ntorch imported: {'torch' in sys.modules}\\n"))
 if NO_GPU:
-    import merger.plan
-    merger.plan.GPU_DEVICE_PATHS = ()
+    import merger.device
+    merger.device.GPU_DEVICE_PATHS = ()
 from merger.cli import main
 sys.argv = ["merger", *sys.argv[1:]]
 main()
@@ -67,7 +67,7 @@ def test_dtype_table_matches_torch():
 def test_cpu_merge_does_not_import_torch(tmp_path, fmt):
     """The whole CPU merge (native kernel, writer, merger.json) runs without torch; the output is the
     torch kernel's, byte for byte (tests/test_native.py compares them)."""
-    from merger import native
+    from merger.fold import native
 
     if native.unavailable() is not None:
         pytest.skip(f"native kernel unavailable: {native.unavailable()}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from merger.errors import TensorError
-from merger.kernel import Kernel
+from merger.fold.torch_kernel import Kernel
 from merger.plan import CHUNK, TensorPlan
 
 

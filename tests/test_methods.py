@@ -5,7 +5,7 @@ import math
 import pytest
 
 from merger.errors import UsageError
-from merger.methods import Method, parse_weights, weights_for
+from merger.plan.methods import Method, parse_weights, weights_for
 
 
 def test_uniform_linear():

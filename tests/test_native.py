@@ -1,6 +1,6 @@
 """The native CPU kernel (``_fold.c``) gives the torch kernel's bits, state and errors.
 
-The torch kernel (``merger/kernel.py``) is the definition; here both fold the same inputs, read
+The torch kernel (``merger/fold/torch_kernel.py``) is the definition; here both fold the same inputs, read
 from real files at unaligned offsets, for every input/output/accumulation dtype, for equal,
 unequal and unnormalised weights, with partial chunks, chunks identical in every input (copied)
 and slices cut at chunk boundaries.
@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from merger import native
+from merger.fold import native
 from merger.errors import CheckpointFormatError, TensorError
-from merger.kernel import Kernel
+from merger.fold.torch_kernel import Kernel
+from merger.formats import Extent
 from merger.plan import CHUNK, TensorPlan
 
 pytestmark = pytest.mark.skipif(native.unavailable() is not None and native.unavailable() != "MERGER_KERNEL=torch",
@@ -45,13 +46,23 @@ def test_native_kernel_is_built_here():
     assert lib is not None, why
 
 
-def write_inputs(tmp: Path, xs: list[torch.Tensor]) -> tuple[list[int], list[tuple[str, int]]]:
-    fds, locs = [], []
+def write_inputs(tmp: Path, xs: list[torch.Tensor], cuts: list[list[int]] | None = None
+                 ) -> tuple[dict[str, int], list[tuple[Extent, ...]]]:
+    """Each input in a file after ``HEADER`` bytes; with ``cuts[i]`` (element indices), input i is
+    split into several files at those elements, the pieces written in reverse file order (as a
+    chunked format such as DCP stores a tensor), every piece after its own odd-sized header."""
+    fds, locs = {}, []
     for i, x in enumerate(xs):
-        p = tmp / f"in{i}.bin"
-        p.write_bytes(b"h" * HEADER + x.contiguous().view(torch.uint8).numpy().tobytes())
-        fds.append(os.open(p, os.O_RDONLY))
-        locs.append((str(p), HEADER))
+        data = x.contiguous().view(torch.uint8).numpy().tobytes()
+        bounds = [0, *(c * x.element_size() for c in (cuts[i] if cuts else [])), len(data)]
+        exts = []
+        for j, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            p = tmp / (f"in{i}.bin" if len(bounds) == 2 else f"in{i}-{j}.bin")
+            pad = HEADER + 3 * j
+            p.write_bytes(b"h" * pad + data[a:b])
+            fds[str(p)] = os.open(p, os.O_RDONLY)
+            exts.append(Extent(str(p), pad, a, b - a))
+        locs.append(tuple(exts))
     return fds, locs
 
 
@@ -63,7 +74,7 @@ def name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-def native_fold(k: native.NativeKernel, t: TensorPlan, fds: list[int], cuts: list[int]) -> torch.Tensor:
+def native_fold(k: native.NativeKernel, t: TensorPlan, fds: dict[str, int], cuts: list[int]) -> torch.Tensor:
     out = torch.full((t.numel * t.out_itemsize,), 0xAB, dtype=torch.uint8)
     for a, b in zip(cuts, cuts[1:]):
         job = k.fold(t, a, b, fds, out.data_ptr() + a * t.out_itemsize)
@@ -115,7 +126,33 @@ def test_native_bits_equal_torch_kernel(tmp_path, dtype, out_dtype, accumulate, 
                 assert not bad, f"differs at {bad}: native {o[bad].tolist()} torch {r[bad].tolist()}"
             assert nk.copied == tk.copied and nk.same_as_prev == tk.same_as_prev
     finally:
-        for fd in fds:
+        for fd in fds.values():
+            os.close(fd)
+
+
+@pytest.mark.parametrize("dtype,out_dtype,accumulate", DTYPES[:4] + DTYPES[8:9],
+                         ids=lambda v: name(v) if isinstance(v, torch.dtype) else v)
+def test_native_reads_tensors_split_across_files(tmp_path, dtype, out_dtype, accumulate):
+    """A tensor whose bytes lie in several files (one extent per chunk, as DCP stores it), chunked
+    differently in every input, cut at and off rule-chunk and read-piece boundaries: the same bits
+    as the one-extent torch fold, and the same kernel state."""
+    n_el = 3 * CHUNK + 1237
+    xs = make_inputs(dtype, n_el, seed=1)
+    cuts = [[], [CHUNK], [5, CHUNK + 3, 2 * CHUNK], [n_el // 2], [1, 2, 3 * CHUNK + 1]]
+    fds, locs = write_inputs(tmp_path, xs, cuts)
+    w, names = WEIGHTS["ema"], [f"step{i}" for i in range(5)]
+    t = TensorPlan("w", name(dtype), name(out_dtype), (n_el,), True, tuple(locs), 0, 0)
+    try:
+        ref = torch.empty(n_el * out_dtype.itemsize, dtype=torch.uint8)
+        tk = Kernel(w, names, accumulate=accumulate, allow_nonfinite=True)
+        tk._fold_cpu(t, [raw(x) for x in xs], ref)
+        for slices in ([0, n_el], [0, CHUNK, 2 * CHUNK, n_el]):
+            nk = native.NativeKernel(w, names, accumulate=accumulate, allow_nonfinite=True)
+            out = native_fold(nk, t, fds, slices)
+            assert torch.equal(out, ref)
+            assert nk.copied == tk.copied and nk.same_as_prev == tk.same_as_prev
+    finally:
+        for fd in fds.values():
             os.close(fd)
 
 
@@ -162,7 +199,7 @@ def test_native_nan_overflow_and_differing_buffers(tmp_path):
 def test_native_truncated_input(tmp_path):
     xs = [torch.randn(5000).half() for _ in range(2)]
     fds, locs = write_inputs(tmp_path, xs)
-    os.truncate(locs[1][0], HEADER + 4000)
+    os.truncate(locs[1][0].path, HEADER + 4000)
     t = TensorPlan("w", "float16", "float16", (5000,), True, tuple(locs), 0, 0)
     with pytest.raises(CheckpointFormatError, match=r"in1.bin: file ended after 4013 bytes"):
         native_fold(native.NativeKernel([0.5, 0.5], ["a", "b"]), t, fds, [0, 5000])
@@ -172,7 +209,7 @@ def test_sub_elements_fit_the_cache():
     assert native.sub_elements(9, 2) * 9 * 2 <= native.CACHE_BYTES
     assert native.sub_elements(1, 8) <= CHUNK and CHUNK % native.sub_elements(1, 8) == 0
     assert native.sub_elements(4096, 8) == native.MIN_SUB
-    assert ctypes.sizeof(native.Job) == 8 * 4 + 8 + 3 * 8 + 3 * 8 + 3 * 8 + 4 * 4 + 8
+    assert ctypes.sizeof(native.Job) == 8 * 4 + 8 + 5 * 8 + 3 * 8 + 3 * 8 + 6 * 4 + 8
 
 
 # -- through the CLI: the native pipeline is the CPU default, the torch one gives the same bytes --------
@@ -226,7 +263,7 @@ def test_write_owned_gives_the_bytes_and_checksum_of_write(tmp_path, header_len)
     import mmap
     import random
 
-    from merger.shards import DIRECT_ALIGN, ShardWriter, file_checksum
+    from merger.output.shards import DIRECT_ALIGN, ShardWriter, file_checksum
 
     rng = random.Random(header_len)
     header = b"H" * header_len

@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from conftest import check_against_reference, files_equal
-from merger import synth
+from merger.testing import synth
 from merger.api import average
 from merger.errors import UsageError
-from merger.methods import Method
+from merger.plan.methods import Method
 from merger.plan import CHUNK, Options
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)

@@ -26,7 +26,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import WIDE, make_run
-from merger import synth
+from merger.testing import synth
 from merger.cli import app
 
 runner = CliRunner()

@@ -29,7 +29,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import files_equal, make_run
-from merger import synth
+from merger.testing import synth
 from merger.api import average
 from merger.cli import app
 from merger.errors import OutputError
@@ -44,7 +44,7 @@ STOP_AT = 3  # shards finished when the child is killed
 # file) and park the writer thread, so nothing more is written until the test's SIGKILL lands.
 CHILD = """
 import os, sys, time
-from merger import shards
+from merger.output import shards
 prefix = "model-%05d-of-" % (int(os.environ["MERGER_TEST_STOP_AT"]) + 1)
 def park(self):
     if self.path.name.startswith(prefix):

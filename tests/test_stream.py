@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 import fakehub
 from conftest import WIDE, check_against_reference, files_equal
-from merger import synth
+from merger.testing import synth
 from merger.cli import app
-from merger.hubcache import repo_folder_name
+from merger.testing.hubcache import repo_folder_name
 
 fake_hub = fakehub.fake_hub
 runner = CliRunner()

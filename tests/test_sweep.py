@@ -20,16 +20,18 @@ from conftest import EPS, assert_close_ulp, make_run, reference
 from sweepfixtures import REPO_ID, train_trajectory
 from typer.testing import CliRunner
 
-from merger.api import average, resolve
-from merger.cli import guarded
+from merger.api import average
+
+from merger.sources import resolve
+from merger.cli.handler import guarded
 from merger.errors import TensorError, UsageError
-from merger.methods import Method
+from merger.plan.methods import Method
 from merger.plan import Options
-from merger.sources import resolve_local
-from merger.scoring import HeldoutScorer
-from merger.sweep import SweepOptions, read_state_dict, sliding_states, sweep
-from merger.sweep_cli import sweep_command
-from merger.synth import save_checkpoint
+from merger.sources.local import resolve_local
+from merger.eval.scoring import HeldoutScorer
+from merger.eval.sweep import SweepOptions, read_state_dict, sliding_states, sweep
+from merger.cli.sweep import sweep_command
+from merger.testing.synth import save_checkpoint
 
 LIMIT = 8  # held-out passages: ~10k byte tokens, about 0.1 s per point for the tiny model
 DECAY = 0.7

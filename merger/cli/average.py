@@ -1,0 +1,114 @@
+"""``merger average``: declares the options and calls :func:`merger.api.average` (registered in
+``app.py``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from merger.cli import ui
+from merger.cli.eval import eval_table
+from merger.cli.handler import Debug, Device, Json, errors_handled
+from merger.errors import MergerError
+
+
+def average_command(
+    models: Annotated[Optional[list[str]], typer.Argument(
+        help="A Hub repo id (default EleutherAI/pythia-70m), a folder of revision subfolders "
+             "(step1000/ ...), or explicit checkpoint folders.", show_default=False)] = None,
+    revisions: Annotated[Optional[str], typer.Option(
+        "--revisions", "-r", help="A..B (either end optional) or r1,r2,r3.")] = None,
+    every: Annotated[Optional[int], typer.Option(help="With A..B: A, A+N, ... and B itself.")] = None,
+    method: Annotated[str, typer.Option("--method", "-m", help="uniform | ema | linear | weights.")] = "uniform",
+    decay: Annotated[Optional[float], typer.Option(help="EMA decay b in (0, 1), with --method ema.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights, oldest first.")] = None,
+    no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Use --weights as given.")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder.",
+                      show_default="merged/<model>-<method>-<first>-<last>")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Output dtype of floating tensors.",
+                                                 show_default="the inputs' dtype")] = None,
+    accumulate: Annotated[str, typer.Option(
+        help="auto (float32 for 16-bit tensors, float64 for 32-bit), float32 or float64.")] = "auto",
+    max_memory: Annotated[Optional[str], typer.Option(
+        help="Working-set budget, e.g. 4GB.", show_default="1/4 of RAM, at most 8GB")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest output shard.")] = "5GB",
+    device: Device = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
+    json_out: Json = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Identical revisions are an error.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option(
+        "--allow-nonfinite", help="Average NaN/Inf instead of failing.")] = False,
+    hash_inputs: Annotated[bool, typer.Option("--hash", help="Record the sha256 of local input files in merger.json "
+                                              "(Hub files carry theirs; ~0.5 s/GB of CPU, on the slower torch "
+                                              "kernel).")] = False,
+    no_keep: Annotated[bool, typer.Option("--no-keep", help="Delete each downloaded Hub revision once folded "
+                                          "(disk: at most two revisions).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command: keep "
+                                         "the output shards it finished (checked by CRC-32), merge the rest.")] = False,
+    run_eval: Annotated[bool, typer.Option("--eval", help="Then evaluate the merged model against the latest "
+                                           "input revision (lm-eval, offline task pack by default).")] = False,
+    tasks: Annotated[Optional[str], typer.Option(help="With --eval: lm-eval tasks, comma-separated.")] = None,
+    limit: Annotated[Optional[float], typer.Option(help="With --eval: documents per task.")] = None,
+    debug: Debug = False,
+) -> None:
+    """Average checkpoints of one run into a Hugging Face model folder.
+
+    [bold]Examples[/]
+
+      merger average --revisions step100000..step143000 --every 5000
+
+      merger average runs/tiny --revisions step1000..step9000 --method ema --decay 0.8 -o merged/ema
+
+      merger average ckpt/a ckpt/b ckpt/c --method weights --weights 1,1,2 --dry-run
+    """
+    with errors_handled(debug):
+        from merger.api import average as do_average, output_path, prepare
+        from merger.plan import Method, Options, parse_weights
+        from merger.units import parse_dtype, parse_size
+
+        opts = Options(
+            method=Method(name=method, decay=decay, weights=parse_weights(weights) if weights else None,
+                          normalize=not no_normalize),
+            dtype=parse_dtype(dtype) if dtype else None,
+            accumulate=accumulate if accumulate == "auto" else parse_dtype(
+                accumulate, option="--accumulate", allowed=("float32", "float64")),
+            max_memory=parse_size(max_memory, option="--max-memory") if max_memory else None,
+            max_shard_size=parse_size(max_shard_size, option="--max-shard-size"),
+            device=device, allow_nonfinite=allow_nonfinite, strict=strict, hash_inputs=hash_inputs,
+            keep=not no_keep, resume=resume)
+        if weights and method != "weights":
+            raise MergerError(f"--weights is only used with --method weights (not {method})",
+                              hint="add --method weights")
+        prep = prepare(models, revisions=revisions, every=every, options=opts)
+        if dry_run:
+            if json_out:
+                ui.print_json(prep.to_dict())
+            else:
+                ui.out.print(ui.plan_view(prep))
+            return
+        output = output_path(prep, output, force=force)
+        if not json_out:
+            ui.err.print(ui.plan_view(prep))
+        total = prep.plan.read_bytes if prep.plan else sum(sz for s in prep.sources for _, sz, _ in s.files)
+        with ui.byte_progress("averaging", total) as advance:
+            plan_, result = do_average(models, revisions=revisions, every=every, options=opts, output=output,
+                                       force=force, progress=advance, command=sys.argv, prepared=prep)
+        report = None
+        if run_eval:
+            from merger.eval.harness import evaluate
+
+            latest = plan_.sources[-1]
+            baseline = f"{latest.repo_id}@{latest.revision}" if latest.repo_id else str(latest.path)
+            report = evaluate([baseline, result.output], tasks=tasks.split(",") if tasks else None, limit=limit,
+                              device=device, output_dir=Path(result.output) / "eval", progress=ui.info)
+        if json_out:
+            ui.print_json({"plan": plan_.to_dict(), "result": result.to_dict(),
+                           **({"eval": report.to_dict()} if report else {})})
+        else:
+            ui.out.print(ui.result_view(plan_, result))
+            if report is not None:
+                ui.out.print(eval_table(report))

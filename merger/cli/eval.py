@@ -1,0 +1,123 @@
+"""``merger eval``: the command function and its comparison table (registered in ``cli.py``).
+
+    app.command("eval")(eval_command)
+
+The command only declares options, calls :func:`merger.eval.harness.evaluate` and shows the report: one
+rich table on stdout (models as rows, ``task/metric`` columns with ``± stderr`` and the delta
+against the first model), or ``report.to_dict()`` as JSON with ``--json``. Errors are
+:class:`merger.errors.MergerError` subclasses; ``cli.py`` turns them into ``Error: ...``, exit 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from merger.cli import ui
+from merger.eval.tasks import DEFAULT_TASKS, cache_root
+
+if TYPE_CHECKING:  # merger.eval (lm-eval glue) is imported when `merger eval` runs, not at every start
+    from merger.eval.harness import EvalReport
+
+ModelsArg = Annotated[list[str], typer.Argument(
+    metavar="MODEL", show_default=False,
+    help="Model folders or REPO_ID@REVISION (Hub, pinned to its commit); the first one is the "
+         "baseline of the deltas.")]
+TasksOpt = Annotated[str | None, typer.Option(
+    "--tasks", "-t", metavar="T1,T2", show_default=",".join(DEFAULT_TASKS),
+    help="lm-eval task names or YAML files, comma-separated.")]
+LimitOpt = Annotated[float | None, typer.Option(
+    "--limit", help="Documents per task (N), or a fraction of them (below 1).")]
+FewshotOpt = Annotated[int | None, typer.Option(
+    "--num-fewshot", help="Few-shot examples (default: each task's own).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="lm-eval batch size.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str | None, typer.Option(
+    "--dtype", show_default="the checkpoint's on GPU, float32 on CPU",
+    help="Evaluation dtype: float32, bfloat16 or float16.")]
+OutputOpt = Annotated[Path | None, typer.Option(
+    "--output-dir", "-o", show_default="a new folder under ~/.cache/merger/eval",
+    help="Where to write <model>.json (lm-eval's full results) and summary.json.")]
+IncludeOpt = Annotated[list[Path] | None, typer.Option(
+    "--include-path", help="Folder or file of extra lm-eval task YAML; repeatable.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+
+
+def eval_command(models: ModelsArg, tasks: TasksOpt = None, limit: LimitOpt = None,
+                 num_fewshot: FewshotOpt = None, batch_size: BatchOpt = 8,
+                 device: DeviceOpt = "auto", dtype: DtypeOpt = None, output_dir: OutputOpt = None,
+                 include_path: IncludeOpt = None, json_out: JsonOpt = False) -> None:
+    """Evaluate models with lm-eval-harness and compare them with the first one.
+
+    The default tasks need no network: perplexity and a 4-way continuation test on held-out
+    Python documentation. Any lm-eval task works when its dataset is reachable.
+
+    Examples:
+
+        merger eval EleutherAI/pythia-70m@step143000 merged/ --limit 200
+
+        merger eval merged/ --tasks merger_pydocs_ppl,lambada_openai --json > scores.json
+    """
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    n = int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
+    out = output_dir or cache_root() / "eval" / time.strftime("%Y%m%d-%H%M%S")
+    from merger.eval.harness import evaluate
+
+    report = evaluate(models, tasks=task_list, limit=n, num_fewshot=num_fewshot,
+                      batch_size=batch_size, device=device, dtype=dtype, output_dir=out,
+                      include_path=include_path, progress=ui.info)
+    ui.info(f"full lm-eval results: {report.output_dir}")
+    if json_out:
+        ui.print_json(report.to_dict())
+    else:
+        ui.out.print(eval_table(report))
+
+
+def _fmt(x: float) -> str:
+    """4 significant digits; perplexities of random models reach 1e18, so exponents stay."""
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.4g}" if abs(x) < 1e6 else f"{x:.3e}"
+
+
+def eval_table(report: EvalReport) -> Table:
+    """Models as rows, one ``task/metric`` column each; cells read ``value ± stderr`` and, below,
+    the delta against the baseline (first row), green where it is an improvement."""
+    n = report.n_samples
+    table = Table(title="lm-eval" + (f" (limit {report.config.get('limit')})"
+                                     if report.config.get("limit") is not None else ""),
+                  show_lines=True)
+    table.add_column("model", overflow="fold")
+    for task, metric in report.columns:
+        better = report.higher_is_better.get(task, {}).get(metric.split(",")[0])
+        arrow = {True: " ↑", False: " ↓"}.get(better, "")
+        docs = f" n={n[task]}" if task in n else ""
+        table.add_column(f"{task}{docs}\n{metric}{arrow}", justify="right")
+    for i, row in enumerate(report.rows):
+        label = Text(row.model)
+        if row.source.commit:
+            label.append(f"\n{row.source.commit[:10]}", style="dim")
+        if i == 0:
+            label.append("\nbaseline", style="dim")
+        cells: list[Text | str] = [label]
+        for task, metric in report.columns:
+            s = row.score(task, metric)
+            if s is None:
+                cells.append("-")
+                continue
+            cell = Text(_fmt(s.value) + (f" ± {s.stderr:.2g}" if s.stderr is not None else ""))
+            d = report.delta(row, task, metric)
+            if i > 0 and d is not None:
+                better = report.higher_is_better.get(task, {}).get(s.metric)
+                good = None if better is None or d == 0 else (d > 0) == better
+                style = {True: "green", False: "red"}.get(good, "dim")
+                cell.append(f"\n{'+' if d >= 0 else ''}{_fmt(d)}", style=style)
+            cells.append(cell)
+        table.add_row(*cells)
+    return table

@@ -1,0 +1,133 @@
+"""``merger sweep``: the command function and its table (registered in ``cli.py``).
+
+    app.command("sweep")(guarded(sweep_command))
+
+The command only declares options, calls :func:`merger.eval.sweep.sweep` and shows the result: one rich
+table on stdout (a row per step: raw, LAWA average and EMA, with the change against raw), or
+``result.to_dict()`` as JSON with ``--json``. Errors are :class:`merger.errors.MergerError`
+subclasses; ``guarded`` in ``cli.py`` turns them into ``Error: ...`` and exit 1.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from merger.cli import ui
+
+if TYPE_CHECKING:
+    from merger.eval.sweep import SweepResult
+
+ModelArg = Annotated[str | None, typer.Argument(
+    metavar="MODEL", show_default="EleutherAI/pythia-70m",
+    help="A Hub repo id (revisions are its branches) or a folder of revision subfolders "
+         "(step1000/ ...).")]
+RevisionsOpt = Annotated[str | None, typer.Option(
+    "--revisions", "-r", help="A..B (either end optional) or r1,r2,r3: the steps to sweep.")]
+WindowOpt = Annotated[int, typer.Option(
+    "--window", "-k", help="K: average the K selected checkpoints ending at each step (LAWA's k).",
+    show_default=False)]
+EveryOpt = Annotated[int | None, typer.Option(
+    "--every", help="With A..B: A, A+N, ... and B itself (the spacing of averaged checkpoints).")]
+MethodsOpt = Annotated[str, typer.Option(
+    "--methods", "-m", metavar="uniform,ema", help="Averages to compare with the raw checkpoints.")]
+DecayOpt = Annotated[float | None, typer.Option(
+    "--decay", help="EMA decay b in (0, 1), with ema in --methods.")]
+TasksOpt = Annotated[str | None, typer.Option(
+    "--tasks", "-t", metavar="T1,T2", show_default="in-process held-out bits per byte",
+    help="lm-eval tasks instead of the in-process held-out metric (slower: a model folder per "
+         "point).")]
+MetricOpt = Annotated[str | None, typer.Option(
+    "--metric", show_default="bits_per_byte if measured, else the first",
+    help="The metric to tabulate and plot: a name, or task/name with --tasks.")]
+LimitOpt = Annotated[float | None, typer.Option(
+    "--limit", help="Held-out passages (or documents per task): N, or a fraction below 1.")]
+OutputOpt = Annotated[Path | None, typer.Option(
+    "--output-dir", "-o", show_default="sweeps/<model>-k<K>",
+    help="Where sweep.csv, sweep.json and sweep.png are written (replacing earlier ones).")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", help="Where models are evaluated: auto, cpu, cuda or cuda:N.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def sweep_command(model: ModelArg = None, revisions: RevisionsOpt = None,
+                  window: WindowOpt = ..., every: EveryOpt = None, methods: MethodsOpt = "uniform",
+                  decay: DecayOpt = None, tasks: TasksOpt = None, metric: MetricOpt = None,
+                  limit: LimitOpt = None, output_dir: OutputOpt = None, device: DeviceOpt = "auto",
+                  json_out: JsonOpt = False) -> None:
+    """Compare each checkpoint with the average of the K checkpoints ending at it (the LAWA figure).
+
+    Each checkpoint is read at most twice: a float64 sliding sum adds the newest checkpoint and
+    subtracts the one leaving the window. Steps with fewer than K checkpoints before them have
+    no averaged point.
+
+    Examples:
+
+        merger sweep EleutherAI/pythia-70m -r step100000..step143000 --every 5000 --window 5
+
+        merger sweep runs/tiny -r step1000..step9000 --every 1000 -k 3 -m uniform,ema --decay 0.8
+
+        merger sweep runs/tiny -r ..step9000 -k 4 --tasks merger_pydocs_mc --limit 100 --json
+    """
+    from merger.eval.sweep import SweepOptions, sweep  # imports torch: not at `merger --help`
+
+    def items(text: str) -> tuple[str, ...]:
+        return tuple(t.strip() for t in text.split(",") if t.strip())
+
+    n = int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
+    opts = SweepOptions(window=window, methods=items(methods), decay=decay, metric=metric,
+                        tasks=items(tasks) if tasks else None, limit=n, device=device)
+    name = (model or "EleutherAI/pythia-70m").rstrip("/").split("/")[-1] or "model"
+    out = output_dir or Path("sweeps") / f"{name}-k{window}"
+    result = sweep(model, revisions=revisions, every=every, options=opts, output_dir=out,
+                   progress=ui.info)
+    ui.info(f"wrote {', '.join(result.files.values())}")
+    if json_out:
+        ui.print_json(result.to_dict())
+    else:
+        ui.out.print(sweep_table(result))
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.4f}" if math.isfinite(x) and abs(x) < 1e4 else f"{x:.4g}"
+
+
+def sweep_table(result: SweepResult) -> Table:
+    """A row per step: the metric of the raw checkpoint and of each average, each average
+    followed by its change against raw (green where it is an improvement)."""
+    better = {True: " ↑", False: " ↓"}.get(result.higher_is_better, "")
+    every = f", every {result.every}" if result.every else ""
+    k = result.options.window
+    table = Table(title=f"{result.model}: {result.metric}{better}, K={k}{every}")
+    table.add_column("step", justify="right")
+    table.add_column("revision")
+    heads = {"raw": "raw", "uniform": f"LAWA K={k}", "ema": f"EMA b={result.options.decay}"}
+    for s in result.series:
+        table.add_column(heads[s], justify="right")
+        if s != "raw":
+            table.add_column("Δ", justify="right")
+    for p in result.points:
+        raw = result.value(p, "raw")
+        cells: list[str | Text] = [str(p.step), p.revision]
+        for s in result.series:
+            v = result.value(p, s)
+            cells.append(_fmt(v))
+            if s == "raw":
+                continue
+            if v is None or raw is None:
+                cells.append("")
+                continue
+            d = v - raw
+            hib = result.higher_is_better
+            good = None if hib is None or d == 0 else (d > 0) == hib
+            cells.append(Text(f"{'+' if d >= 0 else ''}{_fmt(d)}",
+                              style={True: "green", False: "red"}.get(good, "dim")))
+        table.add_row(*cells)
+    return table

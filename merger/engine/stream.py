@@ -1,0 +1,216 @@
+"""The *stream* schedule (checkpoint-major), for revisions that must be downloaded first.
+
+The whole accumulator (one float per parameter, plus the first revision's raw bytes to detect
+tensors identical in every input) stays in memory on the compute device; revisions flow through
+it one at a time, oldest first, while a downloader thread fetches the next one. With
+``keep=False`` (``--no-keep``) each revision this run downloaded is deleted from the HF cache once
+folded, so the disk holds at most two revisions. The arithmetic is ``Kernel.add_input`` per ``CHUNK``,
+the same as the *blocks* schedule, so both give the same bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from merger.engine.run import Result, peak_rss
+from merger.fold.rules import differing_error, nonfinite_error, overflow_error
+from merger.fold.torch_kernel import BITS, Kernel
+from merger.formats import of, read_checkpoint
+from merger.formats.reading import FileHasher, read_extents
+from merger.output.folder import OutputDir
+from merger.output.shards import ShardWriter, shard_header, write_index
+from merger.plan import CHUNK, Options, Plan, build, check_layouts
+from merger.sources import Source
+from merger.sources.hub import cache_dir, delete_revision, fetch
+from merger.units import dtype_from_name
+
+PIECE = 64 * CHUNK  # elements read per pread
+
+
+class _Downloader(threading.Thread):
+    """Fetches sources in order, at most ``ahead`` revisions beyond the one being folded."""
+
+    def __init__(self, sources: list[Source], ahead: int = 1):
+        super().__init__(name="merger-download", daemon=True)
+        self.sources, self.out = sources, queue.Queue()
+        self.slots = threading.Semaphore(ahead + 1)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        for s in self.sources:
+            self.slots.acquire()
+            if self.stop.is_set():
+                return
+            try:
+                self.out.put((s.path is None, fetch(s) if s.path is None else s))
+            except BaseException as e:  # noqa: BLE001 - handed to the folding thread
+                self.out.put(e)
+                return
+
+    def next(self) -> tuple[bool, Source]:
+        item = self.out.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+def run_stream(sources: list[Source], options: Options, output: Path, *, force: bool = False, keep: bool = True,
+               progress: Callable[[int], None] | None = None,
+               finalize: Callable[[Path, Plan, Result], None] | None = None) -> tuple[Plan, Result]:
+    """Download and fold revisions one at a time; write the merged model atomically.
+
+    Raises:
+        PlanError: a later revision's tensors don't match the first one's.
+        TensorError, OutputError, MergerError: nothing is published.
+    """
+    progress = progress or (lambda n: None)
+    out = OutputDir(output, inputs=[str(cache_dir())], force=force)
+    t0 = time.perf_counter()
+    tmp = out.create()
+    down = _Downloader(sources)
+    down.start()
+    done: list[Source] = []
+    try:
+        fetched_by_us, first = down.next()
+        layout0 = read_checkpoint(first.path)
+        plan = build([first] + list(sources[1:]), options, layouts=[layout0] * len(sources))
+        plan = dataclasses.replace(plan, schedule="stream")
+        dev = torch.device(plan.device)
+        kernel = Kernel(list(plan.weights), [s.name for s in sources], device=str(dev),
+                        accumulate=options.accumulate, allow_nonfinite=options.allow_nonfinite)
+        acc: dict[int, torch.Tensor] = {}
+        raw0: dict[int, torch.Tensor] = {}
+        same: dict[int, list[bool]] = {}
+        bad: dict[int, dict[int, int]] = {}
+        hashes: dict[str, str] = {}
+        for i in range(len(sources)):
+            if i > 0:
+                fetched_by_us, src = down.next()
+                layout = read_checkpoint(src.path)
+                check_layouts([first, src], [layout0, layout])
+            else:
+                src, layout = first, layout0
+            known = {f: sha for f, _, sha in src.files if sha}
+            fds, hashers = {}, {}
+            try:
+                for ti, t in enumerate(plan.tensors):
+                    info = layout[t.name]
+                    for path in info.files:
+                        if path not in fds:
+                            fds[path] = os.open(path, os.O_RDONLY)
+                            if options.hash_inputs and Path(path).name not in known:
+                                hashers[path] = FileHasher(fds[path], os.path.getsize(path), path)
+                    if i == 0:
+                        raw0[ti] = torch.empty(t.numel * t.itemsize, dtype=torch.uint8, device=dev)
+                        if t.averaged:
+                            acc[ti] = torch.empty(t.numel, dtype=kernel.acc_dtype(t), device=dev)
+                            same[ti] = [kernel.rule.copy_identical] * -(-t.numel // CHUNK)
+                            bad[ti] = {}
+                    for start in range(0, t.numel, PIECE):
+                        stop = min(t.numel, start + PIECE)
+                        buf = torch.empty((stop - start) * t.itemsize, dtype=torch.uint8)
+                        read_extents(fds, info.extents, start * t.itemsize, memoryview(buf.numpy()),
+                                     feed=lambda p, off, data, h=hashers: p in h and h[p].feed(off, data))
+                        x = buf.to(dev)
+                        _fold_piece(kernel, plan, ti, i, start, stop, x, acc, raw0, same, bad)
+                    progress(t.numel * t.itemsize)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+            hashes.update({p: h.hexdigest() for p, h in hashers.items()})
+            done.append(src)
+            if not keep and fetched_by_us and i < len(sources) - 1:
+                delete_revision(src)
+            down.slots.release()
+        last = done[-1]
+        plan = dataclasses.replace(plan, sources=tuple(done),
+                                   copy_files=of(last.path).side_files(last.path))
+        written = _write(plan, kernel, tmp, acc, raw0, same, bad)
+        if len(plan.shards) > 1:
+            write_index(plan, tmp)
+        for f in plan.copy_files:
+            shutil.copyfile(Path(last.path) / f, tmp / f)
+        result = Result(output=str(out.final), seconds=time.perf_counter() - t0, read_bytes=plan.read_bytes,
+                        written_bytes=written, peak_rss=peak_rss(),
+                        copied_tensors=[plan.tensors[ti].name for ti in raw0
+                                        if not plan.tensors[ti].averaged or all(same[ti])],
+                        file_hashes=hashes, kernel="stream")
+        if finalize is not None:
+            finalize(tmp, plan, result)
+        out.publish()
+        if not keep and fetched_by_us:
+            delete_revision(last)
+        return plan, result
+    except BaseException:
+        out.discard()
+        raise
+    finally:
+        down.stop.set()
+        for _ in range(2):
+            down.slots.release()
+
+
+def _fold_piece(kernel: Kernel, plan: Plan, ti: int, i: int, start: int, stop: int, x: torch.Tensor,
+                acc, raw0, same, bad) -> None:
+    """Fold elements ``start:stop`` of revision ``i`` of tensor ``ti`` (raw bytes ``x``)."""
+    t = plan.tensors[ti]
+    size = t.itemsize
+    r0 = raw0[ti][start * size: stop * size]
+    if i == 0:
+        r0.copy_(x)
+    if not t.averaged:
+        if i > 0 and not torch.equal(x, r0):
+            raise differing_error(t.name, t.dtype, kernel.names[0], [kernel.names[i]])
+        return
+    vals = x.view(dtype_from_name(t.dtype))
+    bits, bits0 = x.view(BITS[size]), r0.view(BITS[size])
+    a = acc[ti]
+    tmp = torch.empty(min(CHUNK, stop - start), dtype=a.dtype, device=a.device)
+    for c in range(start, stop, CHUNK):
+        e = min(stop, c + CHUNK)
+        k = c // CHUNK
+        if i > 0 and same[ti][k]:
+            same[ti][k] = torch.equal(bits[c - start: e - start], bits0[c - start: e - start])
+        kernel.add_input(a[c:e], tmp[: e - c], vals[c - start: e - start], i)
+        if not kernel.allow_nonfinite and k not in bad[ti] and not bool(torch.isfinite(a[c:e]).all()):
+            bad[ti][k] = i
+
+
+def _write(plan: Plan, kernel: Kernel, tmp: Path, acc, raw0, same, bad) -> int:
+    """Cast the accumulators (identical chunks: the raw bytes) and write the shards."""
+    written = 0
+    for k, sp in enumerate(plan.shards):
+        w = ShardWriter(tmp / sp.filename, shard_header(plan, k), sp.data_bytes)
+        try:
+            for ti in sp.tensors:
+                t = plan.tensors[ti]
+                odt = dtype_from_name(t.out_dtype)
+                if not t.averaged:
+                    w.write(raw0[ti].cpu().numpy(), t.out_offset)
+                    continue
+                x0 = raw0[ti].view(dtype_from_name(t.dtype))
+                kernel.finish(acc[ti])
+                o = acc[ti].to(odt)
+                for k, s in enumerate(same[ti]):
+                    c, e = k * CHUNK, min(t.numel, (k + 1) * CHUNK)
+                    if s:
+                        o[c:e].copy_(x0[c:e])
+                    elif not kernel.allow_nonfinite and not bool(torch.isfinite(o[c:e]).all()):
+                        raise (nonfinite_error(t.name, kernel.names[bad[ti][k]]) if k in bad[ti]
+                               else overflow_error(t.name, t.out_dtype))
+                w.write(o.cpu().contiguous().view(torch.uint8).numpy() if o.dim() else
+                        o.cpu().reshape(1).view(torch.uint8).numpy(), t.out_offset)
+            w.close()
+            written += w.size
+        finally:
+            w.abandon()
+    return written

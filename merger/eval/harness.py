@@ -1,0 +1,393 @@
+"""Evaluate models with lm-eval-harness and compare them: the library behind ``merger eval``.
+
+One :class:`lm_eval.models.huggingface.HFLM` per model, on an explicit device, then
+``lm_eval.simple_evaluate`` with ``log_samples=False`` and fixed seeds. The first model is the
+baseline of the comparison (``merger average --eval`` puts the latest input revision first, as the
+LAWA paper compares). lm-eval is imported lazily, inside :func:`evaluate`.
+
+    from merger.eval.harness import evaluate
+    report = evaluate(["EleutherAI/pythia-70m@step143000", "merged/"], limit=200, output_dir="ev")
+    report.rows[1].score("merger_pydocs_ppl", "word_perplexity")
+
+A model is a local Hugging Face model folder (a ``merger average`` output, any ``save_pretrained``
+folder) or ``REPO_ID@REVISION`` on the Hub, resolved by ``huggingface_hub.snapshot_download`` (from
+the local cache when ``HF_HUB_OFFLINE=1``) and pinned to its commit sha. The default tasks are
+merger's offline pack (:mod:`merger.tasks`); any lm-eval task name or YAML file also works.
+This module never prints: lm-eval's own ``print`` calls are redirected to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import gc
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from merger.errors import EvalError, UsageError
+from merger.eval.tasks import DEFAULT_TASKS, task_pack_dir
+
+WEIGHT_GLOBS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin",
+                "pytorch_model-*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+HUB_IGNORE = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.gguf", "flax_model*", "tf_model*",
+              "rust_model*"]  # other frameworks' weights: never needed by HFLM
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as given (``spec``) and where its files are; Hub models are pinned to ``commit``."""
+
+    spec: str
+    path: str
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+
+@dataclass(frozen=True)
+class Score:
+    """One lm-eval number: ``results[task]["<metric>,<filter>"]`` and its ``_stderr`` twin."""
+
+    task: str
+    metric: str
+    filter: str
+    value: float
+    stderr: float | None
+
+    @property
+    def name(self) -> str:
+        """The metric name, with the filter when it isn't lm-eval's ``none``."""
+        return self.metric if self.filter == "none" else f"{self.metric},{self.filter}"
+
+
+@dataclass
+class EvalRow:
+    """One evaluated model: its source, scores and the file with lm-eval's full results."""
+
+    source: ModelSource
+    scores: list[Score]
+    results_file: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def model(self) -> str:
+        return self.source.spec
+
+    def score(self, task: str, metric: str) -> Score | None:
+        """The score of ``metric`` (name as in :attr:`Score.name`) on ``task``, if measured."""
+        return next((s for s in self.scores if s.task == task and s.name == metric), None)
+
+
+@dataclass
+class EvalReport:
+    """Rows in the order the models were given; ``rows[0]`` is the baseline of every delta."""
+
+    rows: list[EvalRow] = field(default_factory=list)
+    columns: list[tuple[str, str]] = field(default_factory=list)  # (task, metric name), in order
+    higher_is_better: dict[str, dict[str, bool | None]] = field(default_factory=dict)
+    n_samples: dict[str, int] = field(default_factory=dict)  # task -> documents (after --limit)
+    config: dict[str, Any] = field(default_factory=dict)
+    output_dir: str | None = None
+
+    def add(self, row: EvalRow, results: dict[str, Any]) -> None:
+        """Append ``row``; take columns, directions and sample counts from lm-eval's ``results``."""
+        self.rows.append(row)
+        self.columns += [k for k in dict.fromkeys((s.task, s.name) for s in row.scores)
+                         if k not in self.columns]
+        for task, hib in results.get("higher_is_better", {}).items():
+            self.higher_is_better.setdefault(task, {}).update(hib)
+        for task, n in results.get("n-samples", {}).items():
+            self.n_samples[task] = n.get("effective", n.get("original"))
+
+    def delta(self, row: EvalRow, task: str, metric: str) -> float | None:
+        """``row``'s value minus the baseline's, or None where either is missing."""
+        a, b = row.score(task, metric), self.rows[0].score(task, metric)
+        return None if a is None or b is None else a.value - b.value
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (what ``merger eval --json`` prints and ``summary.json`` holds)."""
+        models = []
+        for row in self.rows:
+            scores: dict[str, dict[str, dict[str, float | None]]] = {}
+            for s in row.scores:
+                scores.setdefault(s.task, {})[s.name] = {
+                    "value": s.value, "stderr": s.stderr, "delta": self.delta(row, s.task, s.name)}
+            models.append({**asdict(row.source), "model": row.model, "scores": scores,
+                           "results_file": row.results_file, "seconds": round(row.seconds, 3)})
+        tasks = {t: {"n_samples": self.n_samples.get(t),
+                     "higher_is_better": self.higher_is_better.get(t, {})}
+                 for t in dict.fromkeys(t for t, _ in self.columns)}
+        return {"baseline": self.rows[0].model if self.rows else None, "config": self.config,
+                "output_dir": self.output_dir, "tasks": tasks, "models": models}
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_model_folder(path: Path, spec: str) -> None:
+    """Raise :class:`EvalError` unless ``path`` holds a config, weights and a tokenizer."""
+    if not path.is_dir():
+        raise EvalError(f"{spec} is not a folder", hint="pass a model folder or REPO_ID@REVISION")
+    if not (path / "config.json").is_file():
+        raise EvalError(f"{spec} is not a model folder: it has no config.json",
+                        hint="pass a folder written by `merger average` or `save_pretrained`, "
+                             "or a Hub model as REPO_ID@REVISION")
+    if not any(any(path.glob(g)) for g in WEIGHT_GLOBS):
+        raise EvalError(f"{spec} has a config.json but no weights "
+                        "(model.safetensors, pytorch_model.bin or their shards)",
+                        hint="is the merge finished? merged folders are renamed into place last")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise EvalError(f"{spec} has no tokenizer files ({', '.join(TOKENIZER_FILES)})",
+                        hint="copy the tokenizer files of the model it was trained from into it")
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn a local folder or ``REPO_ID[@REVISION]`` into a :class:`ModelSource`.
+
+    Hub models are fetched with ``snapshot_download`` (only the cache is read when
+    ``HF_HUB_OFFLINE=1``; ``HF_HUB_CACHE`` is read at call time) and pinned to the commit sha.
+
+    Raises:
+        EvalError: no such folder or cached Hub revision, or the folder isn't a model.
+    """
+    path = Path(spec).expanduser()
+    if path.exists():
+        check_model_folder(path, spec)
+        return ModelSource(spec=spec, path=str(path.resolve()))
+    repo_id, _, revision = spec.partition("@")
+    if not _REPO_ID.match(repo_id):
+        raise EvalError(f"{spec}: no such folder", hint="pass a model folder or REPO_ID@REVISION, "
+                                                         "e.g. EleutherAI/pythia-70m@step143000")
+    revision = revision or "main"
+    from huggingface_hub import constants, snapshot_download
+
+    # read at call time: huggingface_hub.constants froze the environment at its import
+    offline = (_env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+               or constants.HF_HUB_OFFLINE)
+    try:
+        folder = snapshot_download(repo_id, revision=revision, local_files_only=offline,
+                                   cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                                   ignore_patterns=HUB_IGNORE)
+    except (OSError, ValueError) as e:  # not found, not cached offline, invalid id, HTTP errors
+        where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "online"
+        raise EvalError(f"{spec}: no such folder, and revision {revision!r} of {repo_id!r} "
+                        f"can't be found {where} ({type(e).__name__})",
+                        hint="check the path, or the repo id and revision (a branch such as "
+                             "step143000, a tag or a commit sha)") from e
+    commit = Path(folder).name if _COMMIT.match(Path(folder).name) else None
+    check_model_folder(Path(folder), spec)
+    return ModelSource(spec=spec, path=str(folder), repo_id=repo_id, revision=revision,
+                       commit=commit)
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise EvalError(f"lm-eval-harness can't be imported: {e}",
+                        hint='install it with: pip install "lm-eval[hf]"') from None
+    return lm_eval, HFLM, TaskManager
+
+
+def _task_manager(tasks: list[str], paths: list[str], TaskManager: Any) -> Any:
+    """A TaskManager that knows every name in ``tasks``, with each task loaded once to check it.
+
+    lm-eval's own index (~15k names, several seconds to build) is only built when a name isn't
+    found in ``paths`` (the default pack and ``--include-path``).
+
+    Raises:
+        EvalError: a task name is unknown, or a task (or its dataset) can't be loaded.
+    """
+    names = [t for t in tasks if not (t.endswith((".yaml", ".yml")) and Path(t).is_file())]
+    tm = TaskManager(include_path=paths, include_defaults=False)
+    if any(n not in tm.all_tasks for n in names):
+        tm = TaskManager(include_path=paths)
+    unknown = [n for n in names if n not in tm.all_tasks]
+    if unknown:
+        close = {m for n in unknown for m in difflib.get_close_matches(n, tm.all_tasks, n=3)}
+        raise EvalError(f"unknown task{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}"
+                        + (f" (did you mean {', '.join(sorted(close))}?)" if close else ""),
+                        hint=f"the offline default pack has {', '.join(DEFAULT_TASKS)}; other "
+                             "lm-eval tasks need their dataset in the local cache; add your own "
+                             "YAML with --include-path")
+    for t in tasks:  # load each one now (datasets included): fail before any model is loaded
+        try:
+            tm.load([t])
+        except Exception as e:  # lm-eval and datasets raise many types here; name the task
+            raise EvalError(f"task {t!r} can't be loaded: {type(e).__name__}: {e}",
+                            hint="offline, lm-eval tasks work only when their dataset is in the "
+                                 f"local datasets cache; {', '.join(DEFAULT_TASKS)} need no "
+                                 "network") from e
+    return tm
+
+
+def parse_scores(results: dict[str, Any]) -> list[Score]:
+    """Scores from lm-eval's ``results`` (and ``groups``) sections; keys are ``"metric,filter"``."""
+    out: list[Score] = []
+    sections = {**results.get("results", {}), **results.get("groups", {})}
+    for task, metrics in sections.items():
+        for key, value in metrics.items():
+            metric, sep, filt = key.partition(",")
+            if not sep or metric.endswith("_stderr") or isinstance(value, bool):
+                continue
+            if not isinstance(value, (int, float)):
+                continue
+            err = metrics.get(f"{metric}_stderr,{filt}")
+            ok = isinstance(err, (int, float)) and not isinstance(err, bool) and math.isfinite(err)
+            out.append(Score(task, metric, filt, float(value), float(err) if ok else None))
+    return out
+
+
+def _file_name(source: ModelSource, taken: set[str]) -> str:
+    base = f"{source.repo_id}@{source.revision}" if source.repo_id else Path(source.path).name
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "model"
+    name, i = base, 2
+    while name in taken or name == "summary":
+        name, i = f"{base}-{i}", i + 1
+    taken.add(name)
+    return f"{name}.json"
+
+
+def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | float | None = None,
+             num_fewshot: int | None = None, batch_size: int = 8, device: str = "auto",
+             dtype: str | None = None, output_dir: str | Path | None = None,
+             include_path: list[Path] | None = None, seed: int = 1234,
+             progress: Callable[[str], None] | None = None) -> EvalReport:
+    """Evaluate each model on ``tasks`` with lm-eval-harness; the first model is the baseline.
+
+    Args:
+        models: local model folders or ``REPO_ID@REVISION``; at least one.
+        tasks: lm-eval task names or YAML paths; default: merger's offline pack
+            (``merger_pydocs_ppl``, ``merger_pydocs_mc``).
+        limit: documents per task (an int), or a fraction of them (a float below 1).
+        num_fewshot: few-shot examples; None keeps each task's default (0 for the pack).
+        batch_size: lm-eval batch size.
+        device: ``auto`` (cuda if available, else cpu), ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: weights dtype for evaluation; None means the checkpoint's own dtype on GPU and
+            float32 on CPU (fp16 matmuls on CPU are slow and inexact).
+        output_dir: where to write ``<model>.json`` (lm-eval's full results) per model and
+            ``summary.json``; None writes nothing.
+        include_path: extra folders or files of lm-eval task YAML.
+        seed: python, numpy, torch and few-shot seeds.
+        progress: called with a short status line before each step.
+
+    Returns:
+        An :class:`EvalReport`.
+
+    Raises:
+        UsageError: bad option values.
+        EvalError: a model or task can't be found or loaded, or lm-eval isn't installed.
+    """
+    if not models:
+        raise UsageError("no model to evaluate",
+                         hint="pass one or more model folders or REPO_ID@REVISION")
+    if limit is not None and not (limit > 0):
+        raise UsageError(f"--limit {limit} must be larger than zero")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size} must be at least 1")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UsageError(f"--num-fewshot {num_fewshot} must be zero or more")
+    if isinstance(limit, float) and limit >= 1:
+        limit = int(limit)
+    tasks = list(tasks) if tasks else list(DEFAULT_TASKS)
+    note = progress or (lambda _msg: None)
+
+    lm_eval, HFLM, TaskManager = _import_lm_eval()
+    import torch
+
+    from merger.device import resolve_device  # imports torch: not at `merger --help` time
+
+    device = resolve_device(device, allow_mps=True)
+    if dtype is not None:
+        from merger.units import parse_dtype
+
+        dtype = parse_dtype(dtype)
+    load_dtype = dtype or ("float32" if device == "cpu" else "auto")
+    sources = []
+    for spec in models:  # resolve every model before the slow part
+        note(f"resolving {spec}")
+        sources.append(resolve_model(spec))
+    for p in include_path or []:
+        if not Path(p).exists():
+            raise EvalError(f"--include-path {p}: no such file or folder")
+    pack = task_pack_dir()
+    note(f"loading tasks {', '.join(tasks)}")
+    with contextlib.redirect_stdout(sys.stderr):
+        tm = _task_manager(tasks, [str(pack), *map(str, include_path or [])], TaskManager)
+
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    report = EvalReport(config={
+        "tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size,
+        "device": device, "dtype": load_dtype, "seed": seed, "task_pack": str(pack),
+        "lm_eval_version": getattr(lm_eval, "__version__", None)},
+        output_dir=str(out) if out is not None else None)
+    for i, src in enumerate(sources, 1):
+        t0 = time.perf_counter()
+        note(f"[{i}/{len(sources)}] loading {src.spec} on {device} ({load_dtype})")
+        with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints; stdout is for results
+            lm = _load(HFLM, src, device=device, dtype=load_dtype, batch_size=batch_size)
+            note(f"[{i}/{len(sources)}] evaluating {src.spec}")
+            try:
+                results = lm_eval.simple_evaluate(
+                    model=lm, tasks=tasks, task_manager=tm, limit=limit, num_fewshot=num_fewshot,
+                    batch_size=batch_size, device=device, log_samples=False, random_seed=seed,
+                    numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+            except torch.cuda.OutOfMemoryError as e:
+                raise EvalError(f"{src.spec}: out of GPU memory during evaluation",
+                                hint="use a smaller --batch-size or --dtype bfloat16") from e
+            finally:
+                del lm
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        if not results:
+            raise EvalError(f"{src.spec}: lm-eval returned no results")
+        row = EvalRow(source=src, scores=parse_scores(results), seconds=time.perf_counter() - t0)
+        report.add(row, results)
+        if out is not None:
+            from lm_eval.utils import handle_non_serializable
+
+            path = out / _file_name(src, taken)
+            results["merger"] = {"source": asdict(src)}
+            path.write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
+            row.results_file = str(path)
+    if out is not None:
+        (out / "summary.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+def _load(HFLM: Any, src: ModelSource, *, device: str, dtype: str, batch_size: int) -> Any:
+    """One ``HFLM`` with an explicit device (never HFLM's default ``cuda``)."""
+    try:
+        return HFLM(pretrained=src.path, device=device, dtype=dtype, batch_size=batch_size)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise EvalError(f"{src.spec}: transformers can't load it: {type(e).__name__}: {e}",
+                        hint="check that config.json and the weights belong together") from e
+
+
+def evaluate_pair(merged_dir: str | Path, baseline_dir: str | Path, **kwargs: Any) -> EvalReport:
+    """Evaluate a merged model against its baseline (``merger average --eval``).
+
+    ``baseline_dir`` (the latest input revision: a folder or ``REPO_ID@REVISION``) comes first, so
+    every delta in the report reads "merged minus latest checkpoint". ``kwargs`` go to
+    :func:`evaluate`.
+    """
+    return evaluate([str(baseline_dir), str(merged_dir)], **kwargs)
+

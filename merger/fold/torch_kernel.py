@@ -1,0 +1,207 @@
+"""The averaging kernel: out = sum_i w_i x_i for one slice of one tensor, every input in memory.
+
+Per element the arithmetic is one fixed sequence of operations in the accumulation dtype
+(float32 for 16-bit tensors, float64 for 32-bit ones; ``--accumulate`` forces one):
+``acc = x_1 * w_1``, then ``acc = acc + w_i * x_i`` for i = 2..n (torch's ``add_(x, alpha=w)``),
+then one cast to the output dtype. Equal weights (``uniform``, LAWA) fold the plain sum and scale
+once at the end, ``acc / n``: a sum of n 16-bit values is exact in float32 (unless their magnitudes
+span more than 2^13) and the division is correctly rounded, so a uniform average matches the
+float64 reference to the last bit but for rare double-rounding ties (measured on 9 Pythia-70m
+shaped revisions: 0 of 70M elements differ in float16, 201 in bfloat16). The CPU loop works on
+cache-sized chunks at fixed offsets (multiples of ``CHUNK`` from the tensor's start), so any
+``--max-memory`` gives the same bits.
+
+Rules (DESIGN.md, "Tensor rules"), applied per ``CHUNK`` of elements counted from the tensor's
+start, so they never depend on how a tensor was cut into slices:
+- a chunk bit-identical in every input is written unchanged (a tensor identical everywhere is
+  then copied bit for bit: Pythia's ``inv_freq``, ``masked_bias`` = -inf), when the weights sum
+  to 1; unnormalised weights (``--no-normalize``) scale every floating chunk;
+- non-floating tensors must be identical in every input, else :class:`TensorError`;
+- a NaN/Inf produced by averaging is a :class:`TensorError` naming the revision that carries it
+  (unless ``allow_nonfinite``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from merger.fold.rules import FoldRule, acc_dtype, differing_error, nonfinite_error, overflow_error
+from merger.plan import CHUNK, TensorPlan
+from merger.units import dtype_from_name
+
+BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def axpy(acc: torch.Tensor, tmp: torch.Tensor, x: torch.Tensor, w: float, *, first: bool) -> None:
+    """``acc = x * w`` (first input) or ``acc += w * x``; ``tmp`` is scratch of acc's dtype.
+
+    The one definition of the per-element arithmetic, shared by every schedule, so that they all
+    produce the same bits. ``w == 1`` is a plain copy or sum (see :class:`merger.rules.FoldRule`).
+    """
+    if first:
+        if w == 1.0:
+            acc.copy_(x)
+        else:
+            tmp.copy_(x)
+            torch.mul(tmp, w, out=acc)
+    else:
+        tmp.copy_(x)
+        if w == 1.0:
+            acc.add_(tmp)
+        else:
+            acc.add_(tmp, alpha=w)
+
+
+class Kernel:
+    """Folds slices; keeps per-run state (scratch buffers, duplicate-revision tracking).
+
+    Args:
+        weights: one weight per input, oldest first.
+        names: the inputs' revision names, for error messages.
+        device: ``cpu`` or ``cuda[:i]``; slices given to :meth:`fold` live there.
+        accumulate: ``float32``, ``float64``, or ``auto``: float32 for 16-bit tensors, float64
+            where the input or output is 32-bit or wider (float32 sums of float32 values can't be
+            within an ulp of a float32 result).
+        allow_nonfinite: keep NaN/Inf instead of raising.
+    """
+
+    def __init__(self, weights: list[float], names: list[str], *, device: str = "cpu",
+                 accumulate: str = "float32", allow_nonfinite: bool = False):
+        self.weights = [float(w) for w in weights]
+        # "identical in every input -> copied unchanged" holds only for an average (weights summing
+        # to 1); equal weights fold the plain sum and scale once in finish()
+        self.rule = FoldRule.of(self.weights)
+        self.names = list(names)
+        self.device = torch.device(device)
+        self.accumulate = accumulate
+        self.allow_nonfinite = allow_nonfinite
+        self.same_as_prev = [False] + [True] * (len(weights) - 1)  # input i equal to input i-1 so far
+        self.copied: dict[str, bool] = {}  # tensor name -> every chunk identical in all inputs so far
+        self._scratch: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def acc_dtype(self, t: TensorPlan) -> torch.dtype:
+        """The accumulation dtype for tensor ``t``."""
+        return dtype_from_name(acc_dtype(self.accumulate, t.itemsize, t.out_itemsize))
+
+    def _buffers(self, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if dt not in self._scratch:
+            self._scratch[dt] = (torch.empty(CHUNK, dtype=dt), torch.empty(CHUNK, dtype=dt))
+        return self._scratch[dt]
+
+    # -- public ---------------------------------------------------------------------------------
+    def fold(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
+        """Write the merged bytes of one slice of ``t`` into ``out``.
+
+        Args:
+            t: the tensor's plan entry.
+            xs: each input's raw bytes of the slice (uint8, same length), oldest first.
+            out: raw output bytes of the slice (uint8), filled in place.
+
+        Raises:
+            TensorError: differing non-floating values, or NaN/Inf in an averaged chunk.
+        """
+        if not t.averaged:
+            self._exact(t, xs, out)
+        elif self.device.type == "cpu":
+            self._fold_cpu(t, xs, out)
+        else:
+            self._fold_vectorized(t, xs, out)
+
+    def add_input(self, acc: torch.Tensor, tmp: torch.Tensor, x: torch.Tensor, i: int) -> None:
+        """Fold input ``i``'s values ``x`` into ``acc`` (``i == 0`` starts it): every schedule's step."""
+        axpy(acc, tmp, x, self.rule.weights[i], first=i == 0)
+
+    def finish(self, acc: torch.Tensor) -> None:
+        """Apply the common scale of equal weights to a folded accumulator (in place)."""
+        if self.rule.divide is not None:
+            acc.div_(self.rule.divide)
+        elif self.rule.scale is not None:
+            acc.mul_(self.rule.scale)
+
+    def duplicates(self) -> list[tuple[str, str]]:
+        """Pairs (older, newer) of consecutive inputs whose tensors were bit-identical."""
+        return [(self.names[i - 1], self.names[i]) for i, s in enumerate(self.same_as_prev) if s]
+
+    # -- rules ----------------------------------------------------------------------------------
+    def _exact(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
+        differ = [self.names[i] for i in range(1, len(xs)) if not torch.equal(xs[i], xs[0])]
+        if differ:
+            raise differing_error(t.name, t.dtype, self.names[0], differ)
+        self.copied.setdefault(t.name, True)
+        out.copy_(xs[0])
+
+    def _track_duplicates(self, bits: list[torch.Tensor]) -> None:
+        for i in range(1, len(bits)):
+            if self.same_as_prev[i] and not torch.equal(bits[i], bits[i - 1]):
+                self.same_as_prev[i] = False
+
+    def _nonfinite(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
+        """Raise for the first input that holds NaN/Inf here, or for an overflow of the output dtype."""
+        for name, x in zip(self.names, xs):
+            if not bool(torch.isfinite(x).all()):
+                raise nonfinite_error(t.name, name)
+        raise overflow_error(t.name, t.out_dtype)
+
+    # -- CPU: cache-sized chunks --------------------------------------------------------------
+    def _fold_cpu(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
+        dt, odt = dtype_from_name(t.dtype), dtype_from_name(t.out_dtype)
+        bits = [x.view(BITS[t.itemsize]) for x in xs]
+        vals = [x.view(dt) for x in xs]
+        o = out.view(odt)
+        n_el = o.numel()
+        omax = torch.finfo(odt).max
+        all_copied = True
+        scratch = self._buffers(self.acc_dtype(t))
+        for c in range(0, n_el, CHUNK):
+            e = min(n_el, c + CHUNK)
+            b = [x[c:e] for x in bits]
+            if self.rule.copy_identical and all(torch.equal(b[i], b[0]) for i in range(1, len(b))):
+                o[c:e].copy_(vals[0][c:e])
+                continue
+            all_copied = False
+            self._track_duplicates(b)
+            acc, tmp = (x[: e - c] for x in scratch)
+            for i in range(len(vals)):
+                self.add_input(acc, tmp, vals[i][c:e], i)
+            self.finish(acc)
+            o[c:e].copy_(acc)
+            if not self.allow_nonfinite:
+                lo, hi = torch.aminmax(acc)
+                lo, hi = float(lo), float(hi)
+                if not (-omax <= lo and hi <= omax) and not bool(torch.isfinite(o[c:e]).all()):
+                    self._nonfinite(t, [v[c:e] for v in vals], o[c:e])
+        self.copied[t.name] = self.copied.get(t.name, True) and all_copied
+
+    # -- CUDA (or any non-CPU device): the whole slice at once -------------------------------
+    def _fold_vectorized(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
+        dt, odt = dtype_from_name(t.dtype), dtype_from_name(t.out_dtype)
+        bits = [x.view(BITS[t.itemsize]) for x in xs]
+        vals = [x.view(dt) for x in xs]
+        n_el = vals[0].numel()
+        same = torch.ones(n_el, dtype=torch.bool, device=xs[0].device)
+        for i in range(1, len(bits)):
+            same &= bits[i] == bits[0]
+        n_chunks = -(-n_el // CHUNK)
+        pad = n_chunks * CHUNK - n_el
+        chunk_same = torch.nn.functional.pad(same, (0, pad), value=True).view(n_chunks, CHUNK).all(1)
+        if not self.rule.copy_identical:
+            chunk_same.zero_()
+        if bool(chunk_same.all()):
+            out.view(odt).copy_(vals[0])
+            self.copied.setdefault(t.name, True)
+            return
+        self.copied[t.name] = False
+        if any(self.same_as_prev[1:]):
+            self._track_duplicates(bits)
+        adt = self.acc_dtype(t)
+        acc = torch.empty(n_el, dtype=adt, device=xs[0].device)
+        tmp = torch.empty_like(acc)
+        for i in range(len(vals)):
+            self.add_input(acc, tmp, vals[i], i)
+        self.finish(acc)
+        keep = chunk_same.repeat_interleave(CHUNK)[:n_el]
+        merged = torch.where(keep, vals[0].to(odt), acc.to(odt))
+        if not self.allow_nonfinite and bool((~torch.isfinite(merged) & ~keep).any()):
+            bad = int(torch.nonzero(~torch.isfinite(merged) & ~keep)[0, 0]) // CHUNK * CHUNK
+            self._nonfinite(t, [v[bad: bad + CHUNK] for v in vals], merged[bad: bad + CHUNK])
+        out.view(odt).copy_(merged)

@@ -1,0 +1,87 @@
+"""Checkpoint formats: turn a path into its tensors (dtype, shape, byte extents) from headers alone.
+
+A *format* is a module with ``NAME`` and four functions:
+
+- ``detect(path) -> bool``: whether ``path`` (a folder or a file) is a checkpoint of this format;
+- ``read(path) -> dict[str, TensorInfo]``: every tensor, as byte extents (``base.py``), never
+  building pickled objects and never reading tensor data;
+- ``weight_files(path) -> list[str]``: the files those extents lie in (for provenance);
+- ``side_files(path) -> tuple[str, ...]``: files copied into the output byte for byte.
+
+**Add a format**: write ``formats/<name>.py`` with those four, add ``"<name>": "merger.formats.<name>"``
+to :data:`REGISTRY` (detection tries them in order, so put specific formats before general ones),
+and add tests in ``tests/formats/`` that read files made by the format's real writer.
+Modules are imported on first use, so a format's dependencies cost nothing until it is met.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol
+
+from merger.errors import CheckpointFormatError
+from merger.formats.base import Extent, TensorInfo, check_extents, clip
+
+REGISTRY: dict[str, str] = {
+    "hf": "merger.formats.hf_folder",
+}
+
+
+class Format(Protocol):
+    """What a format module provides (see the module docstring)."""
+
+    NAME: str
+
+    def detect(self, path: str | Path) -> bool: ...
+
+    def read(self, path: str | Path) -> dict[str, TensorInfo]: ...
+
+    def weight_files(self, path: str | Path) -> list[str]: ...
+
+    def side_files(self, path: str | Path) -> tuple[str, ...]: ...
+
+
+def get(name: str) -> Format:
+    """The format module registered as ``name``."""
+    module: ModuleType = importlib.import_module(REGISTRY[name])
+    return module  # type: ignore[return-value]
+
+
+def detect(path: str | Path) -> Format | None:
+    """The first registered format that recognises ``path``, or None."""
+    for name in REGISTRY:
+        fmt = get(name)
+        if fmt.detect(path):
+            return fmt
+    return None
+
+
+def of(path: str | Path) -> Format:
+    """The format of ``path``.
+
+    Raises:
+        CheckpointFormatError: no registered format recognises it.
+    """
+    fmt = detect(path)
+    if fmt is None:
+        hf = get("hf")
+        raise CheckpointFormatError(
+            f"{path}: no checkpoint found (expected a folder with one of {', '.join(hf.WEIGHT_FILES)})",
+            path=str(path), hint="point at a Hugging Face checkpoint folder, or a folder of revision "
+                                 "subfolders (step1000/ ...)")
+    return fmt
+
+
+def read_checkpoint(path: str | Path) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint at ``path``, whatever its format.
+
+    Raises:
+        CheckpointFormatError: unrecognised, unreadable, truncated or unsafe input.
+    """
+    return of(path).read(path)
+
+
+__all__ = ["REGISTRY", "Extent", "Format", "TensorInfo", "check_extents", "clip", "detect", "get", "of",
+           "read_checkpoint"]

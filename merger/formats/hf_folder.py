@@ -1,0 +1,100 @@
+"""Hugging Face checkpoint folders: ``model.safetensors`` or ``pytorch_model.bin``, single or
+sharded with their ``*.index.json`` (each revision may have its own shard layout), plus config and
+tokenizer files that the output copies byte for byte.
+
+The format module of a checkpoint folder (see ``formats/__init__.py``): :func:`detect`,
+:func:`read`, :func:`weight_files`, :func:`side_files`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from merger.errors import CheckpointFormatError
+from merger.formats.base import RESAVE as _RESAVE
+from merger.formats.base import TensorInfo
+from merger.formats.base import fail as _fail
+from merger.formats.safetensors import read_safetensors
+from merger.formats.torch_zip import read_torch_zip
+
+NAME = "hf"
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
+                "pytorch_model.bin.index.json", "pytorch_model.bin")
+COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
+              "added_tokens.json", "chat_template.jinja")
+
+
+def detect(path: str | Path) -> bool:
+    """A folder holding one of ``WEIGHT_FILES``."""
+    p = Path(path)
+    return p.is_dir() and any((p / f).exists() for f in WEIGHT_FILES)
+
+
+def weights_files(folder: str | Path) -> tuple[str, list[str]]:
+    """The weight files of a checkpoint folder, preferring safetensors: (kind, relative names).
+
+    ``kind`` is the file that defines the layout (an index or a single weights file).
+
+    Raises:
+        CheckpointFormatError: no weights in the folder, an unreadable index.
+    """
+    folder = Path(folder)
+    for kind in WEIGHT_FILES:
+        p = folder / kind
+        if not p.exists():
+            continue
+        if not kind.endswith(".index.json"):
+            return kind, [kind]
+        try:
+            wmap = json.loads(p.read_text())["weight_map"]
+            files = sorted(set(wmap.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise _fail(p, "corrupt index file (no weight_map)", _RESAVE) from None
+        return kind, files
+    raise CheckpointFormatError(
+        f"{folder}: no weights found (expected one of {', '.join(WEIGHT_FILES)})", path=str(folder),
+        hint="point at a Hugging Face checkpoint folder, or a folder of revision subfolders (step1000/ ...)")
+
+
+def read_weights_file(path: str | Path) -> dict[str, TensorInfo]:
+    """Dispatch on the file name: ``*.safetensors`` or a torch zip (``*.bin``, ``*.pt``)."""
+    if str(path).endswith(".safetensors"):
+        return read_safetensors(path)
+    return read_torch_zip(path)
+
+
+def read(folder: str | Path) -> dict[str, TensorInfo]:
+    """Tensor layout of a whole checkpoint folder (single file or shards with their index).
+
+    Raises:
+        CheckpointFormatError: missing shard, a tensor the index lists but its shard lacks, or any
+            file-level problem.
+    """
+    folder = Path(folder)
+    kind, files = weights_files(folder)
+    out: dict[str, TensorInfo] = {}
+    for fname in files:
+        fpath = folder / fname
+        if not fpath.exists():
+            raise _fail(folder, f"shard {fname} is listed in {kind} but missing",
+                        "re-download the checkpoint (a shard is missing)")
+        out.update(read_weights_file(fpath))
+    if kind.endswith(".index.json"):
+        wmap = json.loads((folder / kind).read_text())["weight_map"]
+        for name, fname in wmap.items():
+            if name not in out or Path(out[name].path).name != Path(fname).name:
+                raise _fail(folder, f"{kind} says tensor {name!r} is in {fname}, but it isn't there", _RESAVE)
+    return out
+
+
+def weight_files(folder: str | Path) -> list[str]:
+    """The files that hold the weights (and the index), relative to ``folder``."""
+    kind, files = weights_files(folder)
+    return files + ([kind] if kind.endswith(".index.json") else [])
+
+
+def side_files(folder: str | Path) -> tuple[str, ...]:
+    """Config and tokenizer files present in ``folder``, copied into the output byte for byte."""
+    return tuple(f for f in COPY_FILES if (Path(folder) / f).is_file())

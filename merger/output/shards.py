@@ -1,0 +1,297 @@
+"""Output shards: the safetensors header of a planned shard, and :class:`ShardWriter`, which
+writes one shard (header first, then data at planned offsets) and checksums it as it goes.
+
+Writes go out with O_DIRECT in STAGE-sized pieces from a background thread (the page cache on
+this machine's disk took 0.16 to 2.4 s for 0.9 GB that O_DIRECT writes in 0.4 s), or straight
+from the caller's pages (:meth:`ShardWriter.write_owned`, no copy). Nothing is fsynced: a killed
+process loses nothing the page cache holds, and after a power loss ``--resume`` re-checks every
+finished shard's CRC-32 (fsyncing 0.8 GB of output cost 3 s, more than the whole merge, on this
+disk). CRC-32 rather than sha256: it guards against torn or lost writes, not against an
+adversary, and runs at 6.3 GB/s instead of 1.9 (sha256 of 0.8 GB of output was 0.45 s of a
+1.2 s merge).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import mmap
+import os
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from merger.output.folder import write_failed
+from merger.units import ST_NAMES
+
+if TYPE_CHECKING:
+    from merger.plan import Plan
+
+DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses are multiples of this
+STAGE = 8 << 20  # bytes staged per O_DIRECT write
+
+
+def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
+    """Header bytes (length prefix + JSON padded to 8) for (name, dtype, shape, nbytes) in data order."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def shard_header(plan: Plan, k: int) -> bytes:
+    """The header of the plan's shard ``k``: its tensors, in data order, in their output dtypes."""
+    ts = [plan.tensors[i] for i in plan.shards[k].tensors]
+    return safetensors_header([(t.name, t.out_dtype, t.shape, t.numel * t.out_itemsize) for t in ts])
+
+
+def _pwrite_all(fd: int, buf, n: int, offset: int) -> None:
+    """Write ``buf[:n]`` at ``offset``, retrying short writes."""
+    view = memoryview(buf)
+    try:
+        done = 0
+        while done < n:
+            done += os.pwrite(fd, view[done:n], offset + done)
+    finally:
+        view.release()
+
+
+def _io_write(fd: int, buf, n: int, offset: int) -> None:
+    """:func:`_pwrite_all` for the background writer: where O_DIRECT turns out to be refused
+    (EINVAL: some filesystems accept the flag at open, then not the write), the file leaves
+    O_DIRECT and the write is redone through the page cache, as every later one will be."""
+    try:
+        _pwrite_all(fd, buf, n, offset)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        _pwrite_all(fd, buf, n, offset)
+
+
+class ShardWriter:
+    """One output ``.safetensors`` file: the header is written at open, data with pwrite.
+
+    With ``hash``, the bytes are hashed as they are written (they arrive in file order);
+    :meth:`finish` makes the file durable and returns its checksum.
+
+    Args:
+        path: the file to create.
+        header: from :func:`safetensors_header`.
+        data_bytes: bytes of the data section.
+        label: how errors name the file (default: ``path``).
+        hash: compute the CRC-32 while writing.
+    """
+
+    def __init__(self, path: Path, header: bytes, data_bytes: int, *, label: str | None = None,
+                 hash: bool = False, direct: bool = True):
+        self.path = path
+        self.label = label or str(path)
+        self.data_start = len(header)
+        self.size = self.data_start + data_bytes
+        # CRC-32 of bytes 0.._hpos, while writes come in file order; -1: finish() re-reads the file
+        self._crc, self._hpos = (0, 0) if hash else (None, -1)
+        # O_DIRECT: writes arrive in file order and go out in aligned STAGE-sized pieces, skipping
+        # the page cache (0.8 GB: 0.45 s instead of 2.05 s on this machine's disk). Two stages: one
+        # is written by a background thread while the other fills (the disk and the copy overlap)
+        self._stages: list[mmap.mmap] = []
+        self._stage: mmap.mmap | None = None  # the one filling
+        self._staged = 0  # bytes in the stage; the file holds everything before _flushed
+        self._flushed = 0
+        self._io: ThreadPoolExecutor | None = None
+        self._pending: tuple[Future, mmap.mmap] | None = None  # the background write of a stage
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self.fd = -1
+            if direct and hasattr(os, "O_DIRECT"):
+                try:
+                    self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+                    self._stages = [mmap.mmap(-1, STAGE), mmap.mmap(-1, STAGE)]  # page-aligned
+                    self._stage = self._stages[0]
+                except OSError as e:
+                    if e.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT
+                        raise
+            if self.fd < 0:
+                self.fd = os.open(path, flags, 0o644)
+        except OSError as e:
+            raise write_failed(f"creating {self.label}", e) from e
+        self.write(header, 0, absolute=True)
+
+    def _checksum(self, mv: memoryview, pos: int) -> None:
+        if self._hpos == pos:
+            self._crc = zlib.crc32(mv, self._crc)
+            self._hpos += len(mv)
+        elif len(mv):
+            self._hpos = -1
+
+    def write(self, data, offset: int, *, absolute: bool = False) -> None:
+        pos = offset if absolute else self.data_start + offset
+        mv = memoryview(data).cast("B")
+        self._checksum(mv, pos)
+        try:
+            if self._stage is not None and pos == self._flushed + self._staged:
+                self._stage_write(mv, pos)
+                return
+            self._buffered()
+            while len(mv):
+                k = os.pwrite(self.fd, mv, pos)
+                mv, pos = mv[k:], pos + k
+        except OSError as e:
+            raise write_failed(f"writing {self.label}", e) from e
+
+    def write_owned(self, data: memoryview, offset: int, address: int) -> Future | None:
+        """Like :meth:`write`, but the whole pages of ``data`` go to the disk straight from it, with
+        no copy: ``data`` must stay unchanged until the returned future is done (:meth:`wait`).
+
+        ``address`` is where ``data`` lies in memory; only when it is congruent to the file
+        position modulo DIRECT_ALIGN (and writes are sequential, with O_DIRECT) can the pages be
+        written in place. Otherwise, and for the partial pages at both ends, the bytes are copied
+        into the stage as :meth:`write` does, and None is returned for an all-copied write.
+        """
+        pos = self.data_start + offset
+        mv = memoryview(data).cast("B")
+        if (self._stage is None or pos != self._flushed + self._staged
+                or (address - pos) % DIRECT_ALIGN or len(mv) < 2 * DIRECT_ALIGN):
+            self.write(mv, offset)
+            return None
+        self._checksum(mv, pos)
+        head = -pos % DIRECT_ALIGN
+        try:
+            self._stage_write(mv[:head], pos)  # the stage now ends on a page boundary
+            if self._stage is None:  # O_DIRECT refused on the way: page cache from here on
+                _pwrite_all(self.fd, mv[head:], len(mv) - head, pos + head)
+                return None
+            if self._staged:
+                self._flush(self._staged)
+            mid = (len(mv) - head) // DIRECT_ALIGN * DIRECT_ALIGN
+            fut = self._executor().submit(_io_write, self.fd, mv[head: head + mid], mid, pos + head)
+            self._flushed += mid
+            self._stage_write(mv[head + mid:], pos + head + mid)
+        except OSError as e:
+            raise write_failed(f"writing {self.label}", e) from e
+        return fut
+
+    def wait(self, fut: Future | None) -> None:
+        """Wait for a :meth:`write_owned` write; its error is raised here."""
+        if fut is None:
+            return
+        try:
+            fut.result()
+        except OSError as e:
+            raise write_failed(f"writing {self.label}", e) from e
+
+    def _stage_write(self, mv: memoryview, pos: int) -> None:
+        while len(mv):
+            if self._stage is None:  # O_DIRECT refused on the way
+                _pwrite_all(self.fd, mv, len(mv), pos)
+                return
+            n = min(len(mv), STAGE - self._staged)
+            self._stage[self._staged: self._staged + n] = mv[:n]
+            self._staged += n
+            mv, pos = mv[n:], pos + n
+            if self._staged == STAGE:
+                self._flush(STAGE)
+
+    def _flush(self, n: int) -> None:
+        """Start writing the first ``n`` staged bytes (a multiple of DIRECT_ALIGN) with O_DIRECT, in
+        the background; the bytes after them move to the other stage, which fills next."""
+        self._wait()
+        if self._stage is None:  # O_DIRECT was refused: the page cache from now on
+            return
+        stage, other = self._stage, self._stages[1] if self._stage is self._stages[0] else self._stages[0]
+        left = self._staged - n
+        other[:left] = stage[n: self._staged]
+        self._pending = (self._executor().submit(_io_write, self.fd, stage, n, self._flushed), stage)
+        self._stage, self._staged, self._flushed = other, left, self._flushed + n
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """The one background writer thread: writes go out in the order they were submitted."""
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="merger-io")
+        return self._io
+
+    def _wait(self) -> None:
+        """Wait for the background write of the other stage (its error is raised here)."""
+        if self._pending is not None:
+            fut, self._pending = self._pending[0], None
+            fut.result()
+
+    def _buffered(self) -> None:
+        """Leave O_DIRECT: write out what is staged and go on through the page cache."""
+        if self._stage is None:
+            return
+        self._wait()
+        if self._stage is None:
+            return
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        stage, self._stage = self._stage, None
+        _pwrite_all(self.fd, stage, self._staged, self._flushed)
+        self._flushed += self._staged
+        self._staged = 0
+        self._release_stages()
+
+    def _release_stages(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
+        self._pending = None
+        self._stage = None
+        for st in self._stages:
+            st.close()
+        self._stages = []
+
+    def abandon(self) -> None:
+        """Stop without finishing (an error elsewhere): wait for the background writes, close."""
+        self._release_stages()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def close(self) -> None:
+        """Write what is staged, set the final size and close; idempotent."""
+        if self.fd >= 0:
+            try:
+                if self._stage is not None:  # the staged tail is written here
+                    self._flush(self._staged // DIRECT_ALIGN * DIRECT_ALIGN)
+                    self._buffered()
+            except OSError as e:
+                self.abandon()
+                raise write_failed(f"writing {self.label}", e) from e
+            try:
+                if os.fstat(self.fd).st_size != self.size:
+                    os.ftruncate(self.fd, self.size)
+            except OSError as e:
+                raise write_failed(f"finishing {self.label}", e) from e
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+    def finish(self) -> str:
+        """Close and return the file's checksum (:func:`file_checksum`)."""
+        self.close()
+        if self._crc is not None and self._hpos == self.size:
+            return f"crc32:{self._crc:08x}"
+        return file_checksum(self.path)
+
+
+def file_checksum(path: str | Path, *, chunk: int = 1 << 22) -> str:
+    """``crc32:<8 hex digits>`` of a file's bytes: what ``progress.json`` records per finished shard."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return f"crc32:{crc:08x}"
+
+
+def write_index(plan: Plan, folder: Path) -> None:
+    """``model.safetensors.index.json``: total size and tensor -> shard file."""
+    wmap = {t.name: plan.shards[t.shard].filename for t in plan.tensors}
+    index = {"metadata": {"total_size": plan.out_bytes}, "weight_map": dict(sorted(wmap.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,112 @@
+"""Build a :class:`~merger.plan.plan.Plan` from every input's headers: check that the inputs agree,
+fix weights, output dtypes, shards and blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+from merger.device import resolve_device
+from merger.errors import PlanError, UsageError
+from merger.formats import TensorInfo, of, read_checkpoint
+from merger.plan.blocks import block_budget, make_blocks
+from merger.plan.methods import weights_for
+from merger.plan.options import CHUNK, FLOAT_DTYPES, Options, default_max_memory
+from merger.plan.plan import Plan, ShardPlan, TensorPlan, slice_cost
+from merger.sources import Source
+from merger.units import format_size, itemsize
+
+
+def check_layouts(sources: list[Source], layouts: list[dict[str, TensorInfo]]) -> None:
+    """Every tensor name, shape and dtype must agree across inputs; report every mismatch at once."""
+    problems: list[str] = []
+    ref_i = len(sources) - 1
+    ref = layouts[ref_i]
+    for i, (src, lay) in enumerate(zip(sources, layouts)):
+        if i == ref_i:
+            continue
+        missing = [n for n in ref if n not in lay]
+        extra = [n for n in lay if n not in ref]
+        for n in missing:
+            problems.append(f"tensor {n!r} is missing from {src.name} (present in {sources[ref_i].name})")
+        for n in extra:
+            problems.append(f"tensor {n!r} is in {src.name} but not in {sources[ref_i].name}")
+        for n, t in lay.items():
+            r = ref.get(n)
+            if r is None:
+                continue
+            if t.shape != r.shape:
+                problems.append(f"tensor {n!r}: shape {list(t.shape)} in {src.name} but "
+                                f"{list(r.shape)} in {sources[ref_i].name}")
+            elif t.dtype != r.dtype:
+                problems.append(f"tensor {n!r}: dtype {t.dtype} in {src.name} but {r.dtype} in {sources[ref_i].name}")
+    if problems:
+        shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
+        raise PlanError(f"the {len(sources)} checkpoints don't have the same tensors ({len(problems)} mismatches)",
+                        problems=shown, hint="merge checkpoints of one training run (same architecture and dtype)")
+
+
+def build(sources: list[Source], options: Options, *, layouts: list[dict[str, TensorInfo]] | None = None) -> Plan:
+    """Read every input's headers and fix the whole merge.
+
+    Args:
+        sources: checkpoints, oldest first, each with a local ``path``.
+        options: method, dtypes, budget, shard size, device.
+        layouts: already-read headers (one per source), to avoid reading them twice.
+
+    Raises:
+        PlanError: inputs disagree on tensor names, shapes or dtypes.
+        UsageError: bad weights for the method, a budget too small, an unusable device.
+        CheckpointFormatError: an unreadable input file.
+    """
+    if not sources:
+        raise UsageError("no checkpoints to merge")
+    weights = weights_for(options.method, len(sources))
+    layouts = layouts or [read_checkpoint(s.path) for s in sources]
+    check_layouts(sources, layouts)
+    device = resolve_device(options.device)
+    if options.accumulate not in ("auto", "float32", "float64"):
+        raise UsageError(f"--accumulate {options.accumulate}: use auto, float32 or float64")
+    n = len(sources)
+    latest = layouts[-1]
+    order = sorted(latest.values(), key=lambda t: (t.path, t.offset))
+    tensors: list[TensorPlan] = []
+    shards: list[list[int]] = [[]]
+    shard_bytes = [0]
+    for t in order:
+        averaged = t.dtype in FLOAT_DTYPES
+        out_dtype = options.dtype if (averaged and options.dtype) else t.dtype
+        nbytes = math.prod(t.shape) * itemsize(out_dtype)
+        if shards[-1] and shard_bytes[-1] + nbytes > options.max_shard_size:
+            shards.append([])
+            shard_bytes.append(0)
+        tensors.append(TensorPlan(
+            name=t.name, dtype=t.dtype, out_dtype=out_dtype, shape=t.shape, averaged=averaged,
+            locs=tuple(lay[t.name].extents for lay in layouts),
+            shard=len(shards) - 1, out_offset=shard_bytes[-1]))
+        shards[-1].append(len(tensors) - 1)
+        shard_bytes[-1] += nbytes
+    k = len(shards)
+    shard_plans = tuple(
+        ShardPlan("model.safetensors" if k == 1 else f"model-{i + 1:05d}-of-{k:05d}.safetensors", tuple(idx), b)
+        for i, (idx, b) in enumerate(zip(shards, shard_bytes)))
+
+    max_memory = options.max_memory or default_max_memory()
+    biggest_unit = max((slice_cost(t, n, min(t.numel, CHUNK)) for t in tensors), default=0)
+    if max_memory < biggest_unit:
+        raise UsageError(f"--max-memory {format_size(max_memory)} is too small for {n} inputs",
+                         hint=f"give at least {format_size(biggest_unit)}")
+    max_block = block_budget(tensors, n, max_memory, cuda=device.startswith("cuda"))
+    blocks = make_blocks(tensors, n, max_block)
+
+    warnings = []
+    if n == 1:
+        warnings.append("only one checkpoint selected: the output is a copy of it")
+    copy = of(sources[-1].path).side_files(sources[-1].path) if sources[-1].path else ()
+    if sources[-1].path and "config.json" not in copy:
+        warnings.append(f"{sources[-1].name} has no config.json: the output won't load in transformers")
+    return Plan(sources=tuple(sources), weights=tuple(weights), options=options, device=device,
+                max_memory=max_memory, tensors=tuple(tensors), shards=shard_plans, blocks=tuple(blocks),
+                copy_files=copy, warnings=tuple(warnings))
+
+

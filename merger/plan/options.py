@@ -1,0 +1,41 @@
+"""What a merge is asked to do: :class:`Options` (CLI flags map 1:1), and the constants every stage
+agrees on."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from merger.plan.methods import Method
+
+CHUNK = 1 << 18  # elements: the kernel's cache chunk, and the unit of "identical in every input"
+MIN_BLOCK = 64 << 20  # bytes of working set; below that the per-block overhead dominates
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to merge; one object instead of a long signature (CLI flags map 1:1)."""
+
+    method: Method = Method()
+    dtype: str | None = None  # output dtype of floating tensors; None: the inputs'
+    accumulate: str = "auto"  # float32 for 16-bit tensors, float64 for 32-bit ones
+    max_memory: int | None = None  # bytes; None: derived from the machine
+    max_shard_size: int = 5 * 10**9
+    device: str = "auto"
+    allow_nonfinite: bool = False
+    strict: bool = False
+    hash_inputs: bool = False  # sha256 of local inputs (Hub files carry theirs for free)
+    keep: bool = True  # keep downloaded revisions in the HF cache (False: --no-keep)
+    resume: bool = False  # continue an interrupted run's verified shards (--resume); see execute.py
+
+
+def default_max_memory() -> int:
+    """A quarter of physical memory, at most 8 GB: the budget when ``--max-memory`` isn't given."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 * 10**9
+    return max(MIN_BLOCK * 4, min(total // 4, 8 * 10**9))
+
+

@@ -1,0 +1,137 @@
+"""The plan: everything about a merge that file headers can tell, fixed before a tensor is read.
+
+A :class:`Plan` is a frozen, JSON-serialisable value: the ordered inputs, their weights, every
+tensor (the byte extents that hold it in each input, its output dtype and place in an output
+shard), the schedule, and estimates of memory, reads and disk. ``--dry-run`` prints it. It is
+built by :func:`merger.plan.build.build`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from merger import __version__
+from merger.formats import Extent
+from merger.plan.options import Options
+from merger.sources import Source
+from merger.units import itemsize
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: its inputs' byte locations and its place in the output."""
+
+    name: str
+    dtype: str  # input dtype (the same in every input)
+    out_dtype: str
+    shape: tuple[int, ...]
+    averaged: bool  # floating: averaged; otherwise must be identical in every input
+    locs: tuple[tuple[Extent, ...], ...]  # per input: the byte extents that hold the tensor
+    shard: int
+    out_offset: int  # byte offset in the shard's data section
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return itemsize(self.dtype)
+
+    @property
+    def out_itemsize(self) -> int:
+        return itemsize(self.out_dtype)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every input file this tensor's bytes lie in."""
+        return tuple(dict.fromkeys(e.path for ext in self.locs for e in ext))
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Elements ``start:stop`` of tensor ``tensor`` (an index into ``Plan.tensors``)."""
+
+    tensor: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    filename: str
+    tensors: tuple[int, ...]  # indices into Plan.tensors, in data order
+    data_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    sources: tuple[Source, ...]
+    weights: tuple[float, ...]
+    options: Options
+    device: str
+    max_memory: int
+    tensors: tuple[TensorPlan, ...]
+    shards: tuple[ShardPlan, ...]
+    blocks: tuple[tuple[Slice, ...], ...]
+    copy_files: tuple[str, ...]
+    schedule: str = "blocks"
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(t.numel * t.itemsize for t in self.tensors) * len(self.sources)
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(s.data_bytes for s in self.shards)
+
+    @property
+    def block_bytes(self) -> int:
+        return max((block_cost(self, b) for b in self.blocks), default=0)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable summary (what ``--dry-run --json`` prints)."""
+        o = self.options
+        return {
+            "merger_version": __version__,
+            "method": o.method.describe(),
+            "weights": list(self.weights),
+            "inputs": [dict(s.to_dict(), weight=w) for s, w in zip(self.sources, self.weights)],
+            "schedule": self.schedule,
+            "device": self.device,
+            "accumulate": o.accumulate,
+            "dtype": o.dtype or sorted({t.out_dtype for t in self.tensors if t.averaged}),
+            "tensors": len(self.tensors),
+            "parameters": sum(t.numel for t in self.tensors),
+            "averaged_tensors": sum(t.averaged for t in self.tensors),
+            "blocks": len(self.blocks),
+            "max_memory": self.max_memory,
+            "estimated_memory": self.block_bytes,
+            "read_bytes": self.read_bytes,
+            "output_bytes": self.out_bytes,
+            "shards": [{"file": s.filename, "bytes": s.data_bytes, "tensors": len(s.tensors)} for s in self.shards],
+            "copy_files": list(self.copy_files),
+            "warnings": list(self.warnings),
+            "options": asdict(o),
+        }
+
+
+def slice_cost(t: TensorPlan, n_inputs: int, elems: int) -> int:
+    """Working-set bytes of ``elems`` elements: inputs and output, each double-buffered."""
+    return elems * (2 * n_inputs * t.itemsize + 2 * t.out_itemsize)
+
+
+def block_cost(plan: Plan, block: tuple[Slice, ...]) -> int:
+    n = len(plan.sources)
+    return sum(slice_cost(plan.tensors[s.tensor], n, s.stop - s.start) for s in block)
+
+
+
+
+def output_dtypes(plan: Plan) -> dict[str, str]:
+    """Input dtype -> output dtype of the averaged tensors (for the manifest)."""
+    return {t.dtype: t.out_dtype for t in plan.tensors if t.averaged}
+
+

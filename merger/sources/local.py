@@ -1,0 +1,65 @@
+"""Local runs: a folder of revision subfolders (``step1000/``, ``checkpoint-1000/``, ...), selected
+with ``--revisions``, or explicit checkpoint folders merged as given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from merger.errors import SourceError, UsageError
+from merger.formats import detect
+from merger.sources.source import Source
+from merger.sources.spec import RevisionSpec, parse_spec, parse_step, select
+
+
+def has_weights(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint of a registered format."""
+    return detect(path) is not None
+
+
+def local_revisions(root: Path) -> dict[str, int | None]:
+    """Subfolders of ``root`` that hold a checkpoint: name -> step (None if unnamed by step)."""
+    return {p.name: parse_step(p.name) for p in sorted(root.iterdir()) if p.is_dir() and has_weights(p)}
+
+
+def resolve_local(models: list[str], revisions: str | None, every: int | None) -> list[Source]:
+    """Sources from local paths: one root of revision folders, or explicit checkpoint folders.
+
+    Raises:
+        SourceError: a path that doesn't exist or holds no checkpoints.
+        UsageError / RevisionNotFoundError: see :func:`select`.
+    """
+    paths = [Path(m).expanduser() for m in models]
+    for p in paths:
+        if not p.is_dir():
+            raise SourceError(f"{p}: no such folder", hint="give a checkpoint folder, a folder of revision "
+                              "subfolders (step1000/ ...) or a Hub repo id such as EleutherAI/pythia-70m")
+    if len(paths) == 1 and not has_weights(paths[0]):
+        root = paths[0].resolve()
+        available = local_revisions(root)
+        if not available:
+            raise SourceError(f"{root}: no checkpoint folders inside (no step1000/, checkpoint-1000/ ... "
+                              "holding model.safetensors or pytorch_model.bin)",
+                              hint="point at the folder that holds the revision subfolders")
+        if revisions is None:
+            if every is not None:
+                raise UsageError("--every needs --revisions A..B", hint="e.g. --revisions ..step9000 --every 1000")
+            names = select(available, RevisionSpec(is_range=True), None, where=str(root)) \
+                if any(s is not None for s in available.values()) else sorted(available)
+        else:
+            names = select(available, parse_spec(revisions), every, where=str(root))
+        return [Source(n, available[n], str(root / n)) for n in names]
+    if revisions is not None or every is not None:
+        raise UsageError("--revisions/--every select subfolders of one folder; explicit checkpoint folders "
+                         "are merged as given", hint="drop --revisions, or give the parent folder")
+    for p in paths:
+        if not has_weights(p):
+            raise SourceError(f"{p}: no checkpoint inside (no model.safetensors, pytorch_model.bin or their index)",
+                              hint="give checkpoint folders, or one folder of revision subfolders")
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise UsageError("the same checkpoint folder is given twice", hint="list each checkpoint once")
+    srcs = [Source(p.name, parse_step(p.name), str(p)) for p in resolved]
+    if all(s.step is not None for s in srcs):
+        srcs.sort(key=lambda s: s.step)
+    return srcs
