@@ -49,6 +49,12 @@ def average_command(
                                           "(disk: at most two revisions).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command: keep "
                                          "the output shards it finished (checked by CRC-32), merge the rest.")] = False,
+    key: Annotated[Optional[str], typer.Option(
+        "--key", help="Where the model lies in a training checkpoint (a dict key such as model, or a.b).",
+        show_default="found by the format")] = None,
+    to: Annotated[Optional[str], typer.Option(
+        "--to", help="Output format: hf or safetensors (and the training formats merger reads).",
+        show_default="the input's own format")] = None,
     run_eval: Annotated[bool, typer.Option("--eval", help="Then evaluate the merged model against the latest "
                                            "input revision (lm-eval, offline task pack by default).")] = False,
     tasks: Annotated[Optional[str], typer.Option(help="With --eval: lm-eval tasks, comma-separated.")] = None,
@@ -79,7 +85,7 @@ def average_command(
             max_memory=parse_size(max_memory, option="--max-memory") if max_memory else None,
             max_shard_size=parse_size(max_shard_size, option="--max-shard-size"),
             device=device, allow_nonfinite=allow_nonfinite, strict=strict, hash_inputs=hash_inputs,
-            keep=not no_keep, resume=resume)
+            keep=not no_keep, resume=resume, key=key, to=to)
         if weights and method != "weights":
             raise MergerError(f"--weights is only used with --method weights (not {method})",
                               hint="add --method weights")

@@ -18,6 +18,7 @@ from typing import Callable
 from merger.engine.choose import choose
 from merger.engine.resume import fingerprint, resume_point
 from merger.errors import MergerError, OutputError, TensorError
+from merger.output.convert import convert
 from merger.output.folder import OutputDir
 from merger.output.shards import write_index
 from merger.plan import Plan
@@ -114,6 +115,9 @@ def run(plan: Plan, output: str | Path, *, force: bool = False, progress: Callab
                 copied_tensors=[n for n, c in pipe.kernel.copied.items() if c], duplicates=dups,
                 file_hashes=hashes, timings={k: round(v, 3) for k, v in pipe.busy.items()},
                 resumed_shards=kept, warnings=out.notes + notes, kernel=pipe.name)
+            written = convert(tmp, plan)  # another output format than the engine's shards
+            if written:
+                result.written_bytes = sum((tmp / f).stat().st_size for f in written)
             if finalize is not None:
                 finalize(tmp, result)
         except OSError as e:

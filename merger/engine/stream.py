@@ -26,6 +26,7 @@ from merger.fold.rules import differing_error, nonfinite_error, overflow_error
 from merger.fold.torch_kernel import BITS, Kernel
 from merger.formats import of, read_checkpoint
 from merger.formats.reading import FileHasher, read_extents
+from merger.output.convert import convert
 from merger.output.folder import OutputDir
 from merger.output.shards import ShardWriter, shard_header, write_index
 from merger.plan import CHUNK, Options, Plan, build, check_layouts
@@ -81,7 +82,7 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
     done: list[Source] = []
     try:
         fetched_by_us, first = down.next()
-        layout0 = read_checkpoint(first.path)
+        layout0 = read_checkpoint(first.path, key=options.key)
         plan = build([first] + list(sources[1:]), options, layouts=[layout0] * len(sources))
         plan = dataclasses.replace(plan, schedule="stream")
         dev = torch.device(plan.device)
@@ -95,7 +96,7 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
         for i in range(len(sources)):
             if i > 0:
                 fetched_by_us, src = down.next()
-                layout = read_checkpoint(src.path)
+                layout = read_checkpoint(src.path, key=options.key)
                 check_layouts([first, src], [layout0, layout])
             else:
                 src, layout = first, layout0
@@ -144,6 +145,9 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
                         copied_tensors=[plan.tensors[ti].name for ti in raw0
                                         if not plan.tensors[ti].averaged or all(same[ti])],
                         file_hashes=hashes, kernel="stream")
+        written = convert(tmp, plan)
+        if written:
+            result.written_bytes = sum((tmp / f).stat().st_size for f in written)
         if finalize is not None:
             finalize(tmp, plan, result)
         out.publish()

@@ -3,8 +3,11 @@
 A *format* is a module with ``NAME`` and four functions:
 
 - ``detect(path) -> bool``: whether ``path`` (a folder or a file) is a checkpoint of this format;
-- ``read(path) -> dict[str, TensorInfo]``: every tensor, as byte extents (``base.py``), never
-  building pickled objects and never reading tensor data;
+- ``read(path, *, key=None) -> dict[str, TensorInfo]``: every tensor of the model, as byte extents
+  (``base.py``), never building pickled objects and never reading tensor data; ``key`` (``--key``)
+  says where the model lies in a training checkpoint that holds more (optimizer, step, config);
+- ``OUTPUT``: the output format (a name in ``output.convert.OUTPUTS``) that writes this format
+  back, so that training can restart from a merge;
 - ``weight_files(path) -> list[str]``: the files those extents lie in (for provenance);
 - ``side_files(path) -> tuple[str, ...]``: files copied into the output byte for byte.
 
@@ -36,7 +39,9 @@ class Format(Protocol):
 
     def detect(self, path: str | Path) -> bool: ...
 
-    def read(self, path: str | Path) -> dict[str, TensorInfo]: ...
+    OUTPUT: str
+
+    def read(self, path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]: ...
 
     def weight_files(self, path: str | Path) -> list[str]: ...
 
@@ -74,13 +79,14 @@ def of(path: str | Path) -> Format:
     return fmt
 
 
-def read_checkpoint(path: str | Path) -> dict[str, TensorInfo]:
-    """Every tensor of the checkpoint at ``path``, whatever its format.
+def read_checkpoint(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
+    """Every tensor of the model in the checkpoint at ``path``, whatever its format.
 
     Raises:
         CheckpointFormatError: unrecognised, unreadable, truncated or unsafe input.
+        UsageError: a ``key`` the format can't use.
     """
-    return of(path).read(path)
+    return of(path).read(path, key=key)
 
 
 __all__ = ["REGISTRY", "Extent", "Format", "TensorInfo", "check_extents", "clip", "detect", "get", "of",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from merger.errors import CheckpointFormatError
+from merger.errors import CheckpointFormatError, UsageError
 from merger.formats.base import RESAVE as _RESAVE
 from merger.formats.base import TensorInfo
 from merger.formats.base import fail as _fail
@@ -19,6 +19,7 @@ from merger.formats.safetensors import read_safetensors
 from merger.formats.torch_zip import read_torch_zip
 
 NAME = "hf"
+OUTPUT = "hf"
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
                 "pytorch_model.bin.index.json", "pytorch_model.bin")
 COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -65,13 +66,17 @@ def read_weights_file(path: str | Path) -> dict[str, TensorInfo]:
     return read_torch_zip(path)
 
 
-def read(folder: str | Path) -> dict[str, TensorInfo]:
+def read(folder: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
     """Tensor layout of a whole checkpoint folder (single file or shards with their index).
 
     Raises:
+        UsageError: a ``key``: a Hugging Face folder holds the model alone.
         CheckpointFormatError: missing shard, a tensor the index lists but its shard lacks, or any
             file-level problem.
     """
+    if key is not None:
+        raise UsageError(f"--key {key}: {folder} is a Hugging Face checkpoint folder, which holds the model alone",
+                         hint="drop --key (it selects the model inside a training checkpoint)")
     folder = Path(folder)
     kind, files = weights_files(folder)
     out: dict[str, TensorInfo] = {}

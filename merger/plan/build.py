@@ -9,6 +9,7 @@ import math
 from merger.device import resolve_device
 from merger.errors import PlanError, UsageError
 from merger.formats import TensorInfo, of, read_checkpoint
+from merger.output.convert import check_output
 from merger.plan.blocks import block_budget, make_blocks
 from merger.plan.methods import weights_for
 from merger.plan.options import CHUNK, FLOAT_DTYPES, Options, default_max_memory
@@ -62,7 +63,7 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     if not sources:
         raise UsageError("no checkpoints to merge")
     weights = weights_for(options.method, len(sources))
-    layouts = layouts or [read_checkpoint(s.path) for s in sources]
+    layouts = layouts or [read_checkpoint(s.path, key=options.key) for s in sources]
     check_layouts(sources, layouts)
     device = resolve_device(options.device)
     if options.accumulate not in ("auto", "float32", "float64"):
@@ -102,11 +103,13 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     warnings = []
     if n == 1:
         warnings.append("only one checkpoint selected: the output is a copy of it")
-    copy = of(sources[-1].path).side_files(sources[-1].path) if sources[-1].path else ()
+    fmt = of(sources[-1].path) if sources[-1].path else None
+    copy = fmt.side_files(sources[-1].path) if fmt else ()
+    output_format = check_output(options.to or (fmt.OUTPUT if fmt else "hf"))
     if sources[-1].path and "config.json" not in copy:
         warnings.append(f"{sources[-1].name} has no config.json: the output won't load in transformers")
     return Plan(sources=tuple(sources), weights=tuple(weights), options=options, device=device,
                 max_memory=max_memory, tensors=tuple(tensors), shards=shard_plans, blocks=tuple(blocks),
-                copy_files=copy, warnings=tuple(warnings))
+                copy_files=copy, warnings=tuple(warnings), output_format=output_format)
 
 

@@ -27,7 +27,9 @@ class Options:
     strict: bool = False
     hash_inputs: bool = False  # sha256 of local inputs (Hub files carry theirs for free)
     keep: bool = True  # keep downloaded revisions in the HF cache (False: --no-keep)
-    resume: bool = False  # continue an interrupted run's verified shards (--resume); see execute.py
+    resume: bool = False  # continue an interrupted run's verified shards (--resume); see engine/resume.py
+    key: str | None = None  # where the model lies in a training checkpoint (--key); None: found by the format
+    to: str | None = None  # output format (--to, a name in output.convert.OUTPUTS); None: the input's own
 
 
 def default_max_memory() -> int:

@@ -78,6 +78,7 @@ class Plan:
     copy_files: tuple[str, ...]
     schedule: str = "blocks"
     warnings: tuple[str, ...] = field(default=())
+    output_format: str = "hf"  # a name in output.convert.OUTPUTS
 
     @property
     def read_bytes(self) -> int:
@@ -113,6 +114,7 @@ class Plan:
             "output_bytes": self.out_bytes,
             "shards": [{"file": s.filename, "bytes": s.data_bytes, "tensors": len(s.tensors)} for s in self.shards],
             "copy_files": list(self.copy_files),
+            "output_format": self.output_format,
             "warnings": list(self.warnings),
             "options": asdict(o),
         }
