@@ -23,6 +23,7 @@ import torch
 
 from merger.execute import Result, peak_rss, write_index
 from merger.formats import read_folder
+from merger.hflocal import present_files
 from merger.hub import delete_revision, fetch
 from merger.io import FileHasher, OutputDir, pread_into
 from merger.kernel import BITS, Kernel, axpy
@@ -49,13 +50,15 @@ class _Downloader(threading.Thread):
             self.slots.acquire()
             if self.stop.is_set():
                 return
-            try:
-                self.out.put((s.path is None, fetch(s) if s.path is None else s))
+            try:  # (names this run downloads: not in the cache before, None if none, the source)
+                before = None if s.path else present_files(s.repo_id, s.commit, [f for f, _, _ in s.files])
+                self.out.put((None if before is None else [f for f, _, _ in s.files if f not in before],
+                              fetch(s) if s.path is None else s))
             except BaseException as e:  # noqa: BLE001 - handed to the folding thread
                 self.out.put(e)
                 return
 
-    def next(self) -> tuple[bool, Source]:
+    def next(self) -> tuple[list[str] | None, Source]:
         item = self.out.get()
         if isinstance(item, BaseException):
             raise item
@@ -130,8 +133,9 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
                     os.close(fd)
             hashes.update({p: h.hexdigest() for p, h in hashers.items()})
             done.append(src)
-            if not keep and fetched_by_us and i < len(sources) - 1:
-                delete_revision(src)
+            later = {s.commit for s in sources[i + 1:]}  # a commit selected twice is needed again
+            if not keep and fetched_by_us and i < len(sources) - 1 and src.commit not in later:
+                delete_revision(src, fetched_by_us)
             down.slots.release()
         last = done[-1]
         plan = dataclasses.replace(plan, sources=tuple(done),
@@ -150,7 +154,7 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
             finalize(tmp, plan, result)
         out.publish()
         if not keep and fetched_by_us:
-            delete_revision(last)
+            delete_revision(last, fetched_by_us)
         return plan, result
     except BaseException:
         out.discard()
