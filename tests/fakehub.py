@@ -113,7 +113,8 @@ class FakeHub:
       ``bytes_served``  Counter ``(repo_id, filename) -> body bytes sent``, updated as they go out.
     Knobs: ``delay_per_file`` seconds spread over each file body (a download stays in progress
     that long); ``xet_token_delay`` seconds before a Xet CAS token is handed out;
-    ``drop_once[(repo_id, filename)] = n`` cuts that file's next body after n bytes.
+    ``drop_once[(repo_id, filename)] = n`` cuts that file's next body after n bytes;
+    ``delay_blobs[etag] = s`` holds that one file's body back for s seconds (one revision is slow).
     """
 
     def __init__(self, *, xet_cas: Path | None = None) -> None:
@@ -125,6 +126,8 @@ class FakeHub:
         self.bytes_served: Counter[tuple[str, str]] = Counter()
         self.delay_per_file = 0.0
         self.xet_token_delay = 0.0  # seconds before answering xet-read-token (a Xet download waits)
+        self.delay_blobs: dict[str, float] = {}  # etag -> seconds before that file's body is sent
+        self.closing = threading.Event()  # set on exit: delays end early
         self.drop_once: dict[tuple[str, str], int] = {}
         self.cache_dir: Path | None = None  # set by the ``fake_hub`` fixture
         self.lock = threading.Lock()
@@ -175,6 +178,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.closing.set()
         self._server.stop()
         self._thread.join(timeout=5)
 
@@ -315,6 +319,7 @@ class _Handler(BaseHTTPRequestHandler):
                 hub.ranges.append((urlsplit(self.path).path, rng))
             drop = hub.drop_once.pop(key, None)
         body = memoryview(f.data)[start:end if drop is None else min(end, start + drop)]
+        hub.closing.wait(hub.delay_blobs.get(f.etag, 0.0))
         pieces = 8 if hub.delay_per_file > 0 else 1
         step = max(1, math.ceil(len(body) / pieces))
         for i in range(0, max(len(body), 1), step):

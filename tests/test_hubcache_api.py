@@ -240,3 +240,70 @@ def test_one_repo_id_rule():
         assert is_repo_id(ok), ok
     for bad in ("pythia-70m", "a/b/c", "../x", "org/..", "org/a--b", "org/x.git", "/abs", "org/", "-a/b", "a b/c"):
         assert not is_repo_id(bad), bad
+
+
+def _child_env(hub) -> dict:
+    """The environment of a child ``merger`` process that talks to ``hub`` (plain env vars only)."""
+    return {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(hub.cache_dir), "HF_HUB_OFFLINE": "0",
+            "TRANSFORMERS_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_stream_resume_after_sigkill(fake_hub, tmp_path):
+    """``merger average --no-keep`` (a real process, stream schedule) is SIGKILLed after folding the
+    first revision, while the second one's download is held back by the fake Hub; the same command
+    with ``--resume`` downloads only what is left and writes the same bytes as an uninterrupted run."""
+    shape = synth.SHAPES["tiny"]
+    sds, sha = [], {}
+    for s in STEPS:
+        sds.append(synth.pythia_state_dict(shape, seed=13, step=s))
+        folder = synth.save_checkpoint(tmp_path / "src" / f"step{s}", sds[-1], fmt="safetensors",
+                                       config=shape.config())
+        fake_hub.add_revision("org/run", f"step{s}", folder)
+        sha[s] = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
+    fake_hub.delay_blobs[sha[2000]] = 120.0
+    cmd = [sys.executable, "-m", "merger", "average", "org/run", "-r", "step1000..step4000", "--no-keep"]
+    out, partial = tmp_path / "out", tmp_path / ".out.merger-partial"
+    proc = subprocess.Popen(cmd + ["-o", str(out)], env=_child_env(fake_hub), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    run = fake_hub.cache_dir / repo_folder_name("org/run")
+    deadline, folded = time.monotonic() + 120, 0
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                folded = json.loads((partial / "progress.json").read_text())["stream"]["folded"]
+            except (OSError, ValueError, KeyError):
+                pass
+            if folded == 1:  # step1000's deletion waits for step2000's download: it is still cached
+                break
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert folded == 1, err.decode()
+    assert fake_hub.bytes_served[("org/run", WEIGHTS)] < 2 * (tmp_path / "src/step1000" / WEIGHTS).stat().st_size
+    assert not out.exists() and (partial / "stream-state.safetensors").is_file()
+    del fake_hub.delay_blobs[sha[2000]]
+
+    r = subprocess.run(cmd + ["-o", str(out), "--resume", "--json"], env=_child_env(fake_hub),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert any("1 revisions already folded" in w for w in res["result"]["warnings"]), res["result"]["warnings"]
+    assert fake_hub.count("GET", f"/cdn-lfs/org/run/{sha[1000]}/") == 1  # not downloaded again
+    assert not partial.exists()
+    check_against_reference(out, sds, [0.25] * 4)
+    # --no-keep: all gone, step1000 too (the killed run downloaded and folded it, the resumed run
+    # deleted it); only the killed download's own temp file stays: huggingface_hub names it per
+    # process and never reuses it (`hf cache prune` removes it), and merger can't tell it from
+    # another process's download in progress
+    assert [p.name for p in run.glob("blobs/*") if not p.name.endswith(".incomplete")] == []
+    assert list(run.glob("snapshots/*")) == []
+
+    r = subprocess.run(cmd + ["-o", str(tmp_path / "ref")], env=_child_env(fake_hub), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for f in sorted(os.listdir(tmp_path / "ref")):
+        if f not in ("merger.json", "README.md"):
+            assert (out / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
+    assert scan_cache_dir(fake_hub.cache_dir).warnings == []
