@@ -100,10 +100,12 @@ def average(
     hash_inputs: Annotated[bool, typer.Option("--hash", help="Record the sha256 of local input files in merger.json "
                                               "(Hub files carry theirs; ~0.5 s/GB of CPU, on the slower torch "
                                               "kernel).")] = False,
-    no_keep: Annotated[bool, typer.Option("--no-keep", help="Delete each downloaded Hub revision once folded "
-                                          "(disk: at most two revisions).")] = False,
+    no_keep: Annotated[bool, typer.Option("--no-keep", help="Delete the files this run downloaded from the "
+                                          "HF cache once each revision is folded (disk: at most two revisions; "
+                                          "what was cached before stays).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command: keep "
-                                         "the output shards it finished (checked by CRC-32), merge the rest.")] = False,
+                                         "the output shards it finished (checked by CRC-32), merge the rest; "
+                                         "Hub downloads (stream): go on after the last folded revision.")] = False,
     run_eval: Annotated[bool, typer.Option("--eval", help="Then evaluate the merged model against the latest "
                                            "input revision (lm-eval, offline task pack by default).")] = False,
     tasks: Annotated[Optional[str], typer.Option(help="With --eval: lm-eval tasks, comma-separated.")] = None,

@@ -35,6 +35,7 @@ import fakehub
 from conftest import check_against_reference
 from merger import synth
 from merger.cli import app
+from merger.errors import EvalError
 from merger.hubcache import repo_folder_name
 
 fake_hub = fakehub.fake_hub
@@ -49,7 +50,8 @@ def _interrupted_download(hub, repo: str, filename: str, revision: str) -> None:
     hub.xet_token_delay = 4.0
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(hub.cache_dir), "HF_HUB_OFFLINE": "0",
            "TRANSFORMERS_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
-    code = f"from huggingface_hub import hf_hub_download; hf_hub_download({repo!r}, {filename!r}, revision={revision!r})"
+    code = ("from huggingface_hub import hf_hub_download; "
+            f"hf_hub_download({repo!r}, {filename!r}, revision={revision!r})")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     blobs = hub.cache_dir / repo_folder_name(repo) / "blobs"
     deadline = time.monotonic() + 60
@@ -226,7 +228,7 @@ def test_one_offline_rule_for_the_package(fake_hub, monkeypatch, env, offline):
     assert library == [str(offline)] * 2  # what huggingface_hub itself computes from this environment
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
     fake_hub.requests.clear()
-    with pytest.raises(Exception):  # org/none exists neither online nor in the cache
+    with pytest.raises(EvalError, match="org/none"):  # neither online nor in the cache
         merger_eval.resolve_model("org/none@main")
     assert (fake_hub.requests != []) is not offline  # asked the Hub exactly when online
 
