@@ -12,8 +12,15 @@ huggingface_hub 2.4 requests for ``HfApi.list_repo_refs`` / ``model_info`` / ``r
     HEAD/GET http://localhost:{port}/cdn-lfs/{org}/{name}/{sha256}/{file}   LFS bytes (Range)
 
 The CDN is this same server reached as ``localhost`` rather than ``127.0.0.1``: another origin, so
-the client takes the real off-Hub path (HEAD stops at the 302, the GET goes to ``Location``). No
-``X-Xet-*`` header or ``xetHash`` field is ever sent: hf_xet stays out, plain HTTP is used. Errors
+the client takes the real off-Hub path (HEAD stops at the 302, the GET goes to ``Location``).
+
+Xet (``FakeHub(xet_cas=folder)``): LFS files are also uploaded with hf_xet itself into a *local*
+CAS (hf_xet's ``local://`` endpoint: real xorbs and shards on disk, the real Xet file hashes), and
+the 302 of ``/resolve`` carries ``X-Xet-Hash`` + ``X-Xet-Refresh-Route``; the refresh route
+``GET /api/models/{org}/{name}/xet-read-token/{rev}`` answers ``X-Xet-Cas-Url: local://<folder>``.
+So ``hf_hub_download`` takes the real Xet path: hf_xet reconstructs the file from the local CAS
+and huggingface_hub publishes it to the cache-wide shared blob store. Without ``xet_cas`` no
+``X-Xet-*`` header or ``xetHash`` field is ever sent and plain HTTP is used. Errors
 carry ``X-Error-Code`` (``RepoNotFound`` 401, ``RevisionNotFound`` 404, ``EntryNotFound`` 404),
 which ``hf_raise_for_status`` maps to RepositoryNotFoundError / RevisionNotFoundError /
 EntryNotFoundError. Repo ids are ``namespace/name``; repos are flat (no sub-folders).
@@ -29,6 +36,7 @@ import socket
 import threading
 import time
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,6 +48,7 @@ LFS_SUFFIXES = (".bin", ".safetensors")
 _REPO = r"(?P<repo>[^/]+/[^/]+)"
 _API = re.compile(rf"/api/models/{_REPO}(?:/(?P<kind>refs|revision|tree)(?:/(?P<rev>[^/]+)/?)?)?")
 _RESOLVE = re.compile(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)")
+_XET_TOKEN = re.compile(rf"/api/models/{_REPO}/xet-read-token/(?P<rev>[^/]+)")
 _CDN = re.compile(rf"/cdn-lfs/{_REPO}/(?P<sha>[0-9a-f]{{64}})/(?P<file>.+)")
 
 
@@ -57,6 +66,7 @@ class HubFile:
     blob_id: str
     sha256: str | None = None
     pointer_size: int | None = None
+    xet_hash: str | None = None
 
     @classmethod
     def make(cls, name: str, data: bytes) -> HubFile:
@@ -76,6 +86,15 @@ class HubFile:
         return {oid_key: self.sha256, "size": len(self.data), "pointerSize": self.pointer_size}
 
 
+def xet_upload(cas: Path, data: bytes) -> str:
+    """Store ``data`` in the local CAS ``cas`` with hf_xet's own uploader; return its Xet hash."""
+    import hf_xet
+
+    with hf_xet.XetSession().new_upload_commit(endpoint=f"local://{cas}") as commit:
+        handle = commit.start_upload_bytes(data)
+    return handle.result().xet_info.hash
+
+
 class _HubError(Exception):
     def __init__(self, status: int, code: str | None, message: str, **headers: str):
         super().__init__(message)
@@ -93,16 +112,22 @@ class FakeHub:
       ``ranges``        ``(path, Range header)`` of the body requests that asked for a range;
       ``bytes_served``  Counter ``(repo_id, filename) -> body bytes sent``, updated as they go out.
     Knobs: ``delay_per_file`` seconds spread over each file body (a download stays in progress
-    that long); ``drop_once[(repo_id, filename)] = n`` cuts that file's next body after n bytes.
+    that long); ``xet_token_delay`` seconds before a Xet CAS token is handed out;
+    ``drop_once[(repo_id, filename)] = n`` cuts that file's next body after n bytes;
+    ``delay_blobs[etag] = s`` holds that one file's body back for s seconds (one revision is slow).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, xet_cas: Path | None = None) -> None:
+        self.xet_cas = xet_cas  # a folder: serve LFS files through Xet from this local CAS
         self.branches: dict[str, dict[str, str]] = {}  # repo -> branch -> commit
         self.commits: dict[str, dict[str, dict[str, HubFile]]] = {}  # repo -> commit -> files
         self.requests: list[tuple[str, str]] = []
         self.ranges: list[tuple[str, str]] = []
         self.bytes_served: Counter[tuple[str, str]] = Counter()
         self.delay_per_file = 0.0
+        self.xet_token_delay = 0.0  # seconds before answering xet-read-token (a Xet download waits)
+        self.delay_blobs: dict[str, float] = {}  # etag -> seconds before that file's body is sent
+        self.closing = threading.Event()  # set on exit: delays end early
         self.drop_once: dict[tuple[str, str], int] = {}
         self.cache_dir: Path | None = None  # set by the ``fake_hub`` fixture
         self.lock = threading.Lock()
@@ -116,6 +141,9 @@ class FakeHub:
         """
         paths = sorted(p for p in Path(folder).iterdir() if p.is_file())
         files = {p.name: HubFile.make(p.name, p.read_bytes()) for p in paths}
+        if self.xet_cas is not None:
+            files = {n: dataclasses.replace(f, xet_hash=xet_upload(self.xet_cas, f.data)) if f.sha256 else f
+                     for n, f in files.items()}
         parent = self.branches.get(repo_id, {}).get(branch, "")
         h = hashlib.sha1(f"{repo_id}\n{branch}\n{parent}\n".encode())
         for f in files.values():
@@ -150,6 +178,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.closing.set()
         self._server.stop()
         self._thread.join(timeout=5)
 
@@ -195,6 +224,12 @@ class _Handler(BaseHTTPRequestHandler):
                 query = {k: v[-1] for k, v in parse_qs(url.query).items()}
                 obj = self._api(m["repo"], m["kind"], unquote(m["rev"] or ""), query)
                 self._send(200, json.dumps(obj).encode())
+            elif (m := _XET_TOKEN.fullmatch(url.path)) and hub.xet_cas is not None:
+                hub.lookup(m["repo"], unquote(m["rev"]))
+                time.sleep(hub.xet_token_delay)
+                self._send(200, b"{}", {"X-Xet-Cas-Url": f"local://{hub.xet_cas}",
+                                         "X-Xet-Access-Token": "fake-xet-token",
+                                         "X-Xet-Token-Expiration": str(int(time.time()) + 3600)})
             elif m := _RESOLVE.fullmatch(url.path):
                 self._resolve(m["repo"], unquote(m["rev"]), unquote(m["file"]))
             elif m := _CDN.fullmatch(url.path):
@@ -227,7 +262,8 @@ class _Handler(BaseHTTPRequestHandler):
         sha, files = hub.lookup(repo, rev or "main")
         if kind == "tree":  # recursive or not, the same: repos are flat
             return [{"type": "file", "oid": f.blob_id, "size": len(f.data), "path": f.name}
-                    | ({"lfs": f.lfs("oid")} if f.sha256 else {}) for f in files.values()]
+                    | ({"lfs": f.lfs("oid")} if f.sha256 else {})
+                    | ({"xetHash": f.xet_hash} if f.xet_hash else {}) for f in files.values()]
         siblings = [{"rfilename": f.name} for f in files.values()]
         if query.get("blobs", "").lower() in ("1", "true"):  # files_metadata=True
             for s, f in zip(siblings, files.values()):
@@ -246,6 +282,9 @@ class _Handler(BaseHTTPRequestHandler):
         if f.sha256 is None:
             return self._send_file(repo, f, headers)
         location = f"{self.hub.cdn_url}/cdn-lfs/{repo}/{f.sha256}/{quote(f.name)}"
+        if f.xet_hash:  # as the Hub does for Xet-backed files: hash + where to get a CAS token
+            headers |= {"X-Xet-Hash": f.xet_hash,
+                        "X-Xet-Refresh-Route": f"{self.hub.url}/api/models/{repo}/xet-read-token/{sha}"}
         self._send(302, b"", headers | {"Location": location, "X-Linked-Etag": f'"{f.sha256}"',
                                         "X-Linked-Size": str(len(f.data))})
 
@@ -280,6 +319,7 @@ class _Handler(BaseHTTPRequestHandler):
                 hub.ranges.append((urlsplit(self.path).path, rng))
             drop = hub.drop_once.pop(key, None)
         body = memoryview(f.data)[start:end if drop is None else min(end, start + drop)]
+        hub.closing.wait(hub.delay_blobs.get(f.etag, 0.0))
         pieces = 8 if hub.delay_per_file > 0 else 1
         step = max(1, math.ceil(len(body) / pieces))
         for i in range(0, max(len(body), 1), step):

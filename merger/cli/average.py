@@ -45,10 +45,12 @@ def average_command(
     hash_inputs: Annotated[bool, typer.Option("--hash", help="Record the sha256 of local input files in merger.json "
                                               "(Hub files carry theirs; ~0.5 s/GB of CPU, on the slower torch "
                                               "kernel).")] = False,
-    no_keep: Annotated[bool, typer.Option("--no-keep", help="Delete each downloaded Hub revision once folded "
-                                          "(disk: at most two revisions).")] = False,
+    no_keep: Annotated[bool, typer.Option("--no-keep", help="Delete the files this run downloaded from the "
+                                          "HF cache once each revision is folded (disk: at most two revisions; "
+                                          "what was cached before stays).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command: keep "
-                                         "the output shards it finished (checked by CRC-32), merge the rest.")] = False,
+                                         "the output shards it finished (checked by CRC-32), merge the rest; "
+                                         "Hub downloads (stream): go on after the last folded revision.")] = False,
     key: Annotated[Optional[str], typer.Option(
         "--key", help="Where the model lies in a training checkpoint (a dict key such as model, or a.b).",
         show_default="found by the format")] = None,

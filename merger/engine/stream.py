@@ -31,7 +31,9 @@ from merger.output.folder import OutputDir
 from merger.output.shards import ShardWriter, shard_header, write_index
 from merger.plan import CHUNK, Options, Plan, build, check_layouts
 from merger.sources import Source
-from merger.sources.hub import cache_dir, delete_revision, fetch
+from merger.engine.stream_resume import STATE, load, resume_point, save, sources_fingerprint
+from merger.sources.hflocal import present_files
+from merger.sources.hub import delete_revision, fetch
 from merger.units import dtype_from_name
 
 PIECE = 64 * CHUNK  # elements read per pread
@@ -45,19 +47,27 @@ class _Downloader(threading.Thread):
         self.sources, self.out = sources, queue.Queue()
         self.slots = threading.Semaphore(ahead + 1)
         self.stop = threading.Event()
+        # held while a revision downloads and while one is deleted: huggingface_hub links a new
+        # snapshot file to a blob it finds on disk, so a deletion that scanned the cache before
+        # that link appeared would delete the blob under it (a dangling link in the next revision)
+        self.cache_lock = threading.Lock()
 
     def run(self) -> None:
         for s in self.sources:
             self.slots.acquire()
             if self.stop.is_set():
                 return
-            try:
-                self.out.put((s.path is None, fetch(s) if s.path is None else s))
+            try:  # (names this run downloads: not in the cache before, None if none, the source)
+                with self.cache_lock:
+                    before = None if s.path else present_files(s.repo_id, s.commit, [f for f, _, _ in s.files])
+                    item = (None if before is None else [f for f, _, _ in s.files if f not in before],
+                            fetch(s) if s.path is None else s)
+                self.out.put(item)
             except BaseException as e:  # noqa: BLE001 - handed to the folding thread
                 self.out.put(e)
                 return
 
-    def next(self) -> tuple[bool, Source]:
+    def next(self) -> tuple[list[str] | None, Source]:
         item = self.out.get()
         if isinstance(item, BaseException):
             raise item
@@ -76,14 +86,23 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
     progress = progress or (lambda n: None)
     out = OutputDir(output, inputs=[str(cache_dir())], force=force)
     t0 = time.perf_counter()
-    tmp = out.create()
-    down = _Downloader(sources)
+    tmp = out.create(keep=options.resume)
+    fp = sources_fingerprint(sources, options)  # the state saved after each revision: stream_resume.py
+    start, rec, notes = resume_point(out, fp) if options.resume else (0, None, [])
+    down = _Downloader(sources[start:])
     down.start()
-    done: list[Source] = []
+    done: list[Source] = list(sources[:start])
+    downloaded: dict[str, list[str]] = dict((rec or {}).get("downloaded", {}))  # commit -> names we fetched
+
+    def later_commits(i: int) -> set[str]:  # a commit selected twice is needed again
+        return {s.commit for s in sources[i:]}
+
+    restart = False
     try:
         fetched_by_us, first = down.next()
         layout0 = read_checkpoint(first.path, key=options.key)
-        plan = build([first] + list(sources[1:]), options, layouts=[layout0] * len(sources))
+        plan = build(list(sources[:start]) + [first] + list(sources[start + 1:]), options,
+                     layouts=[layout0] * len(sources))
         plan = dataclasses.replace(plan, schedule="stream")
         dev = torch.device(plan.device)
         kernel = Kernel(list(plan.weights), [s.name for s in sources], device=str(dev),
@@ -93,8 +112,18 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
         same: dict[int, list[bool]] = {}
         bad: dict[int, dict[int, int]] = {}
         hashes: dict[str, str] = {}
-        for i in range(len(sources)):
-            if i > 0:
+        if start:
+            state = load(out, rec, plan, dev)
+            if state is None:  # this run's output layout differs from the interrupted one's
+                raise _Restart
+            acc, raw0, same, bad, hashes = state
+            if not keep:  # what the interrupted run downloaded and folded but hadn't deleted yet
+                with down.cache_lock:
+                    for s in sources[:start]:
+                        if s.commit in rec.get("downloaded", {}) and s.commit not in later_commits(start):
+                            delete_revision(s, rec["downloaded"][s.commit])
+        for i in range(start, len(sources)):
+            if i > start:
                 fetched_by_us, src = down.next()
                 layout = read_checkpoint(src.path, key=options.key)
                 check_layouts([first, src], [layout0, layout])
@@ -129,8 +158,12 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
                     os.close(fd)
             hashes.update({p: h.hexdigest() for p, h in hashers.items()})
             done.append(src)
-            if not keep and fetched_by_us and i < len(sources) - 1:
-                delete_revision(src)
+            if i < len(sources) - 1:  # before deleting it: a crash from now on resumes at i + 1
+                downloaded.update({src.commit: fetched_by_us} if fetched_by_us else {})
+                save(out, fp, plan, i + 1, acc, raw0, same, bad, hashes, downloaded)
+            if not keep and fetched_by_us and i < len(sources) - 1 and src.commit not in later_commits(i + 1):
+                with down.cache_lock:
+                    delete_revision(src, fetched_by_us)
             down.slots.release()
         last = done[-1]
         plan = dataclasses.replace(plan, sources=tuple(done),
@@ -144,7 +177,8 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
                         written_bytes=written, peak_rss=peak_rss(),
                         copied_tensors=[plan.tensors[ti].name for ti in raw0
                                         if not plan.tensors[ti].averaged or all(same[ti])],
-                        file_hashes=hashes, kernel="stream")
+                        file_hashes=hashes, kernel="stream", warnings=out.notes + notes)
+        (tmp / STATE).unlink(missing_ok=True)  # not part of the output
         written = convert(tmp, plan)
         if written:
             result.written_bytes = sum((tmp / f).stat().st_size for f in written)
@@ -152,15 +186,29 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
             finalize(tmp, plan, result)
         out.publish()
         if not keep and fetched_by_us:
-            delete_revision(last)
+            with down.cache_lock:
+                delete_revision(last, fetched_by_us)
         return plan, result
-    except BaseException:
+    except _Restart:
         out.discard()
+        restart = True
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) and (out.read_progress() or {}).get("stream"):
+            out.release()  # keep the saved state for --resume
+        else:
+            out.discard()
         raise
     finally:
         down.stop.set()
         for _ in range(2):
             down.slots.release()
+    assert restart
+    return run_stream(sources, dataclasses.replace(options, resume=False), output, force=force, keep=keep,
+                      progress=progress, finalize=finalize)
+
+
+class _Restart(Exception):
+    """The saved state doesn't fit this run's plan: start again from the first revision."""
 
 
 def _fold_piece(kernel: Kernel, plan: Plan, ti: int, i: int, start: int, stop: int, x: torch.Tensor,

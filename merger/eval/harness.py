@@ -34,13 +34,13 @@ from typing import Any
 
 from merger.errors import EvalError, UsageError
 from merger.eval.tasks import DEFAULT_TASKS, task_pack_dir
+from merger.sources.hflocal import is_offline, is_repo_id
 
 WEIGHT_GLOBS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin",
                 "pytorch_model-*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 HUB_IGNORE = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.gguf", "flax_model*", "tf_model*",
               "rust_model*"]  # other frameworks' weights: never needed by HFLM
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -132,10 +132,6 @@ class EvalReport:
                 "output_dir": self.output_dir, "tasks": tasks, "models": models}
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def check_model_folder(path: Path, spec: str) -> None:
     """Raise :class:`EvalError` unless ``path`` holds a config, weights and a tokenizer."""
     if not path.is_dir():
@@ -167,15 +163,13 @@ def resolve_model(spec: str) -> ModelSource:
         check_model_folder(path, spec)
         return ModelSource(spec=spec, path=str(path.resolve()))
     repo_id, _, revision = spec.partition("@")
-    if not _REPO_ID.match(repo_id):
+    if not is_repo_id(repo_id):
         raise EvalError(f"{spec}: no such folder", hint="pass a model folder or REPO_ID@REVISION, "
                                                          "e.g. EleutherAI/pythia-70m@step143000")
     revision = revision or "main"
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
 
-    # read at call time: huggingface_hub.constants froze the environment at its import
-    offline = (_env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
-               or constants.HF_HUB_OFFLINE)
+    offline = is_offline()  # read at call time: huggingface_hub.constants froze it at import
     try:
         folder = snapshot_download(repo_id, revision=revision, local_files_only=offline,
                                    cache_dir=os.environ.get("HF_HUB_CACHE") or None,

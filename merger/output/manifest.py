@@ -21,7 +21,8 @@ def source_files(plan: Plan, result: Result) -> list[list[dict]]:
     out = []
     for s in plan.sources:
         if s.files:  # Hub revisions: listed when resolved (they may be deleted by now: --no-keep)
-            out.append([{"file": f, "size": size, "sha256": sha} for f, size, sha in s.files
+            out.append([{"file": f, "size": size, "sha256": sha or (s.path and result.file_hashes.get(
+                            str(Path(s.path) / f)))} for f, size, sha in s.files  # no LFS sha256: hashed
                         if f.endswith((".bin", ".safetensors", ".index.json"))])
             continue
         names = of(s.path).weight_files(s.path)

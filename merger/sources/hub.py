@@ -1,51 +1,30 @@
 """Hub sources: a repo id's branches as revisions, each pinned to its commit before any download.
 
 Online, revisions are listed with ``HfApi.list_repo_refs`` and files (sizes, LFS sha256) with
-``HfApi.model_info(files_metadata=True)``; offline (``HF_HUB_OFFLINE=1``) both come from the local
-HF cache: ``refs/<branch>`` holds the commit, ``snapshots/<commit>/`` the files, and a weight file's
-blob is named by its sha256. Only the files a merge needs are downloaded (weights and index,
-config, tokenizer), with ``hf_hub_download`` at the pinned commit.
+``HfApi.model_info(files_metadata=True)``; offline (see ``hflocal.is_offline``) both come from the
+local HF cache, read through huggingface_hub's ``scan_cache_dir`` (``merger/hflocal.py``): a
+weight file's sha256 is its per-repo blob name (the LFS etag). Only the files a merge needs are
+downloaded (weights and index, config, tokenizer), with ``hf_hub_download`` at the pinned commit.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
 
 from merger.errors import SourceError, UsageError
 from merger.formats.hf_folder import COPY_FILES
+from merger.sources.hflocal import CachedRepo, cache_dir, cached_snapshot, delete_downloaded, is_offline, is_repo_id
 from merger.sources.source import Source
 from merger.sources.spec import parse_spec, parse_step, select
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+looks_like_repo_id = is_repo_id  # the package's one repo-id test (merger.sources.hflocal)
 
 
 def repo_folder_name(repo_id: str, repo_type: str = "model") -> str:
     """``EleutherAI/pythia-70m`` -> ``models--EleutherAI--pythia-70m`` (the HF cache's folder name)."""
     return f"{repo_type}s--" + repo_id.replace("/", "--")
-
-
-def looks_like_repo_id(text: str) -> bool:
-    return bool(_REPO_ID.match(text)) and ".." not in text
-
-
-def cache_dir() -> Path:
-    """The hub cache in force now (``HF_HUB_CACHE``, else huggingface_hub's default)."""
-    from huggingface_hub import constants
-
-    return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE).expanduser()
-
-
-def is_offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE")
-    if env is not None:
-        return env.strip().lower() in ("1", "true", "yes", "on")
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def needed_files(names: list[str]) -> list[str]:
@@ -59,34 +38,6 @@ def needed_files(names: list[str]) -> list[str]:
     if st and not [n for n in st if n.startswith("model")]:
         weights = st
     return weights + [n for n in COPY_FILES if n in names]
-
-
-class _Cache:
-    """Read-only view of one repo in the local HF cache."""
-
-    def __init__(self, repo_id: str):
-        self.root = cache_dir() / repo_folder_name(repo_id)
-
-    def refs(self) -> dict[str, str]:
-        refs = self.root / "refs"
-        if not refs.is_dir():
-            return {}
-        out = {}
-        for p in sorted(refs.rglob("*")):
-            name = p.relative_to(refs).as_posix()
-            if p.is_file() and not name.startswith("pr/"):
-                out[name] = p.read_text().strip()
-        return out
-
-    def files(self, commit: str) -> dict[str, tuple[int, str | None]]:
-        snap = self.root / "snapshots" / commit
-        out = {}
-        if snap.is_dir():
-            for p in sorted(snap.rglob("*")):
-                if p.is_file():
-                    blob = Path(os.path.realpath(p)).name
-                    out[p.relative_to(snap).as_posix()] = (p.stat().st_size, blob if _SHA256.match(blob) else None)
-        return out
 
 
 def _online_refs(repo_id: str) -> dict[str, str]:
@@ -115,7 +66,7 @@ def resolve_hub(repo_id: str, revisions: str | None, every: int | None) -> list[
         SourceError: unknown repo, repo not cached while offline, a revision without weights.
         RevisionNotFoundError / UsageError: see :func:`merger.sources.select`.
     """
-    cache = _Cache(repo_id)
+    cache = CachedRepo(repo_id)
     offline = is_offline()
     if offline:
         refs = cache.refs()
@@ -147,15 +98,13 @@ def resolve_hub(repo_id: str, revisions: str | None, every: int | None) -> list[
     sources = []
     for name in names:
         commit = refs[name]
-        cached = cache.files(commit)
-        listing = cached if offline else _online_files(repo_id, commit)
+        listing = cache.files(commit) if offline else _online_files(repo_id, commit)
         files = needed_files(sorted(listing))
         if not any(f.endswith((".safetensors", ".bin")) for f in files):
             raise SourceError(f"{repo_id}@{name} (commit {commit[:12]}) has no weights"
                               + (" in the local cache" if offline else ""),
                               hint="download it once without HF_HUB_OFFLINE" if offline else "pick another revision")
-        complete = all(f in cached for f in files)
-        path = str(cache.root / "snapshots" / commit) if complete else None
+        path = cached_snapshot(repo_id, commit, files)
         sources.append(Source(name, available[name], path, repo_id=repo_id, revision=name, commit=commit,
                               files=tuple((f, listing[f][0], listing[f][1]) for f in files)))
     return sources
@@ -177,36 +126,16 @@ def fetch(source: Source) -> Source:
 
     folder = None
     for f, _, _ in source.files:
-        local = hf_hub_download(source.repo_id, f, revision=source.commit, cache_dir=str(cache_dir()))
+        local = hf_hub_download(source.repo_id, f, revision=source.commit, cache_dir=str(cache_dir()),
+                                local_files_only=is_offline())
         folder = Path(local).parent if "/" not in f else Path(local).parents[f.count("/")]
     return Source(source.name, source.step, str(folder), repo_id=source.repo_id, revision=source.revision,
                   commit=source.commit, files=source.files)
 
 
-def delete_revision(source: Source) -> int:
-    """Remove a downloaded revision's files from the cache (``--no-keep``).
-
-    Blobs that any other snapshot of the repo links to (an identical config.json, a revision that
-    was in the cache before) stay. Returns the bytes freed.
+def delete_revision(source: Source, downloaded) -> int:
+    """Remove the files of ``source`` that this run downloaded (``downloaded``: their names) from the
+    cache (``--no-keep``), through huggingface_hub (see :func:`merger.hflocal.delete_downloaded`):
+    files cached before the run, and blobs anything else references, stay. Returns the bytes freed.
     """
-    if not source.path:
-        return 0
-    snap = Path(source.path)
-    kept = set()
-    for other in snap.parent.iterdir():
-        if other != snap and other.is_dir():
-            kept.update(os.path.realpath(p) for p in other.rglob("*") if p.is_symlink())
-    freed = 0
-    for f, _, _ in source.files:
-        link = snap / f
-        blob = os.path.realpath(link)
-        if link.is_symlink() and blob not in kept and os.path.isfile(blob):
-            freed += os.path.getsize(blob)
-            os.remove(blob)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-    try:
-        snap.rmdir()
-    except OSError:
-        pass
-    return freed
+    return delete_downloaded(source.repo_id, source.commit, downloaded)
