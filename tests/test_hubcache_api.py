@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 
 import fakehub
 from conftest import check_against_reference
-from merger import synth
+from merger.testing import synth
 from merger.cli import app
 from merger.errors import EvalError
 from merger.testing.hubcache import repo_folder_name

@@ -31,8 +31,8 @@ from merger.output.folder import OutputDir
 from merger.output.shards import ShardWriter, shard_header, write_index
 from merger.plan import CHUNK, Options, Plan, build, check_layouts
 from merger.sources import Source
-from merger.engine.stream_resume import STATE, load, resume_point, save, sources_fingerprint
-from merger.sources.hflocal import present_files
+from merger.engine.resume import STATE, load_stream_state, save_stream_state, sources_fingerprint, stream_resume_point
+from merger.sources.hflocal import cache_dir, present_files
 from merger.sources.hub import delete_revision, fetch
 from merger.units import dtype_from_name
 
@@ -87,8 +87,8 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
     out = OutputDir(output, inputs=[str(cache_dir())], force=force)
     t0 = time.perf_counter()
     tmp = out.create(keep=options.resume)
-    fp = sources_fingerprint(sources, options)  # the state saved after each revision: stream_resume.py
-    start, rec, notes = resume_point(out, fp) if options.resume else (0, None, [])
+    fp = sources_fingerprint(sources, options)  # the state saved after each revision: resume.py
+    start, rec, notes = stream_resume_point(out, fp) if options.resume else (0, None, [])
     down = _Downloader(sources[start:])
     down.start()
     done: list[Source] = list(sources[:start])
@@ -113,7 +113,7 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
         bad: dict[int, dict[int, int]] = {}
         hashes: dict[str, str] = {}
         if start:
-            state = load(out, rec, plan, dev)
+            state = load_stream_state(out, rec, plan, dev)
             if state is None:  # this run's output layout differs from the interrupted one's
                 raise _Restart
             acc, raw0, same, bad, hashes = state
@@ -160,7 +160,7 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
             done.append(src)
             if i < len(sources) - 1:  # before deleting it: a crash from now on resumes at i + 1
                 downloaded.update({src.commit: fetched_by_us} if fetched_by_us else {})
-                save(out, fp, plan, i + 1, acc, raw0, same, bad, hashes, downloaded)
+                save_stream_state(out, fp, plan, i + 1, acc, raw0, same, bad, hashes, downloaded)
             if not keep and fetched_by_us and i < len(sources) - 1 and src.commit not in later_commits(i + 1):
                 with down.cache_lock:
                     delete_revision(src, fetched_by_us)
