@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING
 
@@ -87,3 +88,30 @@ def dtype_from_name(name: str) -> torch.dtype:
     import torch
 
     return getattr(torch, name)
+
+
+def parse_limit(value: float | int | None, *, option: str = "--limit") -> int | float | None:
+    """``--limit`` as lm-eval takes it: N documents (an int, N >= 1) or a fraction of them (0 < x < 1).
+
+    Raises:
+        UsageError: zero, negative, NaN, infinite, or a count that is not a whole number.
+    """
+    if value is None:
+        return None
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise UsageError(f"{option} {value}: must be a number of documents (1, 2, ...) or a fraction in (0, 1)",
+                         hint=f"e.g. {option} 200 or {option} 0.1")
+    if v >= 1:
+        if not v.is_integer():
+            raise UsageError(f"{option} {value}: a count of documents must be a whole number",
+                             hint=f"e.g. {option} {int(v)}, or a fraction below 1")
+        return int(v)
+    return v
+
+
+def apply_limit(total: int, limit: int | float | None) -> int:
+    """How many of ``total`` items a :func:`parse_limit` value keeps (a fraction rounds up, as lm-eval)."""
+    if limit is None:
+        return total
+    return min(total, int(limit) if limit >= 1 else math.ceil(total * limit))

@@ -152,7 +152,7 @@ def test_eval_table_shows_values_stderr_and_deltas(report):
         assert metric in text
     assert "±" in text  # the accuracies have a standard error
     bpb = report.delta(report.rows[1], PPL_TASK, "bits_per_byte")
-    assert f"{bpb:.4g}" in text and bpb < 0
+    assert f"{bpb:.4f}" in text and bpb < 0  # deltas as ui.number writes them
 
 
 def _app() -> typer.Typer:

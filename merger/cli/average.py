@@ -76,7 +76,9 @@ def average_command(
     with errors_handled(debug):
         from merger.api import average as do_average, output_path, prepare
         from merger.plan import Method, Options, parse_weights
-        from merger.units import parse_dtype, parse_size
+        from merger.units import parse_dtype, parse_limit, parse_size
+
+        eval_limit = parse_limit(limit)  # a bad --limit fails before the merge, not after it
 
         opts = Options(
             method=Method(name=method, decay=decay, weights=parse_weights(weights) if weights else None,
@@ -111,7 +113,7 @@ def average_command(
 
             latest = plan_.sources[-1]
             baseline = f"{latest.repo_id}@{latest.revision}" if latest.repo_id else str(latest.path)
-            report = evaluate([baseline, result.output], tasks=tasks.split(",") if tasks else None, limit=limit,
+            report = evaluate([baseline, result.output], tasks=tasks.split(",") if tasks else None, limit=eval_limit,
                               device=device, output_dir=Path(result.output) / "eval", progress=ui.info)
         if json_out:
             ui.print_json({"plan": plan_.to_dict(), "result": result.to_dict(),

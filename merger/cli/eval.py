@@ -10,7 +10,6 @@ against the first model), or ``report.to_dict()`` as JSON with ``--json``. Error
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -21,6 +20,7 @@ from rich.text import Text
 
 from merger.cli import ui
 from merger.eval.tasks import DEFAULT_TASKS, cache_root
+from merger.units import parse_limit
 
 if TYPE_CHECKING:  # merger.eval (lm-eval glue) is imported when `merger eval` runs, not at every start
     from merger.eval.harness import EvalReport
@@ -65,7 +65,7 @@ def eval_command(models: ModelsArg, tasks: TasksOpt = None, limit: LimitOpt = No
         merger eval merged/ --tasks merger_pydocs_ppl,lambada_openai --json > scores.json
     """
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    n = int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
+    n = parse_limit(limit)
     out = output_dir or cache_root() / "eval" / time.strftime("%Y%m%d-%H%M%S")
     from merger.eval.harness import evaluate
 
@@ -79,26 +79,15 @@ def eval_command(models: ModelsArg, tasks: TasksOpt = None, limit: LimitOpt = No
         ui.out.print(eval_table(report))
 
 
-def _fmt(x: float) -> str:
-    """4 significant digits; perplexities of random models reach 1e18, so exponents stay."""
-    if not math.isfinite(x):
-        return str(x)
-    return f"{x:.4g}" if abs(x) < 1e6 else f"{x:.3e}"
-
-
 def eval_table(report: EvalReport) -> Table:
     """Models as rows, one ``task/metric`` column each; cells read ``value ± stderr`` and, below,
     the delta against the baseline (first row), green where it is an improvement."""
     n = report.n_samples
-    table = Table(title="lm-eval" + (f" (limit {report.config.get('limit')})"
-                                     if report.config.get("limit") is not None else ""),
-                  show_lines=True)
-    table.add_column("model", overflow="fold")
-    for task, metric in report.columns:
-        better = report.higher_is_better.get(task, {}).get(metric.split(",")[0])
-        arrow = {True: " ↑", False: " ↓"}.get(better, "")
-        docs = f" n={n[task]}" if task in n else ""
-        table.add_column(f"{task}{docs}\n{metric}{arrow}", justify="right")
+    hib = {(task, metric): report.higher_is_better.get(task, {}).get(metric.split(",")[0])
+           for task, metric in report.columns}
+    columns = [("model", "left")] + [(f"{task}{f' n={n[task]}' if task in n else ''}\n{metric}"
+                                      f"{ui.arrow(hib[task, metric])}", "right") for task, metric in report.columns]
+    rows = []
     for i, row in enumerate(report.rows):
         label = Text(row.model)
         if row.source.commit:
@@ -111,13 +100,11 @@ def eval_table(report: EvalReport) -> Table:
             if s is None:
                 cells.append("-")
                 continue
-            cell = Text(_fmt(s.value) + (f" ± {s.stderr:.2g}" if s.stderr is not None else ""))
+            cell = Text(ui.number(s.value) + (f" ± {s.stderr:.2g}" if s.stderr is not None else ""))
             d = report.delta(row, task, metric)
             if i > 0 and d is not None:
-                better = report.higher_is_better.get(task, {}).get(s.metric)
-                good = None if better is None or d == 0 else (d > 0) == better
-                style = {True: "green", False: "red"}.get(good, "dim")
-                cell.append(f"\n{'+' if d >= 0 else ''}{_fmt(d)}", style=style)
+                cell.append("\n").append_text(ui.change(d, hib[task, metric]))
             cells.append(cell)
-        table.add_row(*cells)
-    return table
+        rows.append(cells)
+    limit = report.config.get("limit")
+    return ui.table("lm-eval" + (f" (limit {limit})" if limit is not None else ""), columns, rows, lines=True)

@@ -10,7 +10,6 @@ subclasses; ``guarded`` in ``cli.py`` turns them into ``Error: ...`` and exit 1.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from merger.cli import ui
+from merger.units import parse_limit
 
 if TYPE_CHECKING:
     from merger.eval.sweep import SweepResult
@@ -79,7 +79,7 @@ def sweep_command(model: ModelArg = None, revisions: RevisionsOpt = None,
     def items(text: str) -> tuple[str, ...]:
         return tuple(t.strip() for t in text.split(",") if t.strip())
 
-    n = int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
+    n = parse_limit(limit)
     opts = SweepOptions(window=window, methods=items(methods), decay=decay, metric=metric,
                         tasks=items(tasks) if tasks else None, limit=n, device=device)
     name = (model or "EleutherAI/pythia-70m").rstrip("/").split("/")[-1] or "model"
@@ -93,41 +93,26 @@ def sweep_command(model: ModelArg = None, revisions: RevisionsOpt = None,
         ui.out.print(sweep_table(result))
 
 
-def _fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.4f}" if math.isfinite(x) and abs(x) < 1e4 else f"{x:.4g}"
-
-
 def sweep_table(result: SweepResult) -> Table:
     """A row per step: the metric of the raw checkpoint and of each average, each average
     followed by its change against raw (green where it is an improvement)."""
-    better = {True: " ↑", False: " ↓"}.get(result.higher_is_better, "")
     every = f", every {result.every}" if result.every else ""
     k = result.options.window
-    table = Table(title=f"{result.model}: {result.metric}{better}, K={k}{every}")
-    table.add_column("step", justify="right")
-    table.add_column("revision")
     heads = {"raw": "raw", "uniform": f"LAWA K={k}", "ema": f"EMA b={result.options.decay}"}
+    columns = [("step", "right"), ("revision", "left")]
     for s in result.series:
-        table.add_column(heads[s], justify="right")
+        columns.append((heads.get(s, s), "right"))
         if s != "raw":
-            table.add_column("Δ", justify="right")
+            columns.append(("Δ", "right"))
+    rows = []
     for p in result.points:
         raw = result.value(p, "raw")
         cells: list[str | Text] = [str(p.step), p.revision]
         for s in result.series:
             v = result.value(p, s)
-            cells.append(_fmt(v))
-            if s == "raw":
-                continue
-            if v is None or raw is None:
-                cells.append("")
-                continue
-            d = v - raw
-            hib = result.higher_is_better
-            good = None if hib is None or d == 0 else (d > 0) == hib
-            cells.append(Text(f"{'+' if d >= 0 else ''}{_fmt(d)}",
-                              style={True: "green", False: "red"}.get(good, "dim")))
-        table.add_row(*cells)
-    return table
+            cells.append(ui.number(v))
+            if s != "raw":
+                cells.append("" if v is None or raw is None else ui.change(v - raw, result.higher_is_better))
+        rows.append(cells)
+    title = f"{result.model}: {result.metric}{ui.arrow(result.higher_is_better)}, K={k}{every}"
+    return ui.table(title, columns, rows)

@@ -7,11 +7,14 @@ and only drawn when stderr is a terminal; ``--json`` output on stdout stays clea
 from __future__ import annotations
 
 import json
+import math
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
@@ -52,6 +55,35 @@ def show_error(exc: BaseException) -> None:
     hint = getattr(exc, "hint", None)
     if hint:
         err.print(f"[yellow]hint:[/] {hint}", markup=True, highlight=False)
+
+
+def number(x: float | None) -> str:
+    """A score in a table: 4 decimals; large or non-finite values (perplexities of random models reach
+    1e18) with 4 significant digits; None as ``-``."""
+    if x is None:
+        return "-"
+    return f"{x:.4f}" if math.isfinite(x) and abs(x) < 1e4 else f"{x:.4g}"
+
+
+def change(d: float, higher_is_better: bool | None) -> Text:
+    """A signed difference, green where it is an improvement, red where it is worse, dim otherwise."""
+    good = None if higher_is_better is None or d == 0 else (d > 0) == higher_is_better
+    return Text(f"{'+' if d >= 0 else ''}{number(d)}", style={True: "green", False: "red"}.get(good, "dim"))
+
+
+def arrow(higher_is_better: bool | None) -> str:
+    """`` ↑`` / `` ↓`` after a metric's name: which way is better."""
+    return {True: " ↑", False: " ↓"}.get(higher_is_better, "")
+
+
+def table(title: str, columns: list[tuple[str, str]], rows: list[list], *, lines: bool = False) -> Table:
+    """The one way results are tabulated: ``columns`` as (header, justify), ``rows`` of cells."""
+    t = Table(title=title, show_lines=lines)
+    for head, justify in columns:
+        t.add_column(head, justify=justify, overflow="fold")
+    for r in rows:
+        t.add_row(*r)
+    return t
 
 
 def _size(n: float) -> str:

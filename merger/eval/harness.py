@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from merger.errors import EvalError, UsageError
+from merger.units import parse_limit
 from merger.eval.tasks import DEFAULT_TASKS, task_pack_dir
 from merger.sources.hflocal import is_offline, is_repo_id
 
@@ -289,14 +290,11 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
     if not models:
         raise UsageError("no model to evaluate",
                          hint="pass one or more model folders or REPO_ID@REVISION")
-    if limit is not None and not (limit > 0):
-        raise UsageError(f"--limit {limit} must be larger than zero")
+    limit = parse_limit(limit)
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size} must be at least 1")
     if num_fewshot is not None and num_fewshot < 0:
         raise UsageError(f"--num-fewshot {num_fewshot} must be zero or more")
-    if isinstance(limit, float) and limit >= 1:
-        limit = int(limit)
     tasks = list(tasks) if tasks else list(DEFAULT_TASKS)
     note = progress or (lambda _msg: None)
 

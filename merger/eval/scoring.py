@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from merger.errors import EvalError
+from merger.units import apply_limit, parse_limit
 from merger.formats.hf_folder import COPY_FILES
 from merger.sources import Source
 
@@ -82,7 +83,7 @@ class HeldoutScorer:
         self.device = torch.device(device)
         texts = [r["text"] for r in ppl_records(split_docs()[1])]
         if limit is not None:  # as lm-eval's --limit: N documents, or a fraction (ceil)
-            texts = texts[: int(limit) if limit >= 1 else math.ceil(len(texts) * limit)]
+            texts = texts[: apply_limit(len(texts), parse_limit(limit))]
         self.max_length = L = _max_length(self.config, tok)
         self.n_texts, self.n_bytes = len(texts), sum(len(t.encode("utf-8")) for t in texts)
         self.n_words = sum(len(re.split(r"\s+", t)) for t in texts)
