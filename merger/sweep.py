@@ -2,7 +2,8 @@
 
 The figure the LAWA paper is built on: for each selected revision t (``--revisions A..B --every
 N``, ordered by step), a held-out metric of the raw checkpoint at t, of the uniform average of the
-K selected checkpoints ending at t (``--window K``), and optionally of a running EMA.
+K selected checkpoints ending at t (``--window K``), and optionally of a running EMA and of the
+same window merged with ``decay`` weights (``--methods ...,decay --shape S``, sweep_decay.py).
 
     from merger.sweep import SweepOptions, sweep
     result = sweep("EleutherAI/pythia-70m", revisions="step100000..step143000", every=5000,
