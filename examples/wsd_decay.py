@@ -13,7 +13,8 @@ equal compute T + D:
 - EMA (b per checkpoint) over the stable checkpoints from the end of warmup to T + D.
 
 Writes ``table.md``, ``results.json`` and ``wsd.png`` under ``--out`` (git-ignored ``demo/wsd``).
-About 5 minutes for two seeds on 2 CPU cores; a seed whose checkpoints are there is not retrained.
+Two seeds: ~310 CPU-seconds (9 minutes on 2 shared, busy cores); a seed whose checkpoints are
+there is not retrained (then ~30 s).
 
     python examples/wsd_decay.py                       # seeds 0 and 1 -> demo/wsd/
     python examples/wsd_decay.py --seeds 0 --branch 300 --decay-steps 80 --out demo/wsd-short
@@ -179,8 +180,9 @@ def plot(results: dict[int, dict], wsd: WSD, path: Path) -> None:
         ax.plot(xs, [r["stable"][s] for s in xs], "o-", color="tab:gray", ms=3, label="stable (constant LR)")
         ys = {wsd.branch: r["stable"][wsd.branch], **r["decay"]}
         ax.plot(list(ys), list(ys.values()), "o-", color="tab:red", ms=3, label="real linear decay")
-        for label, (m, c) in marks.items():
-            ax.plot([wsd.end + 4], [r["final"][label]], m, color=c, ms=7, label=label + " (merge)")
+        for j, (label, (m, c)) in enumerate(marks.items()):  # all at T + D, spread to be seen
+            ax.plot([wsd.end + wsd.every * (0.2 + 0.15 * j)], [r["final"][label]], m, color=c, ms=6,
+                    label=label + " (merge, at T+D)")
         ax.axvspan(wsd.branch, wsd.end, color="tab:green", alpha=0.06)
         ax.set_xlabel("training step")
         ax.set_ylabel("held-out bits per byte")
