@@ -105,11 +105,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
 
 
-def train(cfg: TrainConfig, on_save: Callable[[int, torch.nn.Module, dict], None]) -> None:
-    """Train from scratch; call ``on_save(step, model, state)`` at every step of ``saved_steps()``.
-
-    Deterministic for a given ``cfg`` on a given machine: one seed fixes the init and the batches.
-    """
+def init_training(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Generator]:
+    """The seeded model, its AdamW, the train split as token ids, and the batch generator."""
     from transformers import GPTNeoXForCausalLM
 
     torch.set_num_threads(2)
@@ -122,6 +119,31 @@ def train(cfg: TrainConfig, on_save: Callable[[int, torch.nn.Module, dict], None
                             lr=cfg.lr, betas=cfg.betas, eps=1e-8)
     data = encode_docs(split_docs()[0])  # the train split
     gen = torch.Generator().manual_seed(cfg.seed + 12345)
+    return model, opt, data, gen
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, data: torch.Tensor,
+               gen: torch.Generator, cfg: TrainConfig, lr: float) -> float:
+    """One optimizer step at learning rate ``lr`` on a fresh random batch; returns the loss."""
+    # (batch, seq_len + 1) random windows of the stream; the model shifts labels itself
+    starts = torch.randint(0, len(data) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
+    batch = torch.stack([data[s: s + cfg.seq_len] for s in starts.tolist()]).long()
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def train(cfg: TrainConfig, on_save: Callable[[int, torch.nn.Module, dict], None]) -> None:
+    """Train from scratch; call ``on_save(step, model, state)`` at every step of ``saved_steps()``.
+
+    Deterministic for a given ``cfg`` on a given machine: one seed fixes the init and the batches.
+    """
+    model, opt, data, gen = init_training(cfg)
     saved = set(cfg.saved_steps())
     losses: list[float] = []
     for step in range(cfg.steps + 1):
@@ -132,17 +154,7 @@ def train(cfg: TrainConfig, on_save: Callable[[int, torch.nn.Module, dict], None
             losses = []
         if step == cfg.steps:
             break
-        # (batch, seq_len + 1) random windows of the stream; the model shifts labels itself
-        starts = torch.randint(0, len(data) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
-        batch = torch.stack([data[s: s + cfg.seq_len] for s in starts.tolist()]).long()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(train_step(model, opt, data, gen, cfg, lr_at(step, cfg)))
 
 
 def published(cache_dir: Path, repo_id: str) -> tuple[list[int], dict | None]:

@@ -41,7 +41,7 @@ class Prepared:
             d = self.plan.to_dict()
             d.update(describe(self.plan))
         else:
-            w = weights_for(self.options.method, len(self.sources))
+            w = weights_for(self.options.method, len(self.sources), steps=[s.step for s in self.sources])
             d = {"method": self.options.method.describe(), "weights": w,
                  "inputs": [dict(s.to_dict(), weight=x) for s, x in zip(self.sources, w)]}
         first = [sz for f, sz, _ in self.sources[0].files if f.endswith((".bin", ".safetensors"))]
@@ -60,7 +60,7 @@ def prepare(models: list[str] | None, *, revisions: str | None = None, every: in
         MergerError: bad sources or options; identical revisions with ``strict``.
     """
     sources = resolve(models, revisions, every)
-    weights_for(options.method, len(sources))  # bad weights fail before any download
+    weights_for(options.method, len(sources), steps=[s.step for s in sources])  # bad weights fail before any download
     dups: list[tuple[str, str]] = []
     if sources[0].repo_id:
         from merger.sources.hub import identical_revisions

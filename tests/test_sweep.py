@@ -29,7 +29,8 @@ from merger.plan.methods import Method
 from merger.plan import Options
 from merger.sources.local import resolve_local
 from merger.eval.scoring import HeldoutScorer
-from merger.eval.sweep import SweepOptions, read_state_dict, sliding_states, sweep
+from merger.eval.state import read_state_dict
+from merger.eval.sweep import SweepOptions, sliding_states, sweep
 from merger.cli.sweep import sweep_command
 from merger.testing.synth import save_checkpoint
 

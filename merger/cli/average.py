@@ -22,8 +22,12 @@ def average_command(
     revisions: Annotated[Optional[str], typer.Option(
         "--revisions", "-r", help="A..B (either end optional) or r1,r2,r3.")] = None,
     every: Annotated[Optional[int], typer.Option(help="With A..B: A, A+N, ... and B itself.")] = None,
-    method: Annotated[str, typer.Option("--method", "-m", help="uniform | ema | linear | weights.")] = "uniform",
+    method: Annotated[str, typer.Option("--method", "-m",
+                                        help="uniform | ema | linear | weights | decay.")] = "uniform",
     decay: Annotated[Optional[float], typer.Option(help="EMA decay b in (0, 1), with --method ema.")] = None,
+    shape: Annotated[Optional[str], typer.Option(
+        help="With --method decay: the LR decay to emulate over the window: linear, cosine or 1-sqrt.",
+        show_default="linear")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights, oldest first.")] = None,
     no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Use --weights as given.")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder.",
@@ -72,6 +76,8 @@ def average_command(
       merger average runs/tiny --revisions step1000..step9000 --method ema --decay 0.8 -o merged/ema
 
       merger average ckpt/a ckpt/b ckpt/c --method weights --weights 1,1,2 --dry-run
+
+      merger average runs/wsd --revisions step8000..step10000 --every 500 --method decay --shape cosine
     """
     with errors_handled(debug):
         from merger.api import average as do_average, output_path, prepare
@@ -82,7 +88,7 @@ def average_command(
 
         opts = Options(
             method=Method(name=method, decay=decay, weights=parse_weights(weights) if weights else None,
-                          normalize=not no_normalize),
+                          normalize=not no_normalize, shape=shape),
             dtype=parse_dtype(dtype) if dtype else None,
             accumulate=accumulate if accumulate == "auto" else parse_dtype(
                 accumulate, option="--accumulate", allowed=("float32", "float64")),

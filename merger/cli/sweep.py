@@ -35,9 +35,14 @@ WindowOpt = Annotated[int, typer.Option(
 EveryOpt = Annotated[int | None, typer.Option(
     "--every", help="With A..B: A, A+N, ... and B itself (the spacing of averaged checkpoints).")]
 MethodsOpt = Annotated[str, typer.Option(
-    "--methods", "-m", metavar="uniform,ema", help="Averages to compare with the raw checkpoints.")]
+    "--methods", "-m", metavar="uniform,ema,decay",
+    help="Averages to compare with the raw checkpoints: uniform (LAWA), ema, decay (the window with "
+         "decay-by-merging weights).")]
 DecayOpt = Annotated[float | None, typer.Option(
     "--decay", help="EMA decay b in (0, 1), with ema in --methods.")]
+ShapeOpt = Annotated[str | None, typer.Option(
+    "--shape", show_default="linear",
+    help="With decay in --methods: the LR decay to emulate over the window: linear, cosine or 1-sqrt.")]
 TasksOpt = Annotated[str | None, typer.Option(
     "--tasks", "-t", metavar="T1,T2", show_default="in-process held-out bits per byte",
     help="lm-eval tasks instead of the in-process held-out metric (slower: a model folder per "
@@ -57,7 +62,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 
 def sweep_command(model: ModelArg = None, revisions: RevisionsOpt = None,
                   window: WindowOpt = ..., every: EveryOpt = None, methods: MethodsOpt = "uniform",
-                  decay: DecayOpt = None, tasks: TasksOpt = None, metric: MetricOpt = None,
+                  decay: DecayOpt = None, shape: ShapeOpt = None, tasks: TasksOpt = None, metric: MetricOpt = None,
                   limit: LimitOpt = None, output_dir: OutputOpt = None, device: DeviceOpt = "auto",
                   json_out: JsonOpt = False) -> None:
     """Compare each checkpoint with the average of the K checkpoints ending at it (the LAWA figure).
@@ -73,6 +78,8 @@ def sweep_command(model: ModelArg = None, revisions: RevisionsOpt = None,
         merger sweep runs/tiny -r step1000..step9000 --every 1000 -k 3 -m uniform,ema --decay 0.8
 
         merger sweep runs/tiny -r ..step9000 -k 4 --tasks merger_pydocs_mc --limit 100 --json
+
+        merger sweep runs/wsd -r step4000..step6000 --every 200 -k 6 -m uniform,decay --shape cosine
     """
     from merger.eval.sweep import SweepOptions, sweep  # imports torch: not at `merger --help`
 
@@ -80,7 +87,7 @@ def sweep_command(model: ModelArg = None, revisions: RevisionsOpt = None,
         return tuple(t.strip() for t in text.split(",") if t.strip())
 
     n = parse_limit(limit)
-    opts = SweepOptions(window=window, methods=items(methods), decay=decay, metric=metric,
+    opts = SweepOptions(window=window, methods=items(methods), decay=decay, shape=shape, metric=metric,
                         tasks=items(tasks) if tasks else None, limit=n, device=device)
     name = (model or "EleutherAI/pythia-70m").rstrip("/").split("/")[-1] or "model"
     out = output_dir or Path("sweeps") / f"{name}-k{window}"
@@ -98,7 +105,8 @@ def sweep_table(result: SweepResult) -> Table:
     followed by its change against raw (green where it is an improvement)."""
     every = f", every {result.every}" if result.every else ""
     k = result.options.window
-    heads = {"raw": "raw", "uniform": f"LAWA K={k}", "ema": f"EMA b={result.options.decay}"}
+    heads = {"raw": "raw", "uniform": f"LAWA K={k}", "ema": f"EMA b={result.options.decay}",
+             "decay": f"decay K={k} {result.options.shape or 'linear'}"}
     columns = [("step", "right"), ("revision", "left")]
     for s in result.series:
         columns.append((heads.get(s, s), "right"))

@@ -2,7 +2,8 @@
 
 The figure the LAWA paper is built on: for each selected revision t (``--revisions A..B --every
 N``, ordered by step), a held-out metric of the raw checkpoint at t, of the uniform average of the
-K selected checkpoints ending at t (``--window K``), and optionally of a running EMA.
+K selected checkpoints ending at t (``--window K``), and optionally of a running EMA and of the
+same window merged with ``decay`` weights (``--methods ...,decay --shape S``, sweep_decay.py).
 
     from merger.eval.sweep import SweepOptions, sweep
     result = sweep("EleutherAI/pythia-70m", revisions="step100000..step143000", every=5000,
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -44,16 +44,17 @@ import torch
 
 from merger.errors import TensorError, UsageError
 from merger.formats import TensorInfo, read_checkpoint
-from merger.formats.reading import read_extents
 from merger.plan import FLOAT_DTYPES, check_layouts
 from merger.fold.rules import differing_error, nonfinite_error
 from merger.output.folder import write_atomic
 from merger.sources import Source
 from merger.eval.scoring import HELDOUT, HeldoutScorer, LmEvalScorer, StateDict
-from merger.units import dtype_from_name
+from merger.eval.state import read_tensors
+from merger.eval.sweep_decay import decay_state
 
-SERIES = ("raw", "uniform", "ema")  # uniform: the LAWA window average
-LABELS = {"raw": "raw checkpoint", "uniform": "LAWA (uniform window)", "ema": "EMA"}
+SERIES = ("raw", "uniform", "ema", "decay")  # uniform: the LAWA window average; decay: sweep_decay.py
+LABELS = {"raw": "raw checkpoint", "uniform": "LAWA (uniform window)", "ema": "EMA",
+          "decay": "decay merge (window)"}
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,9 @@ class SweepOptions:
 
     Args:
         window: K, the number of selected checkpoints in each average (LAWA's k).
-        methods: ``uniform`` (LAWA) and/or ``ema``.
+        methods: ``uniform`` (LAWA), ``ema`` and/or ``decay`` (the window with decay weights).
         decay: the EMA decay b in (0, 1), with ``ema``.
+        shape: the LR decay emulated by ``decay``: linear, cosine or 1-sqrt (None: linear).
         tasks: lm-eval tasks; None: the in-process held-out metric.
         metric: what to plot and tabulate (``bits_per_byte``, or ``task/metric`` with tasks);
             None: bits per byte where measured, else the first metric.
@@ -81,6 +83,7 @@ class SweepOptions:
     limit: int | float | None = None
     device: str = "auto"
     batch_tokens: int | None = None
+    shape: str | None = None
 
 
 @dataclass
@@ -123,31 +126,6 @@ class SweepResult:
 
 
 # -- reading and the sliding sum ----------------------------------------------------------------
-def read_tensors(layout: dict[str, TensorInfo], names=None) -> tuple[StateDict, int]:
-    """Tensors ``names`` (default: all) of one checkpoint, as stored, read with ``pread``;
-    returns (tensors, bytes read)."""
-    out, fds, n = {}, {}, 0
-    try:
-        for name in (layout if names is None else names):
-            t = layout[name]
-            for path in t.files:
-                if path not in fds:
-                    fds[path] = os.open(path, os.O_RDONLY)
-            buf = torch.empty(t.nbytes, dtype=torch.uint8)
-            read_extents(fds, t.extents, 0, memoryview(buf.numpy()))
-            out[name] = buf.view(dtype_from_name(t.dtype)).reshape(t.shape)
-            n += t.nbytes
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return out, n
-
-
-def read_state_dict(folder: str | Path) -> StateDict:
-    """Every tensor of a checkpoint folder (e.g. a ``merger average`` output), as stored."""
-    return read_tensors(read_checkpoint(folder))[0]
-
-
 @dataclass
 class WindowState:
     """The state dicts at selected checkpoint ``index``; ``uniform`` is None for partial windows."""
@@ -259,12 +237,18 @@ def _check(options: SweepOptions, n: int, revisions: str | None, every: int | No
     from merger.plan.methods import Method, weights_for
 
     if not options.methods or any(m not in SERIES[1:] for m in options.methods):
-        raise UsageError(f"--methods {','.join(options.methods)}: use uniform, ema or uniform,ema")
+        raise UsageError(f"--methods {','.join(options.methods)}: use uniform, ema, decay or a list",
+                         hint="e.g. --methods uniform,ema,decay")
     if "ema" in options.methods:
         weights_for(Method("ema", decay=options.decay), 2)  # decay given and in (0, 1)
     elif options.decay is not None:
         raise UsageError("--decay is the EMA decay: it needs ema in --methods",
                          hint="e.g. --methods uniform,ema --decay 0.9")
+    if "decay" in options.methods:
+        weights_for(Method("decay", shape=options.shape), options.window)  # shape known, K >= 2
+    elif options.shape is not None:
+        raise UsageError("--shape is the decay shape: it needs decay in --methods",
+                         hint="e.g. --methods uniform,decay --shape cosine")
     if options.metric and not options.tasks and _match(HELDOUT, options.metric) is None:
         raise UsageError(f"--metric {options.metric}: the held-out metrics are "
                          + ", ".join(HELDOUT),
@@ -341,8 +325,15 @@ def sweep(model: str | None, *, revisions: str | None = None, every: int | None 
         timings["average"] += t2 - t1
         if st is None:
             break
-        todo = {k: v for k, v in (("raw", st.raw), ("uniform", st.uniform), ("ema", st.ema))
-                if v is not None}
+        lo = st.index + 1 - options.window  # the window: sources[lo: index + 1], if lo >= 0
+        window = sources[lo: st.index + 1] if lo >= 0 and {"uniform", "decay"} & set(options.methods) else None
+        dec = decay_state(window, layouts[lo: st.index + 1], options.shape,
+                          counter=lambda n: read.__setitem__(0, read[0] + n)) \
+            if window and "decay" in options.methods else None
+        t1, t2 = t2, time.perf_counter()
+        timings["average"] += t2 - t1
+        todo = {k: v for k, v in (("raw", st.raw), ("uniform", st.uniform), ("ema", st.ema),
+                                  ("decay", dec)) if v is not None}
         if isinstance(scorer, HeldoutScorer):
             scores = {k: scorer.score(v) for k, v in todo.items()}
         else:  # the raw checkpoint is evaluated from its own folder
@@ -350,7 +341,7 @@ def sweep(model: str | None, *, revisions: str | None = None, every: int | None 
             scores = dict(zip(todo, scorer.score_many(models, like=st.source)))
         timings["eval"] += time.perf_counter() - t2
         points.append(SweepPoint(st.source.step if st.source.step is not None else st.index,
-                                 st.source.name, [s.name for s in st.window] if st.window else None,
+                                 st.source.name, [s.name for s in window] if window else None,
                                  {k: scores.get(k) for k in ("raw", *options.methods)}))
         metric = _pick_metric(points, options.metric)  # an unknown --metric fails at step one
         note(f"[{st.index + 1}/{len(sources)}] {st.source.name}: {metric} "
@@ -402,13 +393,14 @@ def plot(result: SweepResult, path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     style = {"raw": ("tab:gray", "o", "-"), "uniform": ("tab:blue", "s", "-"),
-             "ema": ("tab:orange", "^", "--")}
+             "ema": ("tab:orange", "^", "--"), "decay": ("tab:green", "D", "-.")}
     o = result.options
     for s in result.series:
         xy = [(p.step, result.value(p, s)) for p in result.points if result.value(p, s) is not None]
         if xy:
             color, marker, line = style[s]
-            label = LABELS[s] + {"uniform": f" K={o.window}", "ema": f" b={o.decay}"}.get(s, "")
+            label = LABELS[s] + {"uniform": f" K={o.window}", "ema": f" b={o.decay}",
+                                 "decay": f" K={o.window}, {o.shape or 'linear'}"}.get(s, "")
             ax.plot(*zip(*xy), marker=marker, linestyle=line, color=color, label=label,
                     markersize=4)
     better = {True: " (higher is better)", False: " (lower is better)"}

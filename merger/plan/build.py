@@ -62,7 +62,7 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     """
     if not sources:
         raise UsageError("no checkpoints to merge")
-    weights = weights_for(options.method, len(sources))
+    weights = weights_for(options.method, len(sources), steps=[s.step for s in sources])
     layouts = layouts or [read_checkpoint(s.path, key=options.key) for s in sources]
     check_layouts(sources, layouts)
     device = resolve_device(options.device)

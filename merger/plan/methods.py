@@ -6,6 +6,7 @@
 | ema       | w_1 = b^(n-1), w_i = (1-b) b^(n-i)  (sums to 1)        | EMA (PMA's alpha = 1-b)  |
 | linear    | i / (1 + 2 + ... + n)                                  | PMA's WMA                |
 | weights   | given, normalised to sum 1 unless normalize=False      | model soups, hand weights|
+| decay     | drops of the LR schedule's interval means (decay.py)   | WSM, PMA: merge ~ decay  |
 
 The kernel only ever computes sum_i w_i x_i; weights are computed here in float64.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from merger.errors import UsageError
 
-METHODS = ("uniform", "ema", "linear", "weights")
+METHODS = ("uniform", "ema", "linear", "weights", "decay")
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,15 @@ class Method:
     decay: float | None = None
     weights: tuple[float, ...] | None = None
     normalize: bool = True
+    shape: str | None = None  # decay: linear | cosine | 1-sqrt (None: linear)
 
     def describe(self) -> str:
         if self.name == "ema":
             return f"ema(decay={self.decay})"
         if self.name == "weights":
             return "weights" + ("" if self.normalize else " (not normalised)")
+        if self.name == "decay":
+            return f"decay(shape={self.shape or 'linear'})"
         return self.name
 
 
@@ -49,15 +53,29 @@ def parse_weights(text: str) -> tuple[float, ...]:
     return values
 
 
-def weights_for(method: Method, n: int) -> list[float]:
+def weights_for(method: Method, n: int, *, steps: list[int | None] | None = None) -> list[float]:
     """The weight vector of ``method`` over ``n`` checkpoints (oldest first).
 
+    Args:
+        method: the method and its parameters.
+        n: the number of checkpoints.
+        steps: each checkpoint's training step (None where unknown); only ``decay`` uses them,
+            to place unequally spaced checkpoints on the window.
+
     Raises:
-        UsageError: unknown method, decay outside (0, 1), wrong count of weights, non-finite
-            weights, or weights that sum to zero or less when they must be normalised.
+        UsageError: unknown method or decay shape, decay outside (0, 1), wrong count of weights,
+            non-finite weights, weights that sum to zero or less when they must be normalised,
+            or ``decay`` over fewer than 2 checkpoints.
     """
     if n < 1:
         raise UsageError("no checkpoints to average")
+    if method.shape is not None and method.name != "decay":
+        raise UsageError(f"--shape is only used with --method decay (not {method.name})",
+                         hint="add --method decay")
+    if method.name == "decay":
+        from merger.plan.decay import decay_weights
+
+        return decay_weights(method.shape or "linear", n, steps)
     if method.name == "uniform":
         return [1.0 / n] * n
     if method.name == "linear":
