@@ -66,7 +66,7 @@ def test_dtype_table_matches_torch():
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_cpu_merge_does_not_import_torch(tmp_path, fmt):
     """The whole CPU merge (native kernel, writer, merger.json) runs without torch; the output is the
-    torch kernel's, byte for byte (tests/test_native.py compares them)."""
+    torch kernel's, byte for byte (tests/fold/test_native.py compares them)."""
     from merger.fold import native
 
     if native.unavailable() is not None:

@@ -249,7 +249,7 @@ def _child_env(hub) -> dict:
     """The environment of a child ``merger`` process that talks to ``hub`` (plain env vars only)."""
     return {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(hub.cache_dir), "HF_HUB_OFFLINE": "0",
             "TRANSFORMERS_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
-            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_stream_resume_after_sigkill(fake_hub, tmp_path):
