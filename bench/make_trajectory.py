@@ -1,7 +1,7 @@
 """Synthetic Pythia-shaped trajectories for the benchmarks, written once and reused.
 
 A trajectory is ``ROOT/stepN/`` checkpoint folders (config.json + model.safetensors or
-pytorch_model.bin, Pythia's real tensor names and buffers) made by ``merger.synth``. A finished
+pytorch_model.bin, Pythia's real tensor names and buffers) made by ``merger.testing.synth``. A finished
 trajectory carries a ``.complete`` marker holding its parameters; a folder with a matching
 marker is reused as is, anything else under ROOT is rewritten.
 

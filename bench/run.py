@@ -22,7 +22,7 @@ and to ``bench/out/results-<shape>-<n>[-<format>][-<tag>].json``.
     .venv/bin/python bench/run.py --shape 410m --revisions 20 --tools mergekit,naive,cat --repeat 3
     .venv/bin/python bench/run.py --shape 70m --merger-cmd '{python} bench/naive_average.py {out} {dirs}'
 
-Run it with the repo's venv (it imports ``merger.synth`` to make the trajectory).
+Run it with the repo's venv (it imports ``merger.testing.synth`` to make the trajectory).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Reads the trajectories that ``train_tiny_pythia.py`` published into the hub cache, averages the
 latest ``K`` checkpoints of a window in float64 entirely in memory (no merger code involved: an
 independent reference for ``merger average``), and prints held-out bits per byte of Python's
-docs (the held-out split of ``merger.textdata``; lower is better).
+docs (the held-out split of ``merger.eval.textdata``; lower is better).
 
     python examples/check_lawa.py                                   # both demo runs
     python examples/check_lawa.py --window 800:5 --window 600:5 --ema-decay 0.8

@@ -1,7 +1,7 @@
 """Train the demo trajectory: a tiny Pythia on Python's own docs, on CPU, saved as Hub revisions.
 
 A GPT-NeoX model shaped like Pythia (rotary on 25% of each head, parallel residual, untied
-embeddings) with the byte tokenizer learns the train split of ``merger.textdata``. Every
+embeddings) with the byte tokenizer learns the train split of ``merger.eval.textdata``. Every
 ``--save-every`` steps the weights (safetensors), config and tokenizer are published as revision
 ``stepN`` of ``--repo-id`` in a Hugging Face hub cache, so merger reads the run exactly as it
 reads ``EleutherAI/pythia-70m`` from the Hub (``HF_HUB_OFFLINE=1``).
