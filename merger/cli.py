@@ -196,6 +196,10 @@ from merger.sweep_cli import sweep_command  # noqa: E402
 
 app.command("sweep")(guarded(sweep_command))
 
+from merger.grow_cli import grow_command  # noqa: E402
+
+app.command("grow")(guarded(grow_command))
+
 
 def main() -> None:
     app()
