@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train_tiny_pythia.py
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny_pythia import TrainConfig, encode_docs, train  # noqa: E402
+from train_tiny_pythia import TrainConfig, encode_docs, model_config, train  # noqa: E402
 
 from merger.grow import GrowOptions, grow  # noqa: E402
 from merger.grow.run import DEFAULT_INIT, DEFAULT_PERTURB, DEFAULT_SHRINK  # noqa: E402
@@ -87,12 +87,16 @@ def steps_to(target: float, steps: list[int], losses: list[float]) -> int | None
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
-    ap.add_argument("--steps", type=int, default=300, help="steps of each 2d run (cold and warm)")
-    ap.add_argument("--small-steps", type=int, default=300, help="steps of each small run")
+    ap.add_argument("--steps", type=int, default=400, help="steps of each 2d run (cold and warm)")
+    ap.add_argument("--small-steps", type=int, default=400, help="steps of each small run")
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--windows", type=int, default=64, help="held-out windows of 64 bytes")
     ap.add_argument("--only", help="comma-separated variant names to run (default: all)")
+    ap.add_argument("--report-only", action="store_true", help="rebuild table.md and loss.png from results.json")
     a = ap.parse_args(argv)
+    if a.report_only:
+        report(json.loads((OUT / "results.json").read_text()))
+        return
     from transformers import GPTNeoXForCausalLM
     from transformers.utils import logging
 
@@ -103,8 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     heldout = Heldout(BASE.seq_len, a.windows)
     big = replace(BASE, steps=a.steps, save_every=a.eval_every)
     chosen = {k: v for k, v in variants().items() if not a.only or k in a.only.split(",")}
+    params = {d: sum(p.numel() for p in GPTNeoXForCausalLM(model_config(replace(big, hidden=d, heads=d // 32)))
+                     .parameters()) for d in (D // 2, D, 2 * D)}
     results: dict = {"config": {"target": json.loads(json.dumps(big.__dict__)), "small_steps": a.small_steps,
-                                "small_width": D}, "seeds": {}}
+                                "small_width": D}, "params": params, "seeds": {}}
     t_all = time.perf_counter()
     for seed in [int(s) for s in a.seeds.split(",")]:
         r: dict = {}
@@ -123,16 +129,20 @@ def main(argv: list[str] | None = None) -> None:
             grow(str(smalls[d]), output=folder, options=replace(opts, seed=seed), force=True)
             model = GPTNeoXForCausalLM.from_pretrained(folder)
             w = run(replace(big, seed=seed), heldout, model=model)
-            r[name] = {"steps": w[0], "loss": w[1], "seconds": w[2]}
+            r[name] = {"steps": w[0], "loss": w[1], "seconds": w[2], "small": f"small d{d}", "small_width": d}
             print(f"seed {seed} {name}: step0 {w[1][0]:.4f} final {w[1][-1]:.4f} ({w[2]:.0f} s)", file=sys.stderr)
         results["seeds"][seed] = r
     results["seconds"] = time.perf_counter() - t_all
     (OUT / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    report(results)
+    print(f"wrote {OUT}/results.json, table.md, loss.png in {results['seconds']:.0f} s", file=sys.stderr)
+
+
+def report(results: dict) -> None:
     table = make_table(results)
     (OUT / "table.md").write_text(table + "\n")
     plot(results, OUT / "loss.png")
     print(table)
-    print(f"\nwrote {OUT}/results.json, table.md, loss.png in {results['seconds']:.0f} s", file=sys.stderr)
 
 
 def make_table(results: dict) -> str:
@@ -142,18 +152,23 @@ def make_table(results: dict) -> str:
     names = [k for k in seeds[0] if not k.startswith("small")]
     n = len(seeds[0]["cold"]["steps"])
     mid, last = seeds[0]["cold"]["steps"][n // 2], seeds[0]["cold"]["steps"][-1]
-    lines = [f"| run | loss @0 | loss @{mid} | loss @{last} | steps to cold's final loss (per seed) |",
-             "|---|---|---|---|---|"]
+    small_steps = results["config"]["small_steps"]
+    params = {int(k): v for k, v in results["params"].items()}
+    big = params[2 * results["config"]["small_width"]]
+    lines = [f"| run | loss @0 | loss @{mid} | loss @{last} | steps to cold's final loss (per seed) "
+             "| + small run, in 2d steps (6ND) |", "|---|---|---|---|---|---|"]
     for k in names:
         rows = [s[k] for s in seeds]
         at = [sum(r["loss"][i] for r in rows) / len(rows) for i in (0, n // 2, n - 1)]
         reach = [steps_to(s["cold"]["loss"][-1], r["steps"], r["loss"]) for s, r in zip(seeds, rows)]
         cells = ", ".join("never" if x is None else str(x) for x in reach)
-        lines.append(f"| {k} | {at[0]:.3f} | {at[1]:.3f} | {at[2]:.3f} | {cells} |")
+        extra = small_steps * params[rows[0]["small_width"]] / big if "small_width" in rows[0] else 0
+        total = ", ".join("-" if x is None else f"{x + extra:.0f}" for x in reach)
+        lines.append(f"| {k} | {at[0]:.3f} | {at[1]:.3f} | {at[2]:.3f} | {cells} | {total} |")
     for k in [k for k in seeds[0] if k.startswith("small")]:
         fin = sum(s[k]["loss"][-1] for s in seeds) / len(seeds)
         sec = sum(s[k]["seconds"] for s in seeds) / len(seeds)
-        lines.append(f"| ({k}, {seeds[0][k]['steps'][-1]} steps, {sec:.0f} s) | | | {fin:.3f} | |")
+        lines.append(f"| ({k}, {seeds[0][k]['steps'][-1]} steps, {sec:.0f} s) | | | {fin:.3f} | | |")
     return "\n".join(lines)
 
 
@@ -172,7 +187,8 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("optimizer step of the 2d model")
     ax.set_ylabel("held-out loss (nats/byte)")
     ax.set_ylim(top=min(3.5, ax.get_ylim()[1]))
-    ax.set_title("warm (merger grow) vs cold start, width 64 -> 128 (solid: seed 0, dashed: seed 1)")
+    ax.set_title("tiny Pythia at width 128: merger grow from width 64 (4x: from 32) vs cold start\n"
+                 "(solid: first seed, dashed: second)")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -29,9 +29,10 @@ WidthOpt = Annotated[float, typer.Option(
     "--width", help="Multiply hidden size, heads and MLP size by this (head dim kept; heads x width must "
                     "be whole).")]
 DepthOpt = Annotated[float, typer.Option(
-    "--depth", help="Multiply the layers by this. Old layer i becomes layer floor(i*L'/L); the new layers "
-                    "fill the gaps, each right after an old one (interleaved: --depth 2 puts one after every "
-                    "layer), and start as identities (their attention and MLP output weights are 0).")]
+    "--depth", help="Multiply the layers by this. New layers are interleaved, not stacked on top: old "
+                    "layer i becomes layer floor(i*L'/L) and the new ones fill the gaps, each right after an old "
+                    "one (--depth 2: one after every layer), so new capacity is spread through the stack. They "
+                    "start as identities: their attention and MLP output weights and biases are 0.")]
 ShrinkOpt = Annotated[float, typer.Option("--shrink", help="λ: the small weights are multiplied by this.")]
 PerturbOpt = Annotated[float, typer.Option(
     "--perturb", help="σ: every entry gets σ x a fresh init of the grown model added (0: plain zero-pad).")]
@@ -54,6 +55,7 @@ def grow_command(small: SmallArg, output: OutputOpt = ..., width: WidthOpt = 2.0
     (following each architecture's tensor layout: GPT-NeoX's fused query_key_value by heads,
     GPT-2's c_attn by q/k/v blocks), add σ x a fresh μP initialisation of the larger model.
     --shrink 1 --perturb 0 is an exact zero-pad. Buffers (masks, rotary inv_freq) are rebuilt.
+    Tensors are made and written one at a time (memory: about 3x the largest grown tensor in float64).
     Architectures: GPT-NeoX (Pythia) and GPT-2. λ, σ, seed and init go into merger.json.
     The defaults (λ 0.5, σ 1, μP) come from examples/warmstart.py (README).
 

@@ -83,8 +83,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 # ---- exact embedding and λ ------------------------------------------------------------------------
 
 def test_exact_zero_pad_embedding(small, tmp_path):
-    arch, model, src = small
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    arch, _, src = small
     grow_cli(src, tmp_path / "big", "--width", 2, "--shrink", 1, "--perturb", 0)
     big = load_dir(tmp_path / "big")
     saved = load_dir(src)

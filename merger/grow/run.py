@@ -58,7 +58,8 @@ class GrowOptions:
         import math
 
         if self.init not in INITS:
-            raise UsageError(f"--init {self.init!r} is not one of {', '.join(INITS)}", hint="pass --init mup or standard")
+            raise UsageError(f"--init {self.init!r} is not one of {', '.join(INITS)}",
+                             hint="pass --init mup or standard")
         if not math.isfinite(self.shrink):
             raise UsageError(f"--shrink {self.shrink} is not a finite number", hint="pass e.g. --shrink 0.5")
         if not math.isfinite(self.perturb) or self.perturb < 0:
