@@ -31,6 +31,7 @@ from train_tiny_pythia import TrainConfig, encode_docs, model_config, train  # n
 from merger.grow import GrowOptions, grow  # noqa: E402
 from merger.grow.run import DEFAULT_INIT, DEFAULT_PERTURB, DEFAULT_SHRINK  # noqa: E402
 from merger.textdata import split_docs  # noqa: E402
+from merger.tokenizer import byte_tokenizer  # noqa: E402
 
 OUT = Path("demo/warmstart")
 D = 64  # the small width; the target is 2D = 128 (head dim 32 throughout: 2, 4 and 1 heads)
@@ -72,8 +73,9 @@ def run(cfg: TrainConfig, heldout: Heldout, model: torch.nn.Module | None = None
     def on_save(step: int, m: torch.nn.Module, state: dict) -> None:
         steps.append(step)
         losses.append(heldout(m))
-        if save is not None and step == cfg.steps:
+        if save is not None and step == cfg.steps:  # with the tokenizer: grown models then run `merger eval`
             m.save_pretrained(save)
+            byte_tokenizer().save_pretrained(save)
 
     train(cfg, on_save, model)
     return steps, losses, time.perf_counter() - t0
