@@ -1,4 +1,4 @@
-# merger: make install | test | demo | wsd | lint | bench
+# merger: make install | test | demo | wsd | warmstart | lint | bench
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # an environment that already has torch; pyproject only asks for torch>=2.4.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast demo wsd lint bench clean
+.PHONY: install test test-fast demo wsd warmstart lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: install
 
 wsd: install  # decay by merging vs a real LR decay on a WSD run: demo/wsd/{table.md,wsd.png}
 	$(BIN)/python examples/wsd_decay.py
+
+# merger grow on this CPU: warm vs cold start of a 2x wider tiny Pythia, 2 seeds (~8 min on 2 cores)
+warmstart: install
+	$(BIN)/python examples/warmstart.py
 
 lint: install
 	$(BIN)/python -m ruff check merger tests examples bench 2>/dev/null || \

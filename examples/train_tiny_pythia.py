@@ -105,13 +105,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
 
 
-def init_training(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Generator]:
-    """The seeded model, its AdamW, the train split as token ids, and the batch generator."""
+def init_training(cfg: TrainConfig, model: torch.nn.Module | None = None
+                  ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Generator]:
+    """The seeded model (or ``model``, e.g. a grown one), its AdamW, the train split as token ids,
+    and the batch generator (the batches are the same whether or not ``model`` is given:
+    examples/warmstart.py relies on it)."""
     from transformers import GPTNeoXForCausalLM
 
     torch.set_num_threads(2)
     torch.manual_seed(cfg.seed)
-    model = GPTNeoXForCausalLM(model_config(cfg)).float().train()
+    model = (model or GPTNeoXForCausalLM(model_config(cfg))).float().train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -138,12 +141,14 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, data: torch.T
     return loss.item()
 
 
-def train(cfg: TrainConfig, on_save: Callable[[int, torch.nn.Module, dict], None]) -> None:
-    """Train from scratch; call ``on_save(step, model, state)`` at every step of ``saved_steps()``.
+def train(cfg: TrainConfig, on_save: Callable[[int, torch.nn.Module, dict], None],
+          model: torch.nn.Module | None = None) -> None:
+    """Train ``model`` (default: a fresh one from ``cfg``, from scratch); call
+    ``on_save(step, model, state)`` at every step of ``saved_steps()``.
 
     Deterministic for a given ``cfg`` on a given machine: one seed fixes the init and the batches.
     """
-    model, opt, data, gen = init_training(cfg)
+    model, opt, data, gen = init_training(cfg, model)
     saved = set(cfg.saved_steps())
     losses: list[float] = []
     for step in range(cfg.steps + 1):

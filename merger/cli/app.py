@@ -18,6 +18,7 @@ import typer
 from merger import __version__
 from merger.cli.average import average_command
 from merger.cli.eval import eval_command
+from merger.cli.grow import grow_command
 from merger.cli.handler import guarded
 from merger.cli.sweep import sweep_command
 
@@ -42,6 +43,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 app.command("average")(average_command)
 app.command("eval")(guarded(eval_command))
 app.command("sweep")(guarded(sweep_command))
+app.command("grow")(guarded(grow_command))
 
 
 def main() -> None:
