@@ -35,6 +35,7 @@ from typing import Any
 from merger.errors import EvalError, UsageError
 from merger.units import parse_limit
 from merger.eval.tasks import DEFAULT_TASKS, task_pack_dir
+from merger.output.folder import write_atomic
 from merger.sources.hflocal import is_offline, is_repo_id
 
 WEIGHT_GLOBS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin",
@@ -358,10 +359,12 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
 
             path = out / _file_name(src, taken)
             results["merger"] = {"source": asdict(src)}
-            path.write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
+            text = json.dumps(results, indent=2, default=handle_non_serializable) + "\n"
+            write_atomic(path, lambda p, t=text: p.write_text(t))
             row.results_file = str(path)
     if out is not None:
-        (out / "summary.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        summary = json.dumps(report.to_dict(), indent=2) + "\n"
+        write_atomic(out / "summary.json", lambda p: p.write_text(summary))
     return report
 
 
