@@ -20,8 +20,10 @@ from merger.formats.torch_zip import read_torch_zip
 
 NAME = "hf"
 OUTPUT = "hf"
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
-                "pytorch_model.bin.index.json", "pytorch_model.bin")
+# in transformers' order of precedence (from_pretrained): a folder holding model.safetensors and a
+# stale index with shards is read as transformers reads it, from model.safetensors
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
 COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
               "added_tokens.json", "chat_template.jinja")
@@ -33,26 +35,65 @@ def detect(path: str | Path) -> bool:
     return p.is_dir() and any((p / f).exists() for f in WEIGHT_FILES)
 
 
+def _roots(folder: Path) -> tuple[Path, ...]:
+    """Where a checkpoint's files may really lie: the folder itself, or for a snapshot of the HF
+    cache (``models--org--name/snapshots/<commit>/``, files linked into ``../../blobs``) its repo
+    and the cache-wide Xet blob store (``<cache>/blobs/``, huggingface_hub >= 2.4)."""
+    real = folder.resolve()
+    if real.parent.name == "snapshots":
+        repo = real.parent.parent
+        return repo, repo.parent / "blobs"
+    return (real,)
+
+
+def contained(folder: str | Path, name: str, *, what: str = "file") -> Path:
+    """``folder / name``, checked: a relative name without ``..``, a regular file (links followed)
+    that really lies inside the checkpoint (:func:`_roots`), never somewhere else on the machine.
+
+    Raises:
+        CheckpointFormatError: an absolute or escaping name, a link out of the checkpoint, a folder
+            or a device where a file should be.
+    """
+    folder = Path(folder)
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise _fail(folder, f"{what} {name!r} is not a file name inside the checkpoint", _RESAVE)
+    path = folder / name
+    real = path.resolve()
+    if not any(real.is_relative_to(r) for r in _roots(folder)):
+        raise _fail(path, f"is a link to {real}, outside the checkpoint; merger reads and copies only "
+                          "the checkpoint's own files", "replace the link with the file itself")
+    if path.exists() and not path.is_file():
+        raise _fail(path, f"{what} is not a regular file", "point at a checkpoint whose weights are files")
+    return path
+
+
 def weights_files(folder: str | Path) -> tuple[str, list[str]]:
-    """The weight files of a checkpoint folder, preferring safetensors: (kind, relative names).
+    """The weight files of a checkpoint folder, in transformers' precedence: (kind, relative names).
 
     ``kind`` is the file that defines the layout (an index or a single weights file).
 
     Raises:
-        CheckpointFormatError: no weights in the folder, an unreadable index.
+        CheckpointFormatError: no weights in the folder, an unreadable index, an index naming files
+            outside the folder.
     """
     folder = Path(folder)
     for kind in WEIGHT_FILES:
         p = folder / kind
         if not p.exists():
             continue
+        contained(folder, kind, what="weights file")
         if not kind.endswith(".index.json"):
             return kind, [kind]
         try:
             wmap = json.loads(p.read_text())["weight_map"]
             files = sorted(set(wmap.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             raise _fail(p, "corrupt index file (no weight_map)", _RESAVE) from None
+        bad = [f for f in files if not isinstance(f, str)]
+        if bad or not isinstance(wmap, dict):
+            raise _fail(p, f"corrupt index file: weight_map values must be file names, found {bad[:1]!r}", _RESAVE)
+        for f in files:
+            contained(folder, f, what=f"shard named in {kind},")
         return kind, files
     raise CheckpointFormatError(
         f"{folder}: no weights found (expected one of {', '.join(WEIGHT_FILES)})", path=str(folder),
@@ -101,5 +142,12 @@ def weight_files(folder: str | Path) -> list[str]:
 
 
 def side_files(folder: str | Path) -> tuple[str, ...]:
-    """Config and tokenizer files present in ``folder``, copied into the output byte for byte."""
-    return tuple(f for f in COPY_FILES if (Path(folder) / f).is_file())
+    """Config and tokenizer files present in ``folder``, copied into the output byte for byte.
+
+    Raises:
+        CheckpointFormatError: one is a link out of the checkpoint, or not a regular file.
+    """
+    folder = Path(folder)
+    return tuple(f for f in COPY_FILES
+                 if (folder / f).exists() or (folder / f).is_symlink()
+                 if contained(folder, f, what="side file").is_file())

@@ -28,15 +28,22 @@ def repo_folder_name(repo_id: str, repo_type: str = "model") -> str:
 
 
 def needed_files(names: list[str]) -> list[str]:
-    """The files a merge reads from one revision: safetensors if present, else ``pytorch_model*.bin``,
-    with their index, plus config and tokenizer files."""
+    """The files a merge reads from one revision, in transformers' precedence (as
+    ``formats.hf_folder.WEIGHT_FILES``): ``model.safetensors``, else the safetensors index and its
+    shards, else ``pytorch_model.bin``, else its index and shards; plus config and tokenizer files."""
     st = [n for n in names if n.endswith(".safetensors") and "/" not in n]
-    st_index = [n for n in names if n == "model.safetensors.index.json"]
-    bins = [n for n in names if re.fullmatch(r"pytorch_model(-\d+-of-\d+)?\.bin", n)]
-    bin_index = [n for n in names if n == "pytorch_model.bin.index.json"]
-    weights = (st_index + [n for n in st if n.startswith("model")]) if st else (bin_index + bins)
-    if st and not [n for n in st if n.startswith("model")]:
-        weights = st
+    shards = [n for n in st if re.fullmatch(r"model-\d+-of-\d+\.safetensors", n)]
+    bins = [n for n in names if re.fullmatch(r"pytorch_model-\d+-of-\d+\.bin", n)]
+    if "model.safetensors" in names:
+        weights = ["model.safetensors"]
+    elif "model.safetensors.index.json" in names:
+        weights = ["model.safetensors.index.json"] + shards
+    elif "pytorch_model.bin" in names:
+        weights = ["pytorch_model.bin"]
+    elif "pytorch_model.bin.index.json" in names:
+        weights = ["pytorch_model.bin.index.json"] + bins
+    else:
+        weights = st  # safetensors under other names: all of them
     return weights + [n for n in COPY_FILES if n in names]
 
 

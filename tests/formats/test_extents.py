@@ -39,7 +39,7 @@ def test_read_extents_gives_every_byte_range(tmp_path):
             b = rng.randrange(a, len(data) + 1)
             buf = bytearray(b - a)
             seen = []
-            read_extents(fds, exts, a, memoryview(buf), feed=lambda p, off, d: seen.append((p, off, len(d))))
+            read_extents(fds, exts, a, memoryview(buf), feed=lambda p, off, d, s=seen: s.append((p, off, len(d))))
             assert bytes(buf) == data[a:b]
             assert sum(n for _, _, n in seen) == b - a
             assert [(e.path, e.offset, e.nbytes) for e in clip(exts, a, b)] == seen
