@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # an environment that already has torch; pyproject only asks for torch>=2.4.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast demo lint bench clean
+.PHONY: install test test-fast demo nanogpt-lawa lint bench bench-nanogpt clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test-fast: install
 demo: install
 	$(BIN)/python examples/demo.py
 
+nanogpt-lawa: install
+	$(BIN)/python examples/nanogpt_lawa.py
+
 lint: install
 	$(BIN)/python -m ruff check merger tests examples bench 2>/dev/null || \
 		($(BIN)/pip install -q ruff && $(BIN)/python -m ruff check merger tests examples bench)
@@ -37,5 +40,8 @@ bench: install
 	bash bench/setup.sh
 	$(BIN)/python bench/run.py --shape 410m --revisions 9
 
+bench-nanogpt: install
+	$(BIN)/python bench/nanogpt.py --files 9
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache merged demo
+	rm -rf $(VENV) build *.egg-info .pytest_cache merged demo nanogpt-lawa

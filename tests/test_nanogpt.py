@@ -112,7 +112,7 @@ def test_tied_weight_read_once_and_optimizer_never_read(plain_run, tmp_path):
     manifest = json.loads((tmp_path / "avg" / "merger.json").read_text())
     assert manifest["read_bytes"] == res["result"]["read_bytes"] == len(STEPS) * model_bytes
     assert sum(p.stat().st_size for p in files) > 3 * manifest["read_bytes"]  # AdamW: 2x the model
-    assert [s["name"] for s in manifest["sources"]] == [f"ckpt_{s}.pt" for s in STEPS]
+    assert [s["name"] for s in manifest["sources"]] == [f"ckpt_{s}" for s in STEPS]
     assert manifest["sources"][0]["files"][0]["file"] == "ckpt_100.pt"
 
 
@@ -133,7 +133,7 @@ def test_explicit_files_revision_names_and_every(plain_run, tmp_path):
     res = average([str(plain_run / "ckpt_500.pt"), str(plain_run / "ckpt_100.pt"), "-o", str(tmp_path / "a")])
     assert [s["step"] for s in res["plan"]["inputs"]] == [100, 500]
     res = average([str(plain_run), "-r", "ckpt_100..ckpt_500", "--every", "200", "-o", str(tmp_path / "b")])
-    assert [s["name"] for s in res["plan"]["inputs"]] == ["ckpt_100.pt", "ckpt_300.pt", "ckpt_500.pt"]
+    assert [s["name"] for s in res["plan"]["inputs"]] == ["ckpt_100", "ckpt_300", "ckpt_500"]
 
 
 def test_nanogpt_out_folders_by_iter_num(plain_run, tmp_path):
@@ -243,8 +243,8 @@ def _break(kind: str, run: Path, marker: Path) -> None:
 @pytest.mark.parametrize("kind,expected", [
     ("legacy", ["ckpt_300.pt", "legacy (non-zip) format", "torch.save(torch.load("]),
     ("os.system", ["ckpt_300.pt", "posix.system", "no class"]),
-    ("missing-key", ["'transformer.h.1.mlp.c_fc.bias' is in ckpt_100.pt but not in ckpt_300.pt"]),
-    ("shape-change", ["'transformer.wpe.weight': shape [16, 32] in ckpt_100.pt but [8, 32] in ckpt_300.pt"]),
+    ("missing-key", ["'transformer.h.1.mlp.c_fc.bias' is in ckpt_100 but not in ckpt_300"]),
+    ("shape-change", ["'transformer.wpe.weight': shape [16, 32] in ckpt_100 but [8, 32] in ckpt_300"]),
     ("truncated-model", ["ckpt_300.pt", "truncated", "model tensor"]),
 ])
 def test_bad_inputs_are_refused(kind, expected, plain_run, tmp_path):

@@ -32,9 +32,19 @@ def step_of(p: Path) -> int | None:
     return step
 
 
+def revision_name(p: Path) -> str:
+    """A revision's name: a folder's name, a file's without its suffix (``ckpt_3000``)."""
+    return p.stem if p.is_file() else p.name
+
+
+def revision_paths(root: Path) -> dict[str, Path]:
+    """Subfolders and files of ``root`` that hold a checkpoint, by revision name."""
+    return {revision_name(p): p for p in sorted(root.iterdir()) if has_weights(p)}
+
+
 def local_revisions(root: Path) -> dict[str, int | None]:
     """Subfolders and files of ``root`` that hold a checkpoint: name -> step (None if unnamed by step)."""
-    return {p.name: step_of(p) for p in sorted(root.iterdir()) if has_weights(p)}
+    return {n: step_of(p) for n, p in revision_paths(root).items()}
 
 
 def resolve_local(models: list[str], revisions: str | None, every: int | None) -> list[Source]:
@@ -63,7 +73,8 @@ def resolve_local(models: list[str], revisions: str | None, every: int | None) -
                 if any(s is not None for s in available.values()) else sorted(available)
         else:
             names = select(available, parse_spec(revisions), every, where=str(root))
-        return [Source(n, available[n], str(root / n)) for n in names]
+        paths = revision_paths(root)
+        return [Source(n, available[n], str(paths[n])) for n in names]
     if revisions is not None or every is not None:
         raise UsageError("--revisions/--every select subfolders of one folder; explicit checkpoint folders "
                          "are merged as given", hint="drop --revisions, or give the parent folder")
@@ -74,7 +85,7 @@ def resolve_local(models: list[str], revisions: str | None, every: int | None) -
     resolved = [p.resolve() for p in paths]
     if len(set(resolved)) != len(resolved):
         raise UsageError("the same checkpoint folder is given twice", hint="list each checkpoint once")
-    srcs = [Source(p.name, step_of(p), str(p)) for p in resolved]
+    srcs = [Source(revision_name(p), step_of(p), str(p)) for p in resolved]
     if all(s.step is not None for s in srcs):
         srcs.sort(key=lambda s: s.step)
     return srcs
