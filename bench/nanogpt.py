@@ -133,7 +133,8 @@ def main() -> None:
     rows["merger average (nanogpt ckpt.pt out)"] = (res["seconds"], res["peak_rss"], res["read_bytes"])
     t, rss = map(float, run([py, "-c", NAIVE, str(a.dir / "naive.pt"), *map(str, files)]).split())
     rows["lawa.py way (torch.load all + mean)"] = (t, rss, sum(f.stat().st_size for f in files))
-    print(f"\n{len(files)} x nanoGPT 124M ckpt_<step>.pt (fp32 model + AdamW), warm page cache, {os.cpu_count()} cores\n")
+    print(f"\n{len(files)} x nanoGPT 124M ckpt_<step>.pt (fp32 model + AdamW), warm page cache, "
+          f"{os.cpu_count()} cores\n")
     print("| method | seconds | x floor | bytes read | peak RSS |")
     print("|---|---|---|---|---|")
     for k, (s, r, b) in rows.items():

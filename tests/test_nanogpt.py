@@ -164,11 +164,29 @@ def test_key_override_and_ddp_prefix(plain_run, tmp_path):
     assert r.exit_code == 1 and "--key ema.nope" in r.stderr and "hint:" in r.stderr
 
 
+def test_nanochat_flat_state_dicts_with_meta(plain_run, tmp_path):
+    run = tmp_path / "chat"
+    run.mkdir()
+    sds = []
+    for s in (100, 200, 300):
+        sd = torch.load(plain_run / f"ckpt_{s}.pt", weights_only=True)["model"]
+        torch.save(sd, run / f"model_{s:06d}.pt")  # nanochat: the state dict alone
+        (run / f"meta_{s:06d}.json").write_text(json.dumps({"step": s, "model_config": ARGS}))
+        sds.append(sd)
+    torch.save({"state": {}}, run / "optim_000300_rank0.pt")  # no step in its name: not a revision
+    res = average([str(run), "-r", "100..300", "-o", str(tmp_path / "avg")])
+    assert [s["name"] for s in res["plan"]["inputs"]] == ["model_000100", "model_000200", "model_000300"]
+    out = torch.load(tmp_path / "avg" / "ckpt.pt", weights_only=True)
+    check_average(out, sds)
+    assert out["lm_head.weight"].data_ptr() == out["transformer.wte.weight"].data_ptr()
+    assert json.loads((tmp_path / "avg" / "meta_000300.json").read_text())["step"] == 300
+
+
 def test_lightning_ckpt(plain_run, tmp_path):
     run = tmp_path / "lightning"
     run.mkdir()
     sds = []
-    for i, s in enumerate((100, 200, 300)):
+    for s in (100, 200, 300):
         ck = torch.load(plain_run / f"ckpt_{s}.pt", weights_only=True)
         sd = OrderedDict((f"model.{k}", v) for k, v in ck["model"].items())
         obj = {"epoch": 0, "global_step": s, "pytorch-lightning_version": "2.4.0", "state_dict": sd,

@@ -27,12 +27,13 @@ from merger.errors import OutputError
 from merger.formats import read_checkpoint
 from merger.formats.pt_header import read_header
 from merger.formats.reading import read_extents
-from merger.formats.torch_pt import _file, find_model, plain_prefix
+from merger.formats.torch_pt import _file, plain_prefix
 
 FILE = "model.safetensors"
 _ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 _TRANSPOSED = re.compile(r"^transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
-_BIASED = re.compile(r"^transformer\.(h\.\d+\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)|ln_f)\.weight$")
+_BIASED = re.compile(r"^transformer\.(h\.\d+\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
+                     r"|ln_f)\.weight$")
 NEEDED = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 
@@ -85,7 +86,7 @@ def write(tmp: Path, plan) -> list[str]:
         t = bool(_TRANSPOSED.match(name))
         plan_out.append((name, full, shape[::-1] if t else shape, t))
         if _BIASED.match(name) and name[: -len("weight")] + "bias" not in names:
-            plan_out.append((name[: -len("weight")] + "bias", None, (shape[0] if not t else shape[0],), False))
+            plan_out.append((name[: -len("weight")] + "bias", None, (shape[0],), False))  # zeros: bias=False
     header, at = {}, 0
     for name, full, shape, _ in plan_out:
         dt = merged[full].dtype if full else dtype
@@ -99,7 +100,7 @@ def write(tmp: Path, plan) -> list[str]:
     try:
         with open(tmp / f".{FILE}.partial", "wb") as f:
             f.write(len(blob).to_bytes(8, "little") + blob)
-            for name, full, shape, transpose in plan_out:
+            for name, full, _, transpose in plan_out:
                 if full is None:
                     f.write(bytes(header[name]["data_offsets"][1] - header[name]["data_offsets"][0]))
                     continue
