@@ -87,7 +87,6 @@ def write(tmp: Path, plan) -> list[str]:
                 view = memoryview(buf)[:n]
                 read_extents(fds, info.extents, start, view)
                 os.pwrite(fd, view, at + start)
-        os.fsync(fd)
     finally:
         os.close(fd)
         for f in fds.values():
