@@ -329,3 +329,32 @@ def test_eval_needs_a_tokenizer_and_takes_one(plain_run, tmp_path):
     report = json.loads(r.stdout)
     assert report["config"]["tokenizer"] == str(tmp_path / "tok")
     assert report["models"][0]["scores"]["merger_pydocs_ppl"]
+
+
+def test_same_bits_on_both_kernels_ema_small_budget_and_resume(plain_run, tmp_path):
+    """The torch kernel (--hash) gives the native kernel's bits; EMA works; a tiny budget and
+    shard size (many blocks and shards) change nothing; a Ctrl-C'd run resumes to the same file."""
+    from merger.api import average as api_average
+    from merger.plan import Options
+    from merger.plan.methods import Method
+    from test_resume import Interrupt, partial_of
+
+    def model_of(out: Path) -> dict:
+        return torch.load(out / "ckpt.pt", weights_only=True)["model"]
+
+    base = ["--method", "ema", "--decay", "0.7"]
+    average([str(plain_run), *base, "-o", str(tmp_path / "native")])
+    average([str(plain_run), *base, "--hash", "-o", str(tmp_path / "torch")])
+    average([str(plain_run), *base, "--max-memory", "400KB", "--max-shard-size", "20KB", "-o", str(tmp_path / "small")])
+    ref = model_of(tmp_path / "native")
+    for other in ("torch", "small"):
+        got = model_of(tmp_path / other)
+        assert all(torch.equal(got[k], ref[k]) for k in ref), other
+    opts = Options(method=Method("ema", decay=0.7), max_shard_size=20_000, max_memory=400_000)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        api_average([str(plain_run)], options=opts, output=out, progress=Interrupt(2))
+    assert not out.exists() and (partial_of(out) / "progress.json").exists()
+    _, res = api_average([str(plain_run)], options=Options(**{**opts.__dict__, "resume": True}), output=out)
+    assert res.resumed_shards
+    assert (out / "ckpt.pt").read_bytes() == (tmp_path / "native" / "ckpt.pt").read_bytes()
