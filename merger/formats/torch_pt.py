@@ -45,7 +45,8 @@ MAX_RUNS = 1 << 16  # extents per tensor before a strided view is refused (each 
 _STEP_FILE = re.compile(r"^(?:ckpt|model|iter)_\d+$|^epoch=\d+-step=\d+$")
 
 
-def _file(path: str | Path) -> Path:
+def checkpoint_file(path: str | Path) -> Path:
+    """The ``torch.save`` file of a revision: the file itself, or ``out/ckpt.pt``."""
     p = Path(path)
     return p / FOLDER_FILE if p.is_dir() else p
 
@@ -159,7 +160,7 @@ def read(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
             whose bytes the file lacks (truncated); an unreadable view; overlapping tensors.
         UsageError: a ``key`` that leads to no state dict.
     """
-    f = _file(path)
+    f = checkpoint_file(path)
     header = read_header(f)
     where, entries = model_entries(header, key)
     sd = find_model(header.tree, key, f)[1]
@@ -197,7 +198,7 @@ def read(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
 
 def step_inside(path: str | Path) -> int | None:
     """The step a checkpoint records (``iter_num``, ``global_step`` or ``step``), read from its pickle."""
-    tree = read_header(_file(path)).tree
+    tree = read_header(checkpoint_file(path)).tree
     if isinstance(tree, dict):
         for k in ("iter_num", "global_step", "step"):
             v = tree.get(k)

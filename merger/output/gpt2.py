@@ -27,7 +27,7 @@ from merger.errors import OutputError
 from merger.formats import read_checkpoint
 from merger.formats.pt_header import read_header
 from merger.formats.reading import read_extents
-from merger.formats.torch_pt import _file, plain_prefix
+from merger.formats.torch_pt import checkpoint_file, plain_prefix
 
 FILE = "model.safetensors"
 _ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
@@ -37,8 +37,8 @@ _BIASED = re.compile(r"^transformer\.(h\.\d+\.(ln_1|ln_2|attn\.c_attn|attn\.c_pr
 NEEDED = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 
-def _model_args(src: str, key: str | None) -> dict:
-    tree = read_header(_file(src)).tree
+def _model_args(src: str) -> dict:
+    tree = read_header(checkpoint_file(src)).tree
     args = tree.get("model_args") if isinstance(tree, dict) else None
     if isinstance(args, dict) and all(k in args for k in NEEDED):
         return args
@@ -66,7 +66,7 @@ def write(tmp: Path, plan) -> list[str]:
         OutputError: the input is not a nanoGPT GPT-2 model (no ``model_args``, unknown tensors).
     """
     src = plan.sources[-1].path
-    args = _model_args(src, plan.options.key)
+    args = _model_args(src)
     merged = read_checkpoint(tmp)
     prefix = plain_prefix(merged)
     names = {n[len(prefix):]: n for n in merged if not n.endswith(".attn.bias")}

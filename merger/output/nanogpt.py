@@ -25,7 +25,7 @@ from merger.errors import OutputError
 from merger.formats import read_checkpoint
 from merger.formats.pt_header import read_header, to_plain
 from merger.formats.reading import read_extents
-from merger.formats.torch_pt import _file, find_model, meta, model_entries
+from merger.formats.torch_pt import checkpoint_file, find_model, meta, model_entries
 
 FILE = "ckpt.pt"
 PIECE = 64 << 20  # bytes copied at a time
@@ -50,7 +50,7 @@ def write(tmp: Path, plan) -> list[str]:
     if src is None or not Path(src).exists():
         raise OutputError("--to nanogpt needs the latest input on disk", hint="use --to hf")
     try:
-        header = read_header(_file(src))
+        header = read_header(checkpoint_file(src))
         where, entries = model_entries(header, plan.options.key)
     except Exception as e:  # noqa: BLE001 - an input of another format
         raise OutputError(f"--to nanogpt: the latest input {src} is not a torch training checkpoint ({e})",
