@@ -160,7 +160,7 @@ def _walk(f, size: int, path) -> tuple[object, dict[str, int]]:
             n *= 4
     sizes = storages(tree)
     offsets: dict[str, int] = {}
-    at = _skip_descriptor(f, start + used, used)
+    at = _skip_descriptor(f, start + used, used) if flags & 8 else start + csize
     while at + 30 <= size:
         f.seek(at)
         if f.read(4) != b"PK\x03\x04":
@@ -174,7 +174,7 @@ def _walk(f, size: int, path) -> tuple[object, dict[str, int]]:
             f.seek(start)
             tail = f.read(1 << 16)
             i = tail.find(b"PK\x07\x08")
-            while i >= 0 and struct.unpack("<I", tail[i + 8: i + 12] or b"\0\0\0\0")[0] != i:
+            while i >= 0 and (len(tail) < i + 12 or struct.unpack("<I", tail[i + 8: i + 12])[0] != i):
                 i = tail.find(b"PK\x07\x08", i + 1)
             if i < 0:
                 break
