@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # an environment that already has torch; pyproject only asks for torch>=2.4.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast demo wsd warmstart lint bench clean
+.PHONY: install test test-fast demo wsd warmstart nanogpt-lawa lint bench bench-nanogpt clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ wsd: install  # decay by merging vs a real LR decay on a WSD run: demo/wsd/{tabl
 warmstart: install
 	$(BIN)/python examples/warmstart.py
 
+nanogpt-lawa: install
+	$(BIN)/python examples/nanogpt_lawa.py
+
 lint: install
 	$(BIN)/python -m ruff check merger tests examples bench 2>/dev/null || \
 		($(BIN)/pip install -q ruff && $(BIN)/python -m ruff check merger tests examples bench)
@@ -44,5 +47,8 @@ bench: install
 	bash bench/setup.sh
 	$(BIN)/python bench/run.py --shape 410m --revisions 9
 
+bench-nanogpt: install
+	$(BIN)/python bench/nanogpt.py --files 9
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache merged demo
+	rm -rf $(VENV) build *.egg-info .pytest_cache merged demo nanogpt-lawa

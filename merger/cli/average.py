@@ -18,7 +18,8 @@ from merger.errors import MergerError
 def average_command(
     models: Annotated[Optional[list[str]], typer.Argument(
         help="A Hub repo id (default EleutherAI/pythia-70m), a folder of revision subfolders "
-             "(step1000/ ...), or explicit checkpoint folders.", show_default=False)] = None,
+             "(step1000/ ...) or of training files (ckpt_3000.pt ...), or explicit checkpoint folders "
+             "or files.", show_default=False)] = None,
     revisions: Annotated[Optional[str], typer.Option(
         "--revisions", "-r", help="A..B (either end optional) or r1,r2,r3.")] = None,
     every: Annotated[Optional[int], typer.Option(help="With A..B: A, A+N, ... and B itself.")] = None,
@@ -59,7 +60,8 @@ def average_command(
         "--key", help="Where the model lies in a training checkpoint (a dict key such as model, or a.b).",
         show_default="found by the format")] = None,
     to: Annotated[Optional[str], typer.Option(
-        "--to", help="Output format: hf or safetensors (and the training formats merger reads).",
+        "--to", help="Output format: hf, safetensors or nanogpt (a torch.save ckpt.pt, the default for .pt "
+                    "inputs); hf from a nanoGPT model is a GPT2LMHeadModel folder.",
         show_default="the input's own format")] = None,
     run_eval: Annotated[bool, typer.Option("--eval", help="Then evaluate the merged model against the latest "
                                            "input revision (lm-eval, offline task pack by default).")] = False,

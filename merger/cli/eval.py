@@ -47,12 +47,16 @@ OutputOpt = Annotated[Path | None, typer.Option(
 IncludeOpt = Annotated[list[Path] | None, typer.Option(
     "--include-path", help="Folder or file of extra lm-eval task YAML; repeatable.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+TokenizerOpt = Annotated[str | None, typer.Option(
+    "--tokenizer", metavar="NAME_OR_PATH", show_default="each model's own",
+    help="Tokenizer folder or Hub name, for models without tokenizer files (e.g. nanoGPT runs "
+         "converted with `merger average --to hf`).")]
 
 
 def eval_command(models: ModelsArg, tasks: TasksOpt = None, limit: LimitOpt = None,
                  num_fewshot: FewshotOpt = None, batch_size: BatchOpt = 8,
                  device: DeviceOpt = "auto", dtype: DtypeOpt = None, output_dir: OutputOpt = None,
-                 include_path: IncludeOpt = None, json_out: JsonOpt = False) -> None:
+                 include_path: IncludeOpt = None, tokenizer: TokenizerOpt = None, json_out: JsonOpt = False) -> None:
     """Evaluate models with lm-eval-harness and compare them with the first one.
 
     The default tasks need no network: perplexity and a 4-way continuation test on held-out
@@ -63,6 +67,8 @@ def eval_command(models: ModelsArg, tasks: TasksOpt = None, limit: LimitOpt = No
         merger eval EleutherAI/pythia-70m@step143000 merged/ --limit 200
 
         merger eval merged/ --tasks merger_pydocs_ppl,lambada_openai --json > scores.json
+
+        merger eval nanogpt-avg-hf/ --tokenizer gpt2
     """
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     n = parse_limit(limit)
@@ -71,7 +77,7 @@ def eval_command(models: ModelsArg, tasks: TasksOpt = None, limit: LimitOpt = No
 
     report = evaluate(models, tasks=task_list, limit=n, num_fewshot=num_fewshot,
                       batch_size=batch_size, device=device, dtype=dtype, output_dir=out,
-                      include_path=include_path, progress=ui.info)
+                      include_path=include_path, tokenizer=tokenizer, progress=ui.info)
     ui.info(f"full lm-eval results: {report.output_dir}")
     if json_out:
         ui.print_json(report.to_dict())

@@ -134,8 +134,8 @@ class EvalReport:
                 "output_dir": self.output_dir, "tasks": tasks, "models": models}
 
 
-def check_model_folder(path: Path, spec: str) -> None:
-    """Raise :class:`EvalError` unless ``path`` holds a config, weights and a tokenizer."""
+def check_model_folder(path: Path, spec: str, *, tokenizer: str | None = None) -> None:
+    """Raise :class:`EvalError` unless ``path`` holds a config, weights and a tokenizer (or one is given)."""
     if not path.is_dir():
         raise EvalError(f"{spec} is not a folder", hint="pass a model folder or REPO_ID@REVISION")
     if not (path / "config.json").is_file():
@@ -146,12 +146,14 @@ def check_model_folder(path: Path, spec: str) -> None:
         raise EvalError(f"{spec} has a config.json but no weights "
                         "(model.safetensors, pytorch_model.bin or their shards)",
                         hint="is the merge finished? merged folders are renamed into place last")
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+    if tokenizer is None and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise EvalError(f"{spec} has no tokenizer files ({', '.join(TOKENIZER_FILES)})",
-                        hint="copy the tokenizer files of the model it was trained from into it")
+                        hint="pass --tokenizer NAME_OR_PATH (e.g. --tokenizer gpt2 for nanoGPT runs: training "
+                             "checkpoints carry none), or copy the tokenizer files of the model it was trained "
+                             "from into it")
 
 
-def resolve_model(spec: str) -> ModelSource:
+def resolve_model(spec: str, *, tokenizer: str | None = None) -> ModelSource:
     """Turn a local folder or ``REPO_ID[@REVISION]`` into a :class:`ModelSource`.
 
     Hub models are fetched with ``snapshot_download`` (only the cache is read when
@@ -162,7 +164,7 @@ def resolve_model(spec: str) -> ModelSource:
     """
     path = Path(spec).expanduser()
     if path.exists():
-        check_model_folder(path, spec)
+        check_model_folder(path, spec, tokenizer=tokenizer)
         return ModelSource(spec=spec, path=str(path.resolve()))
     repo_id, _, revision = spec.partition("@")
     if not is_repo_id(repo_id):
@@ -183,7 +185,7 @@ def resolve_model(spec: str) -> ModelSource:
                         hint="check the path, or the repo id and revision (a branch such as "
                              "step143000, a tag or a commit sha)") from e
     commit = Path(folder).name if _COMMIT.match(Path(folder).name) else None
-    check_model_folder(Path(folder), spec)
+    check_model_folder(Path(folder), spec, tokenizer=tokenizer)
     return ModelSource(spec=spec, path=str(folder), repo_id=repo_id, revision=revision,
                        commit=commit)
 
@@ -261,7 +263,7 @@ def _file_name(source: ModelSource, taken: set[str]) -> str:
 def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | float | None = None,
              num_fewshot: int | None = None, batch_size: int = 8, device: str = "auto",
              dtype: str | None = None, output_dir: str | Path | None = None,
-             include_path: list[Path] | None = None, seed: int = 1234,
+             include_path: list[Path] | None = None, seed: int = 1234, tokenizer: str | None = None,
              progress: Callable[[str], None] | None = None) -> EvalReport:
     """Evaluate each model on ``tasks`` with lm-eval-harness; the first model is the baseline.
 
@@ -279,6 +281,8 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
             ``summary.json``; None writes nothing.
         include_path: extra folders or files of lm-eval task YAML.
         seed: python, numpy, torch and few-shot seeds.
+        tokenizer: a tokenizer folder or Hub name for models that carry none (training checkpoints
+            converted with ``merger average --to hf``); None: each model's own.
         progress: called with a short status line before each step.
 
     Returns:
@@ -313,7 +317,7 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
     sources = []
     for spec in models:  # resolve every model before the slow part
         note(f"resolving {spec}")
-        sources.append(resolve_model(spec))
+        sources.append(resolve_model(spec, tokenizer=tokenizer))
     for p in include_path or []:
         if not Path(p).exists():
             raise EvalError(f"--include-path {p}: no such file or folder")
@@ -328,14 +332,14 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
     taken: set[str] = set()
     report = EvalReport(config={
         "tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size,
-        "device": device, "dtype": load_dtype, "seed": seed, "task_pack": str(pack),
+        "device": device, "dtype": load_dtype, "seed": seed, "tokenizer": tokenizer, "task_pack": str(pack),
         "lm_eval_version": getattr(lm_eval, "__version__", None)},
         output_dir=str(out) if out is not None else None)
     for i, src in enumerate(sources, 1):
         t0 = time.perf_counter()
         note(f"[{i}/{len(sources)}] loading {src.spec} on {device} ({load_dtype})")
         with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints; stdout is for results
-            lm = _load(HFLM, src, device=device, dtype=load_dtype, batch_size=batch_size)
+            lm = _load(HFLM, src, device=device, dtype=load_dtype, batch_size=batch_size, tokenizer=tokenizer)
             note(f"[{i}/{len(sources)}] evaluating {src.spec}")
             try:
                 results = lm_eval.simple_evaluate(
@@ -368,10 +372,12 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
     return report
 
 
-def _load(HFLM: Any, src: ModelSource, *, device: str, dtype: str, batch_size: int) -> Any:
+def _load(HFLM: Any, src: ModelSource, *, device: str, dtype: str, batch_size: int,
+          tokenizer: str | None = None) -> Any:
     """One ``HFLM`` with an explicit device (never HFLM's default ``cuda``)."""
     try:
-        return HFLM(pretrained=src.path, device=device, dtype=dtype, batch_size=batch_size)
+        return HFLM(pretrained=src.path, device=device, dtype=dtype, batch_size=batch_size,
+                    **({"tokenizer": tokenizer} if tokenizer else {}))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise EvalError(f"{src.spec}: transformers can't load it: {type(e).__name__}: {e}",
                         hint="check that config.json and the weights belong together") from e

@@ -22,6 +22,8 @@ from merger.errors import UsageError
 OUTPUTS: dict[str, str | None] = {
     "hf": None,  # a Hugging Face folder: safetensors shards + index, config and tokenizer copied
     "safetensors": None,  # the same files (for frameworks' own converters: keys as in the input)
+    "nanogpt": "merger.output.nanogpt",  # OUT/ckpt.pt: a torch.save training checkpoint (model, no optimizer)
+    "gpt2": "merger.output.gpt2",  # a transformers GPT2LMHeadModel folder from a nanoGPT model (--to hf)
 }
 
 

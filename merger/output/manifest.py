@@ -28,7 +28,7 @@ def source_files(plan: Plan, result: Result) -> list[list[dict]]:
         names = of(s.path).weight_files(s.path)
         rows = []
         for f in names:
-            p = str(Path(s.path) / f)
+            p = str((Path(s.path) if os.path.isdir(s.path) else Path(s.path).parent) / f)  # a file: torch_pt
             sha = result.file_hashes.get(p) or result.file_hashes.get(os.path.realpath(p))
             st = os.stat(p)
             rows.append({"file": f, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha})

@@ -1,12 +1,14 @@
-"""Local runs: a folder of revision subfolders (``step1000/``, ``checkpoint-1000/``, ...), selected
-with ``--revisions``, or explicit checkpoint folders merged as given.
+"""Local runs: a folder of revisions, selected with ``--revisions``: subfolders (``step1000/``,
+``checkpoint-1000/``, nanoGPT ``out-*/ckpt.pt`` with its ``iter_num`` inside) or checkpoint files
+(``ckpt_3000.pt``, ``model_000100.pt``, ``iter_500.pt``, ``epoch=1-step=500.ckpt``), or explicit
+checkpoint folders or files merged as given.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from merger.errors import SourceError, UsageError
+from merger.errors import MergerError, SourceError, UsageError
 from merger.formats import detect
 from merger.sources.source import Source
 from merger.sources.spec import RevisionSpec, parse_spec, parse_step, select
@@ -17,9 +19,32 @@ def has_weights(path: Path) -> bool:
     return detect(path) is not None
 
 
+def step_of(p: Path) -> int | None:
+    """The step in a revision's name (a file's without its suffix); for a folder without one, the
+    step its checkpoint records (nanoGPT's ``iter_num``), if its format can tell."""
+    step = parse_step(p.stem if p.is_file() else p.name)
+    inside = getattr(detect(p), "step_inside", None) if step is None and p.is_dir() else None
+    if inside is not None:
+        try:
+            step = inside(p)
+        except MergerError:  # unreadable: reported if it is selected
+            step = None
+    return step
+
+
+def revision_name(p: Path) -> str:
+    """A revision's name: a folder's name, a file's without its suffix (``ckpt_3000``)."""
+    return p.stem if p.is_file() else p.name
+
+
+def revision_paths(root: Path) -> dict[str, Path]:
+    """Subfolders and files of ``root`` that hold a checkpoint, by revision name."""
+    return {revision_name(p): p for p in sorted(root.iterdir()) if has_weights(p)}
+
+
 def local_revisions(root: Path) -> dict[str, int | None]:
-    """Subfolders of ``root`` that hold a checkpoint: name -> step (None if unnamed by step)."""
-    return {p.name: parse_step(p.name) for p in sorted(root.iterdir()) if p.is_dir() and has_weights(p)}
+    """Subfolders and files of ``root`` that hold a checkpoint: name -> step (None if unnamed by step)."""
+    return {n: step_of(p) for n, p in revision_paths(root).items()}
 
 
 def resolve_local(models: list[str], revisions: str | None, every: int | None) -> list[Source]:
@@ -31,8 +56,8 @@ def resolve_local(models: list[str], revisions: str | None, every: int | None) -
     """
     paths = [Path(m).expanduser() for m in models]
     for p in paths:
-        if not p.is_dir():
-            raise SourceError(f"{p}: no such folder", hint="give a checkpoint folder, a folder of revision "
+        if not p.exists():
+            raise SourceError(f"{p}: no such folder or file", hint="give a checkpoint folder, a folder of revision "
                               "subfolders (step1000/ ...) or a Hub repo id such as EleutherAI/pythia-70m")
     if len(paths) == 1 and not has_weights(paths[0]):
         root = paths[0].resolve()
@@ -48,7 +73,8 @@ def resolve_local(models: list[str], revisions: str | None, every: int | None) -
                 if any(s is not None for s in available.values()) else sorted(available)
         else:
             names = select(available, parse_spec(revisions), every, where=str(root))
-        return [Source(n, available[n], str(root / n)) for n in names]
+        paths = revision_paths(root)
+        return [Source(n, available[n], str(paths[n])) for n in names]
     if revisions is not None or every is not None:
         raise UsageError("--revisions/--every select subfolders of one folder; explicit checkpoint folders "
                          "are merged as given", hint="drop --revisions, or give the parent folder")
@@ -59,7 +85,7 @@ def resolve_local(models: list[str], revisions: str | None, every: int | None) -
     resolved = [p.resolve() for p in paths]
     if len(set(resolved)) != len(resolved):
         raise UsageError("the same checkpoint folder is given twice", hint="list each checkpoint once")
-    srcs = [Source(p.name, parse_step(p.name), str(p)) for p in resolved]
+    srcs = [Source(revision_name(p), step_of(p), str(p)) for p in resolved]
     if all(s.step is not None for s in srcs):
         srcs.sort(key=lambda s: s.step)
     return srcs

@@ -11,7 +11,6 @@ checked in full by :func:`refused` every time:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -25,24 +24,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from checks import check_refused, leftovers, tree_digest
 from conftest import WIDE, make_run
 from merger.testing import synth
 from merger.cli import app
 
 runner = CliRunner()
 CFG = synth.SHAPES["tiny"].config()
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (and the set of paths itself)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def leftovers(out: Path) -> list[str]:
-    """Partial/old folders merger may have left beside ``out``."""
-    parent = out.parent
-    return sorted(p.name for p in parent.iterdir() if ".merger-" in p.name) if parent.is_dir() else []
 
 
 class Trajectory:
@@ -63,20 +51,6 @@ class Trajectory:
         before = tree_digest(self.inputs)
         r = runner.invoke(app, ["average", str(self.root), *args, "-o", str(out)])
         return check_refused(r.exit_code, r.stderr, r.output, expected, out=out, inputs=self.inputs, before=before)
-
-
-def check_refused(code: int, stderr: str, output: str, expected, *, out: Path, inputs: Path, before) -> str:
-    assert code == 1, output
-    assert "Error: " in stderr, stderr
-    err = stderr[stderr.index("Error: "):]  # errors found while merging follow the plan's table
-    assert "\nhint: " in err, f"no hint in: {err}"
-    assert "Traceback" not in output, output
-    for e in expected:
-        assert e in err, f"{e!r} not in: {err}"
-    assert not out.exists(), f"{out} was created"
-    assert leftovers(out) == [], f"leftovers beside {out}: {leftovers(out)}"
-    assert tree_digest(inputs) == before, "an input file changed"
-    return err
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from checks import Interrupt, leftovers, partial_of
 from conftest import files_equal, make_run
 from merger.testing import synth
 from merger.api import average
@@ -66,14 +67,6 @@ sys.argv = ["merger", *sys.argv[1:]]
 from merger.cli import main
 main()
 """
-
-
-def partial_of(out: Path) -> Path:
-    return out.parent / f".{out.name}.merger-partial"
-
-
-def leftovers(out: Path) -> list[str]:
-    return sorted(p.name for p in out.parent.iterdir() if ".merger-" in p.name)
 
 
 def same_model(a: Path, b: Path) -> bool:
@@ -175,18 +168,6 @@ def test_resume_after_kill_with_changed_options_starts_clean(killed, tmp_path):
 # -- in-process: Ctrl-C, damaged shards, changed inputs, two runs at once ------------------------------
 
 OPTS = Options(max_shard_size=20_000, max_memory=600_000)
-
-
-class Interrupt:
-    """A progress callback that raises KeyboardInterrupt (Ctrl-C) once ``after`` blocks were folded."""
-
-    def __init__(self, after: int):
-        self.after, self.calls = after, 0
-
-    def __call__(self, nbytes: int) -> None:
-        self.calls += 1
-        if self.calls > self.after:
-            raise KeyboardInterrupt
 
 
 @pytest.fixture
