@@ -5,7 +5,7 @@ A training checkpoint (nanoGPT's ``ckpt.pt``, Lightning's ``.ckpt``, ...) is a z
 ``data.pkl`` holds a tree of plain containers (dicts, lists, numbers, strings) whose leaves name
 storages ``data/<key>``. We unpickle it with :class:`TreeUnpickler`, a generalisation of
 ``torch_zip``'s header unpickler: the torch globals become the same inert records
-(``torch_zip._TensorRef`` / ``_StorageRef``), a short list of plain types is allowed, and every
+(``torch_zip.TensorRef`` / ``StorageRef``), a short list of plain types is allowed, and every
 other global is refused: no class is imported and no code runs.
 
 Storage offsets come from the zip's central directory. torch writes its members with data
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import math
 import pickle
 import struct
 import zipfile
@@ -25,18 +26,88 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from merger.formats.base import RESAVE, fail
-from merger.formats.torch_zip import _HeaderUnpickler, _StorageRef, _TensorRef
+from merger.formats.base import RESAVE, Extent, TensorInfo, fail
 from merger.units import itemsize
 
 RESAVE_PLAIN = ("re-save it with plain values, e.g. torch.save({'model': model.state_dict(), "
                 "'model_args': dict(...), 'iter_num': step}, path), or save model.state_dict() alone")
-LEGACY = ("it was saved in torch's legacy (non-zip) format (PyTorch < 1.6, or "
-          "_use_new_zipfile_serialization=False)")
+LEGACY = ("it was saved in torch's legacy format: the legacy (non-zip) format of PyTorch < 1.6, or of "
+          "_use_new_zipfile_serialization=False")
 LEGACY_HINT = ("convert it once where you trust the file: torch.save(torch.load(old, weights_only=False), new) "
                "with PyTorch >= 1.6")
 _TORCH_DTYPES = ("float16", "float32", "float64", "bfloat16", "half", "float", "double", "int8", "int16",
                  "int32", "int64", "uint8", "bool", "long", "int")
+
+
+_STORAGE_DTYPES = {  # torch's storage classes (as the pickle names them) -> canonical dtype names
+    "HalfStorage": "float16", "FloatStorage": "float32", "DoubleStorage": "float64",
+    "BFloat16Storage": "bfloat16", "ByteStorage": "uint8", "CharStorage": "int8",
+    "ShortStorage": "int16", "IntStorage": "int32", "LongStorage": "int64",
+    "BoolStorage": "bool",
+}
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: str
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    key: str
+    dtype: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    storage: StorageRef
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _count(x) -> bool:
+    """A non-negative int (not a bool, float or anything else a crafted pickle could hold)."""
+    return type(x) is int and x >= 0
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *args):
+    if not (_count(storage_offset) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
+            and all(_count(d) for d in size) and all(_count(s) for s in stride) and len(size) == len(stride)):
+        raise pickle.UnpicklingError(f"a tensor record with offset {storage_offset!r:.40}, shape {size!r:.80} "
+                                     f"and stride {stride!r:.80} (negative, non-integer or mismatched)")
+    return TensorRef(storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data, *args):
+    return data
+
+
+class StateDictUnpickler(pickle.Unpickler):
+    """Resolves only the globals a state dict needs; everything else is refused."""
+
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module, name):
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        raise fail(self.path, f"holds a non-tensor object ({module}.{name}); merger never unpickles "
+                               "arbitrary objects", "save a plain state dict, or convert it to safetensors")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and _count(pid[4])):
+            raise fail(self.path, f"unexpected storage record {pid!r:.80}", RESAVE)
+        return StorageRef(str(pid[2]), pid[1].dtype, int(pid[4]))
 
 
 class _PlainDict(dict):
@@ -59,7 +130,7 @@ _PLAIN_GLOBALS = {
 }
 
 
-class TreeUnpickler(_HeaderUnpickler):
+class TreeUnpickler(StateDictUnpickler):
     """``torch_zip``'s header unpickler, widened to the plain values a training checkpoint holds."""
 
     def find_class(self, module, name):
@@ -96,7 +167,7 @@ def storages(tree) -> dict[str, int]:
     stack = [tree]
     while stack:
         x = stack.pop()
-        if isinstance(x, _TensorRef) and isinstance(x.storage, _StorageRef):
+        if isinstance(x, TensorRef) and isinstance(x.storage, StorageRef):
             out[x.storage.key] = x.storage.numel * itemsize(x.storage.dtype)
         elif isinstance(x, dict):
             stack.extend(x.values())
@@ -105,11 +176,11 @@ def storages(tree) -> dict[str, int]:
     return out
 
 
-def _unpickle(data: bytes, path) -> tuple[object, int]:
+def _unpickle(data: bytes, path, unpickler: type = None) -> tuple[object, int]:
     """The tree, and how many bytes of ``data`` the pickle used."""
     buf = io.BytesIO(data)
     try:
-        tree = TreeUnpickler(buf, path).load()
+        tree = (unpickler or TreeUnpickler)(buf, path).load()
     except pickle.UnpicklingError as e:
         raise fail(path, f"corrupt pickle in data.pkl ({e})", RESAVE) from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
@@ -141,7 +212,7 @@ def _skip_descriptor(f, at: int, nbytes: int) -> int:
     return at + off + 20  # zip64: 8-byte sizes
 
 
-def _walk(f, size: int, path) -> tuple[object, dict[str, int]]:
+def _walk(f, size: int, path, unpickler: type) -> tuple[object, dict[str, int]]:
     """Storage offsets of a zip without its central directory, from the local headers."""
     name, flags, start, csize = _local(f, 0, path)
     if not name.endswith("data.pkl"):
@@ -152,10 +223,10 @@ def _walk(f, size: int, path) -> tuple[object, dict[str, int]]:
         f.seek(start)
         data = f.read(n)
         try:
-            tree, used = _unpickle(data, path)
+            tree, used = _unpickle(data, path, unpickler)
             break
         except Exception:
-            if len(data) < n or n >= 1 << 30:
+            if len(data) < n or n >= MAX_PICKLE:
                 raise
             n *= 4
     sizes = storages(tree)
@@ -166,6 +237,9 @@ def _walk(f, size: int, path) -> tuple[object, dict[str, int]]:
         if f.read(4) != b"PK\x03\x04":
             break
         name, flags, start, csize = _local(f, at, path)
+        if name == prefix + "byteorder":
+            f.seek(start)
+            _check_byteorder(f.read(16), path)  # the record may be followed by its data descriptor
         key = name[len(prefix) + 5:] if name.startswith(prefix + "data/") else None
         if key in sizes:
             nbytes = sizes[key]
@@ -187,13 +261,29 @@ def _walk(f, size: int, path) -> tuple[object, dict[str, int]]:
     return tree, offsets
 
 
-def read_header(path: str | Path) -> Header:
+MAX_PICKLE = 256 << 20  # bytes of data.pkl: a state dict's names and records, even for optimizer state
+
+
+def _check_byteorder(record: bytes, path) -> None:
+    """torch writes ``byteorder`` = ``little`` or ``big``; merger reads little-endian bytes only."""
+    if not record.startswith(b"little"):
+        raise fail(path, f"was saved with byte order {record[:8]!r} (a big-endian machine?); merger "
+                         "reads little-endian checkpoints only", "load and re-save it with torch.save on a "
+                                                                 "little-endian machine (x86, ARM)")
+
+
+def read_header(path: str | Path, *, unpickler: type | None = None) -> Header:
     """The pickle tree of a ``torch.save`` file and where its storages lie.
 
+    ``unpickler``: the restricted unpickler (default :class:`TreeUnpickler`; a ``pytorch_model.bin``
+    uses the narrower :class:`StateDictUnpickler`).
+
     Raises:
-        CheckpointFormatError: the legacy format, not a torch zip, a pickle that needs a class,
-            a corrupt pickle.
+        CheckpointFormatError: the legacy format, not a torch zip, duplicate member names, a
+            big-endian file, a compressed or oversized data.pkl, a pickle that needs a class, a
+            corrupt pickle.
     """
+    unpickler = unpickler or TreeUnpickler
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -201,19 +291,30 @@ def read_header(path: str | Path) -> Header:
         if magic[:1] == b"\x80":
             raise fail(path, LEGACY, LEGACY_HINT)
         if magic != b"PK\x03\x04":
-            raise fail(path, "is not a torch checkpoint (not a zip file)",
-                       "give a file written by torch.save (PyTorch >= 1.6)")
+            raise fail(path, "is not a torch zip checkpoint (not a zip file: truncated, corrupt, or garbage)",
+                       "give a file written by torch.save (PyTorch >= 1.6), or convert it to safetensors")
         try:
             zf = zipfile.ZipFile(f)
         except (zipfile.BadZipFile, OSError):
-            tree, offsets = _walk(f, size, path)  # cut short: no central directory
+            tree, offsets = _walk(f, size, path, unpickler)  # cut short: no central directory
             return Header(str(path), tree, offsets, size, complete=False)
         with zf:
             pkls = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
             if len(pkls) != 1:
                 raise fail(path, "zip file has no single data.pkl: not a torch checkpoint", RESAVE)
             prefix = pkls[0].filename[: -len("data.pkl")]
-            tree, _ = _unpickle(zf.read(pkls[0]), path)
+            names = [i.filename for i in zf.infolist()]
+            if len(names) != len(set(names)):
+                dup = next(n for n in names if names.count(n) > 1)
+                raise fail(path, f"holds the zip member {dup!r} twice: which one a reader takes is undefined",
+                           "re-save it with torch.save")
+            pkl = pkls[0]
+            if pkl.compress_type != zipfile.ZIP_STORED or pkl.file_size > MAX_PICKLE:
+                raise fail(path, f"data.pkl is {'compressed' if pkl.compress_type else 'larger than 256 MB'} "
+                                 f"({pkl.file_size} bytes): torch.save writes neither", "re-save it with torch.save")
+            if prefix + "byteorder" in zf.NameToInfo:
+                _check_byteorder(zf.read(prefix + "byteorder")[:16], path)
+            tree, _ = _unpickle(zf.read(pkl), path, unpickler)
             offsets = {}
             for key in storages(tree):
                 info = zf.NameToInfo.get(f"{prefix}data/{key}")
@@ -224,7 +325,7 @@ def read_header(path: str | Path) -> Header:
 
 def plain(x) -> bool:
     """Whether ``x`` holds no tensor (only plain Python values)."""
-    if isinstance(x, _TensorRef):
+    if isinstance(x, TensorRef):
         return False
     if isinstance(x, dict):
         return all(plain(v) for v in x.values())
@@ -244,3 +345,70 @@ def to_plain(x):
     if isinstance(x, tuple):
         return tuple(to_plain(v) for v in x)
     return x
+
+
+# -- tensors as byte extents ---------------------------------------------------------------------
+MAX_RUNS = 1 << 16  # extents per tensor before a strided view is refused (each is one pread)
+
+
+def signature(t: TensorRef) -> tuple:
+    """What makes two entries the same tensor (a tied weight): storage, offset, shape, stride, dtype."""
+    return (t.storage.key, t.storage_offset, t.shape, t.stride, t.storage.dtype)
+
+
+def _runs(t: TensorRef) -> list[tuple[int, int, int]]:
+    """(element offset in the storage, element start in the tensor, elements) per contiguous run."""
+    numel = math.prod(t.shape)
+    if numel == 0:
+        return []
+    dims = [(n, s) for n, s in zip(t.shape, t.stride) if n != 1]
+    run, inner = 1, len(dims)
+    while inner > 0 and dims[inner - 1][1] == run:  # the C-contiguous innermost dims
+        run *= dims[inner - 1][0]
+        inner -= 1
+    outer = dims[:inner]
+    offsets = [t.storage_offset]
+    for n, s in outer:
+        offsets = [o + i * s for o in offsets for i in range(n)] if len(offsets) * n <= MAX_RUNS else []
+        if not offsets:
+            break
+    return [(o, i * run, run) for i, o in enumerate(offsets)] if offsets else []
+
+
+def tensor_extents(header: Header, sd: dict, names: list[str], path) -> dict[str, TensorInfo]:
+    """The entries ``names`` of state dict ``sd`` (a subtree of ``header.tree``) as byte extents:
+    views read where they lie, one extent per contiguous run; entries that are the same view
+    (tied) share extents; anything else that overlaps in one storage is refused.
+
+    Raises:
+        CheckpointFormatError: a tensor whose bytes the file lacks (truncated), a view that can't be
+            read in contiguous runs, a tensor past the end of its storage, overlapping tensors.
+    """
+    out: dict[str, TensorInfo] = {}
+    used: dict[str, list[tuple[int, int, str]]] = {}  # storage key -> (first byte, end, tensor)
+    for name in names:
+        t = sd[name]
+        if not isinstance(t.storage, StorageRef):
+            raise fail(path, f"tensor {name!r} has no storage record (corrupt data.pkl)", "re-save the checkpoint")
+        size = itemsize(t.storage.dtype)
+        runs = _runs(t)
+        if math.prod(t.shape) and not runs:
+            raise fail(path, f"tensor {name!r} is a strided view (shape {list(t.shape)}, stride {list(t.stride)}) "
+                          "that can't be read in contiguous runs", "save contiguous tensors: "
+                          "{k: v.contiguous() for k, v in model.state_dict().items()}")
+        base = header.offsets.get(t.storage.key)
+        end = max((o + n for o, _, n in runs), default=t.storage_offset) * size
+        if base is None or base + end > header.size:
+            raise fail(path, f"truncated: the bytes of model tensor {name!r} are missing "
+                          f"(storage data/{t.storage.key})", "the file is cut short: copy or save it again")
+        if end > t.storage.numel * size:
+            raise fail(path, f"tensor {name!r} reaches past the end of its storage", "re-save the checkpoint")
+        lo = min((o for o, _, _ in runs), default=t.storage_offset) * size
+        for a, b, other in used.get(t.storage.key, []):
+            if lo < b and a < end and signature(sd[other]) != signature(t):
+                raise fail(path, f"tensors {other!r} and {name!r} overlap in one storage without being the same "
+                              "view", "save separate tensors: {k: v.clone() for k, v in sd.items()}")
+        used.setdefault(t.storage.key, []).append((lo, end, name))
+        out[name] = TensorInfo(name, t.storage.dtype, tuple(t.shape),
+                               tuple(Extent(str(path), base + o * size, s * size, n * size) for o, s, n in runs))
+    return out

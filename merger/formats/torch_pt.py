@@ -24,15 +24,12 @@ as one extent per contiguous run (a column slice: one per row); a view whose run
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
 from merger.errors import UsageError
-from merger.formats.base import Extent, TensorInfo, fail
-from merger.formats.pt_header import Header, plain, read_header
-from merger.formats.torch_zip import _StorageRef, _TensorRef
-from merger.units import itemsize
+from merger.formats.base import TensorInfo, fail
+from merger.formats.pt_header import Header, TensorRef, plain, read_header, signature, tensor_extents
 
 NAME = "torch_pt"
 OUTPUT = "nanogpt"
@@ -41,7 +38,6 @@ SUFFIXES = (".pt", ".pth", ".ckpt")
 FOLDER_FILE = "ckpt.pt"  # nanoGPT's out/ckpt.pt
 MODEL_KEYS = ("model", "state_dict", "module", "net", "model_state_dict")
 PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DDP: stripped by --to hf, kept by the own format
-MAX_RUNS = 1 << 16  # extents per tensor before a strided view is refused (each is one pread)
 _STEP_FILE = re.compile(r"^(?:ckpt|model|iter)_\d+$|^epoch=\d+-step=\d+$")
 
 
@@ -72,12 +68,12 @@ def side_files(path: str | Path) -> tuple[str, ...]:
 
 
 def _is_state_dict(x) -> bool:
-    return isinstance(x, dict) and bool(x) and all(isinstance(k, str) and isinstance(v, _TensorRef)
+    return isinstance(x, dict) and bool(x) and all(isinstance(k, str) and isinstance(v, TensorRef)
                                                    for k, v in x.items())
 
 
 def _describe(x) -> str:
-    if isinstance(x, _TensorRef):
+    if isinstance(x, TensorRef):
         return "a tensor"
     if isinstance(x, dict):
         return f"a dict of {len(x)} entries"
@@ -100,7 +96,7 @@ def find_model(tree, key: str | None, path) -> tuple[tuple[str, ...], dict]:
                                  hint=f"the keys there are {have}")
             node, where = node[part], where + (part,)
         if not _is_state_dict(node):
-            bad = next((f"{k!r} is {_describe(v)}" for k, v in node.items() if not isinstance(v, _TensorRef)),
+            bad = next((f"{k!r} is {_describe(v)}" for k, v in node.items() if not isinstance(v, TensorRef)),
                        "it is empty") if isinstance(node, dict) else f"it is {_describe(node)}"
             raise UsageError(f"--key {key}: {path} holds no state dict of tensors there ({bad})",
                              hint="point --key at the dict of parameter tensors (e.g. model, or state_dict)")
@@ -118,10 +114,6 @@ def find_model(tree, key: str | None, path) -> tuple[tuple[str, ...], dict]:
                "save a dict such as {'model': model.state_dict(), ...}, or model.state_dict() alone")
 
 
-def _signature(t: _TensorRef) -> tuple:
-    return (t.storage.key, t.storage_offset, t.shape, t.stride, t.storage.dtype)
-
-
 def model_entries(header: Header, key: str | None = None) -> tuple[tuple[str, ...], list[tuple[str, str]]]:
     """The model's key path and every entry in order as (name, name of the tensor it is): an
     alias of a tied tensor names the first entry that has its storage view; others name themselves."""
@@ -129,27 +121,8 @@ def model_entries(header: Header, key: str | None = None) -> tuple[tuple[str, ..
     first: dict[tuple, str] = {}
     out = []
     for name, t in sd.items():
-        out.append((name, first.setdefault(_signature(t), name)))
+        out.append((name, first.setdefault(signature(t), name)))
     return where, out
-
-
-def _runs(t: _TensorRef) -> list[tuple[int, int, int]]:
-    """(element offset in the storage, element start in the tensor, elements) per contiguous run."""
-    numel = math.prod(t.shape)
-    if numel == 0:
-        return []
-    dims = [(n, s) for n, s in zip(t.shape, t.stride) if n != 1]
-    run, inner = 1, len(dims)
-    while inner > 0 and dims[inner - 1][1] == run:  # the C-contiguous innermost dims
-        run *= dims[inner - 1][0]
-        inner -= 1
-    outer = dims[:inner]
-    offsets = [t.storage_offset]
-    for n, s in outer:
-        offsets = [o + i * s for o in offsets for i in range(n)] if len(offsets) * n <= MAX_RUNS else []
-        if not offsets:
-            break
-    return [(o, i * run, run) for i, o in enumerate(offsets)] if offsets else []
 
 
 def read(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
@@ -164,36 +137,8 @@ def read(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
     header = read_header(f)
     where, entries = model_entries(header, key)
     sd = find_model(header.tree, key, f)[1]
-    out: dict[str, TensorInfo] = {}
-    used: dict[str, list[tuple[int, int, str]]] = {}  # storage key -> (first byte, end, tensor)
-    for name, same in entries:
-        if same != name:
-            continue
-        t = sd[name]
-        if not isinstance(t.storage, _StorageRef):
-            raise fail(f, f"tensor {name!r} has no storage record (corrupt data.pkl)", "re-save the checkpoint")
-        size = itemsize(t.storage.dtype)
-        runs = _runs(t)
-        if math.prod(t.shape) and not runs:
-            raise fail(f, f"tensor {name!r} is a strided view (shape {list(t.shape)}, stride {list(t.stride)}) "
-                          "that can't be read in contiguous runs", "save contiguous tensors: "
-                          "{k: v.contiguous() for k, v in model.state_dict().items()}")
-        base = header.offsets.get(t.storage.key)
-        end = max((o + n for o, _, n in runs), default=t.storage_offset) * size
-        if base is None or base + end > header.size:
-            raise fail(f, f"truncated: the bytes of model tensor {name!r} are missing "
-                          f"(storage data/{t.storage.key})", "the file is cut short: copy or save it again")
-        if end > t.storage.numel * size:
-            raise fail(f, f"tensor {name!r} reaches past the end of its storage", "re-save the checkpoint")
-        lo = min((o for o, _, _ in runs), default=t.storage_offset) * size
-        for a, b, other in used.get(t.storage.key, []):
-            if lo < b and a < end:
-                raise fail(f, f"tensors {other!r} and {name!r} overlap in one storage without being the same "
-                              "view", "save separate tensors: {k: v.clone() for k, v in sd.items()}")
-        used.setdefault(t.storage.key, []).append((lo, end, name))
-        out[name] = TensorInfo(name, t.storage.dtype, tuple(t.shape),
-                               tuple(Extent(str(f), base + o * size, s * size, n * size) for o, s, n in runs))
-    return out
+    names = [name for name, same in entries if same == name]
+    return tensor_extents(header, sd, names, f)
 
 
 def step_inside(path: str | Path) -> int | None:

@@ -1,0 +1,137 @@
+"""torch zip files that torch would read differently from merger, or not at all, are refused before
+a byte is averaged: big-endian files, duplicate zip members, negative or non-integer tensor records,
+a compressed (zip-bomb) data.pkl. Each file is written with zipfile and a pickle that has torch's
+own structure; the real CLI must exit 1 naming the file, leave nothing behind, change nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_run
+from merger.cli import app
+
+runner = CliRunner()
+
+
+class _Storage:
+    def __init__(self, key: str, numel: int):
+        self.key, self.numel = key, numel
+
+
+class _Tensor:
+    """Pickles as torch does: _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks)."""
+
+    def __init__(self, storage, offset, size, stride):
+        self.args = (storage, offset, size, stride, False, OrderedDict())
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            return ("storage", torch.HalfStorage, obj.key, "cpu", obj.numel)
+        return None
+
+
+def write_bin(path: Path, tensors: dict, data: bytes) -> None:
+    """A torch zip holding ``tensors`` (records over storage ``0``, which holds ``data``)."""
+    import io
+
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(OrderedDict(tensors))
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(zipfile.ZipInfo("archive/data.pkl"), buf.getvalue())
+        z.writestr("archive/byteorder", b"little")
+        z.writestr("archive/data/0", data)
+        z.writestr("archive/version", b"3\n")
+
+
+def rewrite(path: Path, *, byteorder: bytes | None = None, duplicate: bool = False, compress_pkl: bool = False) -> None:
+    """Rewrite a real torch.save file member by member, changing only what is asked: the tensors
+    stay those of the other revisions, so only the change can make merger refuse it."""
+    with zipfile.ZipFile(path) as z:
+        members = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members:
+            if name.endswith("/byteorder") and byteorder is not None:
+                data = byteorder
+            pkl = name.endswith("/data.pkl") and compress_pkl
+            z.writestr(zipfile.ZipInfo(name), data, compress_type=zipfile.ZIP_DEFLATED if pkl else zipfile.ZIP_STORED)
+            if duplicate and "/data/" in name:
+                z.writestr(zipfile.ZipInfo(name), bytes(len(data)))
+                duplicate = False
+
+
+def digest(root: Path) -> dict:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def run(tmp_path):
+    root, sds = make_run(tmp_path / "run", fmt="bin")
+    return root
+
+
+def refused(run: Path, tmp_path: Path, *expected: str) -> None:
+    before = digest(run)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate member it was asked to write
+        r = runner.invoke(app, ["average", str(run), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output and "unexpected" not in r.output
+    assert "step2000/pytorch_model.bin" in r.output and "hint:" in r.output
+    for e in expected:
+        assert e in r.output, r.output
+    assert digest(run) == before
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.merger-*"))
+
+
+def test_a_hand_written_file_is_read_like_torch(run, tmp_path):
+    """The writer below makes files torch.load reads: the refusals test merger, not the writer."""
+    f = tmp_path / "ok.bin"
+    data = torch.arange(8, dtype=torch.float16).numpy().tobytes()
+    write_bin(f, {"w": _Tensor(_Storage("0", 8), 2, (2, 3), (3, 1))}, data)
+    assert torch.equal(torch.load(f)["w"], torch.arange(2, 8, dtype=torch.float16).reshape(2, 3))
+
+    from merger.formats.torch_zip import read_torch_zip
+
+    info = read_torch_zip(f)["w"]
+    blob = f.read_bytes()
+    got = b"".join(blob[e.offset: e.offset + e.nbytes] for e in info.extents)
+    assert got == torch.arange(2, 8, dtype=torch.float16).numpy().tobytes()
+
+
+def test_big_endian_is_refused(run, tmp_path):
+    rewrite(run / "step2000" / "pytorch_model.bin", byteorder=b"big")
+    refused(run, tmp_path, "byte order b'big'", "little-endian")
+
+
+def test_duplicate_members_are_refused(run, tmp_path):
+    rewrite(run / "step2000" / "pytorch_model.bin", duplicate=True)
+    refused(run, tmp_path, "/data/0' twice")
+
+
+@pytest.mark.parametrize("offset,size,stride", [(-1, (4,), (1,)), (0, (-4,), (1,)), (0, (2.5,), (1,)),
+                                                (0, (4,), (-1,)), (True, (4,), (1,)), (0, (2, 2), (1,))])
+def test_malformed_tensor_records_are_refused(run, tmp_path, offset, size, stride):
+    write_bin(run / "step2000" / "pytorch_model.bin", {"w": _Tensor(_Storage("0", 4), offset, size, stride)},
+              bytes(8))
+    refused(run, tmp_path, "corrupt pickle in data.pkl", "tensor record")
+
+
+def test_compressed_pickle_is_refused(run, tmp_path):
+    """A zip bomb: a data.pkl that would inflate to far more than the file; torch never compresses it."""
+    rewrite(run / "step2000" / "pytorch_model.bin", compress_pkl=True)
+    refused(run, tmp_path, "data.pkl is compressed")
