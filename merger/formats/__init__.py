@@ -28,6 +28,7 @@ from merger.errors import CheckpointFormatError
 from merger.formats.base import Extent, TensorInfo, check_extents, clip
 
 REGISTRY: dict[str, str] = {
+    "dcp": "merger.formats.dcp",
     "hf": "merger.formats.hf_folder",
 }
 

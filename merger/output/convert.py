@@ -22,6 +22,7 @@ from merger.errors import UsageError
 OUTPUTS: dict[str, str | None] = {
     "hf": None,  # a Hugging Face folder: safetensors shards + index, config and tokenizer copied
     "safetensors": None,  # the same files (for frameworks' own converters: keys as in the input)
+    "dcp": "merger.output.dcp",  # a torch.distributed.checkpoint folder (.metadata + .distcp), for dcp.load
 }
 
 

@@ -106,7 +106,7 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     fmt = of(sources[-1].path) if sources[-1].path else None
     copy = fmt.side_files(sources[-1].path) if fmt else ()
     output_format = check_output(options.to or (fmt.OUTPUT if fmt else "hf"))
-    if sources[-1].path and "config.json" not in copy:
+    if sources[-1].path and "config.json" not in copy and output_format == "hf":
         warnings.append(f"{sources[-1].name} has no config.json: the output won't load in transformers")
     return Plan(sources=tuple(sources), weights=tuple(weights), options=options, device=device,
                 max_memory=max_memory, tensors=tuple(tensors), shards=shard_plans, blocks=tuple(blocks),

@@ -17,9 +17,20 @@ def has_weights(path: Path) -> bool:
     return detect(path) is not None
 
 
+def checkpoint_dir(path: Path) -> Path | None:
+    """``path`` if it holds a checkpoint, else its one subfolder that does, preferring a name with "model"
+    (OLMo-core's ``step1000/model_and_optim/``, Accelerate's ``pytorch_model_fsdp_0/``); else None."""
+    if has_weights(path):
+        return path
+    subs = [c for c in sorted(path.iterdir()) if c.is_dir() and has_weights(c)]
+    subs = [c for c in subs if "model" in c.name] if len(subs) > 1 else subs
+    return subs[0] if len(subs) == 1 else None
+
+
 def local_revisions(root: Path) -> dict[str, int | None]:
     """Subfolders of ``root`` that hold a checkpoint: name -> step (None if unnamed by step)."""
-    return {p.name: parse_step(p.name) for p in sorted(root.iterdir()) if p.is_dir() and has_weights(p)}
+    return {p.name: parse_step(p.name) for p in sorted(root.iterdir())
+            if p.is_dir() and checkpoint_dir(p) is not None}
 
 
 def resolve_local(models: list[str], revisions: str | None, every: int | None) -> list[Source]:
@@ -48,7 +59,7 @@ def resolve_local(models: list[str], revisions: str | None, every: int | None) -
                 if any(s is not None for s in available.values()) else sorted(available)
         else:
             names = select(available, parse_spec(revisions), every, where=str(root))
-        return [Source(n, available[n], str(root / n)) for n in names]
+        return [Source(n, available[n], str(checkpoint_dir(root / n))) for n in names]
     if revisions is not None or every is not None:
         raise UsageError("--revisions/--every select subfolders of one folder; explicit checkpoint folders "
                          "are merged as given", hint="drop --revisions, or give the parent folder")
