@@ -71,7 +71,6 @@ def write(tmp: Path, plan) -> list[str]:
                         TensorProperties(dtype=t.dtype), t.size(), [ChunkStorageMetadata(zeros, t.size())])
                     planner_data[name] = planner.get(name, (name,))
                     del t
-                os.fsync(f.fileno())
             written.append(fname)
     finally:
         for fd in fds.values():
