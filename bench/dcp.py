@@ -9,7 +9,7 @@ state dict ``{"model": ..., "optim": {exp_avg, exp_avg_sq}}`` laid out exactly a
 optimizer's storage bytes are written as holes (a sparse file: the right size and layout, no disk),
 so 9 revisions take ~15 GB of disk, not 44.
 
-Timed, each in its own process (wall, peak RSS from ``wait4``):
+Timed, each in its own process (wall, peak RSS from ``/usr/bin/time``):
   floor     pread of exactly the model records' bytes of every revision, 4 MB reads: the read floor
   merger    ``merger average RUN --revisions ... -o OUT --max-memory M`` (output: a DCP folder)
   baseline  OLMo-core's way: ``dcp.load`` of each revision's model into memory, a float64 sum,
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pickle
 import subprocess
@@ -89,7 +88,8 @@ def make_run(root: Path, shape: str, n: int) -> list[str]:
                             torch.save(torch.zeros(size), _Sparse(f))
                         storage[MetadataIndex(fqn, offs, r)] = _StorageInfo(f.name.rsplit("/", 1)[1], at, f.tell() - at)
                         chunks.append(ChunkStorageMetadata(offs, torch.Size(size)))
-                    entries[fqn] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size(dims), chunks)
+                    props = TensorProperties(dtype=torch.float32)
+                    entries[fqn] = TensorStorageMetadata(props, torch.Size(dims), chunks)
                     planner[fqn] = (group, pname) if group == "model" else (group, "state", pname, suffix[1:])
         for f in files:
             f.truncate(f.tell())
@@ -145,14 +145,18 @@ def baseline(out: str, folders: list[str]) -> None:
 
 
 def timed(argv: list[str]) -> dict:
+    """Run ``argv``; wall time, and peak RSS as ``/usr/bin/time`` measures it (the tool's own: a
+    ``wait4`` from this process would count the pages a forked child shares with it)."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ,
-                         "PYTHONPATH": str(ROOT)})
-    _, status, ru = os.wait4(p.pid, 0)
-    err = p.stderr.read().decode()[-2000:]
-    return {"rc": os.waitstatus_to_exitcode(status), "wall_s": round(time.perf_counter() - t0, 2),
-            "peak_rss_gb": round(ru.ru_maxrss / 1e6, 3), "cpu_s": round(ru.ru_utime + ru.ru_stime, 1),
-            **({"stderr": err} if os.waitstatus_to_exitcode(status) else {})}
+    rss = Path(f"/tmp/merger-bench-rss-{os.getpid()}")
+    p = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss), *argv], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - t0
+    kb, user, system = rss.read_text().split()[-3:]
+    rss.unlink()
+    return {"rc": p.returncode, "wall_s": round(wall, 2), "peak_rss_gb": round(int(kb) / 1e6, 3),
+            "cpu_s": round(float(user) + float(system), 1),
+            **({"stderr": p.stderr.decode()[-2000:]} if p.returncode else {})}
 
 
 def compare(a: str, b: str) -> float:

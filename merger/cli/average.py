@@ -50,10 +50,11 @@ def average_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command: keep "
                                          "the output shards it finished (checked by CRC-32), merge the rest.")] = False,
     key: Annotated[Optional[str], typer.Option(
-        "--key", help="Where the model lies in a training checkpoint (a dict key such as model, or a.b).",
+        "--key", help="Where the model lies in a training checkpoint (a dict key such as model, or a.b; "
+                      "in a DCP folder, the prefix of the model's entries).",
         show_default="found by the format")] = None,
     to: Annotated[Optional[str], typer.Option(
-        "--to", help="Output format: hf or safetensors (and the training formats merger reads).",
+        "--to", help="Output format: hf, safetensors or dcp (and the training formats merger reads).",
         show_default="the input's own format")] = None,
     run_eval: Annotated[bool, typer.Option("--eval", help="Then evaluate the merged model against the latest "
                                            "input revision (lm-eval, offline task pack by default).")] = False,
@@ -70,6 +71,8 @@ def average_command(
       merger average runs/tiny --revisions step1000..step9000 --method ema --decay 0.8 -o merged/ema
 
       merger average ckpt/a ckpt/b ckpt/c --method weights --weights 1,1,2 --dry-run
+
+      merger average torchtitan/checkpoint --revisions step-1000..step-5000 -o merged/dcp   # DCP in, DCP out
     """
     with errors_handled(debug):
         from merger.api import average as do_average, output_path, prepare
