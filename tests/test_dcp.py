@@ -12,6 +12,7 @@ goes through the real CLI (exit 1, ``Error:`` + hint, nothing written, inputs un
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -129,6 +130,27 @@ def test_chunk_extents_coalesce_whole_trailing_dims():
     assert [(e.offset, e.start, e.nbytes) for e in ex] == [
         (100 + i * 60, ((1 + i) * 30 + 2 * 5) * 4, 60) for i in range(2)]
     assert chunk_extents("f", 8, (4, 6), Chunk((2, 0), (2, 6), "f"), 2) == [Extent("f", 8, 24, 24)]
+
+
+def test_records_are_what_torch_load_reads(tmp_path):
+    """merger's torch-free record writer: a tensor larger than one 4 MB read piece, a bf16 scalar,
+    appended to one stream; torch.load reads each record's byte range back."""
+    from merger.output.dcp_records import write_record
+
+    tensors = [torch.randn(1100, 1000), torch.tensor(1.5, dtype=torch.bfloat16), torch.arange(7)]
+    spans = []
+    with open(tmp_path / "x.distcp", "wb") as f:
+        f.write(b"junk")
+        for t in tensors:
+            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+            at = f.tell()
+            write_record(f, str(t.dtype).removeprefix("torch."), tuple(t.shape), len(raw),
+                         lambda write, raw=raw: [write(raw[i: i + (1 << 22)]) for i in range(0, len(raw), 1 << 22)])
+            spans.append((at, f.tell() - at))
+    data = (tmp_path / "x.distcp").read_bytes()
+    for t, (at, n) in zip(tensors, spans):
+        back = torch.load(io.BytesIO(data[at: at + n]), weights_only=True)
+        assert back.dtype == t.dtype and torch.equal(back, t)
 
 
 # -- averaging ------------------------------------------------------------------------------------
