@@ -162,6 +162,7 @@ def test_average_a_torchtitan_run(runs, tmp_path):
     res = json.loads((out / "merger.json").read_text())
     assert [s["name"] for s in res["sources"]] == ["step-2", "step-4", "step-6"]
     assert [f["file"] for f in res["sources"][0]["files"]] == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert res["output"]["format"] == "dcp" and res["output"]["shards"] == [".metadata", "__0_0.distcp"]
     model = sum(t.numel() * 4 for t in torch_model_part(runs / "titan/step-2").values())
     assert res["read_bytes"] == 3 * model  # the optimizer's bytes (twice the model's) are never read
     assert_mean(load_dcp(out), [runs / f"titan/step-{s}" for s in (2, 4, 6)], [1 / 3] * 3)
