@@ -57,11 +57,12 @@ def average_command(
                                          "the output shards it finished (checked by CRC-32), merge the rest; "
                                          "Hub downloads (stream): go on after the last folded revision.")] = False,
     key: Annotated[Optional[str], typer.Option(
-        "--key", help="Where the model lies in a training checkpoint (a dict key such as model, or a.b).",
+        "--key", help="Where the model lies in a training checkpoint (a dict key such as model, or a.b; "
+                      "in a DCP folder, the prefix of the model's entries).",
         show_default="found by the format")] = None,
     to: Annotated[Optional[str], typer.Option(
-        "--to", help="Output format: hf, safetensors or nanogpt (a torch.save ckpt.pt, the default for .pt "
-                    "inputs); hf from a nanoGPT model is a GPT2LMHeadModel folder.",
+        "--to", help="Output format: hf, safetensors, nanogpt (a torch.save ckpt.pt, the default for .pt "
+                    "inputs) or dcp (the default for DCP inputs); hf from a nanoGPT model is a GPT2LMHeadModel folder.",
         show_default="the input's own format")] = None,
     run_eval: Annotated[bool, typer.Option("--eval", help="Then evaluate the merged model against the latest "
                                            "input revision (lm-eval, offline task pack by default).")] = False,
@@ -80,6 +81,7 @@ def average_command(
       merger average ckpt/a ckpt/b ckpt/c --method weights --weights 1,1,2 --dry-run
 
       merger average runs/wsd --revisions step8000..step10000 --every 500 --method decay --shape cosine
+      merger average torchtitan/checkpoint --revisions step-1000..step-5000 -o merged/dcp   # DCP in, DCP out
     """
     with errors_handled(debug):
         from merger.api import average as do_average, output_path, prepare

@@ -28,6 +28,7 @@ from merger.errors import CheckpointFormatError
 from merger.formats.base import Extent, TensorInfo, check_extents, clip
 
 REGISTRY: dict[str, str] = {
+    "dcp": "merger.formats.dcp",
     "torch_pt": "merger.formats.torch_pt",  # training files (ckpt_<step>.pt, .ckpt) and nanoGPT out/ckpt.pt
     "hf": "merger.formats.hf_folder",
 }

@@ -351,6 +351,15 @@ def to_plain(x):
 MAX_RUNS = 1 << 16  # extents per tensor before a strided view is refused (each is one pread)
 
 
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a C-contiguous tensor of ``shape`` (size-1 dims count as 1)."""
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
+
+
 def signature(t: TensorRef) -> tuple:
     """What makes two entries the same tensor (a tied weight): storage, offset, shape, stride, dtype."""
     return (t.storage.key, t.storage_offset, t.shape, t.stride, t.storage.dtype)

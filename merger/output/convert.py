@@ -24,6 +24,7 @@ OUTPUTS: dict[str, str | None] = {
     "safetensors": None,  # the same files (for frameworks' own converters: keys as in the input)
     "nanogpt": "merger.output.nanogpt",  # OUT/ckpt.pt: a torch.save training checkpoint (model, no optimizer)
     "gpt2": "merger.output.gpt2",  # a transformers GPT2LMHeadModel folder from a nanoGPT model (--to hf)
+    "dcp": "merger.output.dcp",  # a torch.distributed.checkpoint folder (.metadata + .distcp), for dcp.load
 }
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from merger import __version__
 from merger.engine.run import Result
 from merger.formats import of
+from merger.output.convert import OUTPUTS
+from merger.output.folder import PROGRESS
 from merger.plan import Plan, output_dtypes
 from merger.units import format_size
 
@@ -101,5 +103,9 @@ def model_card(plan: Plan, result: Result) -> str:
 
 
 def write(folder: Path, plan: Plan, result: Result, *, command: list[str] | None) -> None:
-    (folder / "merger.json").write_text(json.dumps(manifest(plan, result, command=command), indent=2) + "\n")
+    m = manifest(plan, result, command=command)
+    m["output"]["format"] = plan.output_format
+    if OUTPUTS.get(plan.output_format):  # converted: the engine's shards are gone, list what replaced them
+        m["output"]["shards"] = sorted(p.name for p in folder.iterdir() if p.name not in (*plan.copy_files, PROGRESS))
+    (folder / "merger.json").write_text(json.dumps(m, indent=2) + "\n")
     (folder / "README.md").write_text(model_card(plan, result))

@@ -108,7 +108,7 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     output_format = check_output(options.to or (fmt.OUTPUT if fmt else "hf"))
     if output_format == "hf" and getattr(fmt, "HF_OUTPUT", None):  # e.g. nanoGPT -> GPT2LMHeadModel
         output_format = fmt.HF_OUTPUT
-    if sources[-1].path and "config.json" not in copy and output_format in ("hf", "safetensors"):
+    if sources[-1].path and "config.json" not in copy and output_format == "hf":
         warnings.append(f"{sources[-1].name} has no config.json: the output won't load in transformers")
     return Plan(sources=tuple(sources), weights=tuple(weights), options=options, device=device,
                 max_memory=max_memory, tensors=tuple(tensors), shards=shard_plans, blocks=tuple(blocks),

@@ -19,6 +19,16 @@ def has_weights(path: Path) -> bool:
     return detect(path) is not None
 
 
+def checkpoint_dir(path: Path) -> Path | None:
+    """``path`` if it holds a checkpoint, else its one subfolder that does, preferring a name with "model"
+    (OLMo-core's ``step1000/model_and_optim/``, Accelerate's ``pytorch_model_fsdp_0/``); else None."""
+    if has_weights(path):
+        return path
+    subs = [c for c in sorted(path.iterdir()) if c.is_dir() and has_weights(c)]
+    subs = [c for c in subs if "model" in c.name] if len(subs) > 1 else subs
+    return subs[0] if len(subs) == 1 else None
+
+
 def step_of(p: Path) -> int | None:
     """The step in a revision's name (a file's without its suffix); for a folder without one, the
     step its checkpoint records (nanoGPT's ``iter_num``), if its format can tell."""
@@ -38,8 +48,10 @@ def revision_name(p: Path) -> str:
 
 
 def revision_paths(root: Path) -> dict[str, Path]:
-    """Subfolders and files of ``root`` that hold a checkpoint, by revision name."""
-    return {revision_name(p): p for p in sorted(root.iterdir()) if has_weights(p)}
+    """Subfolders and files of ``root`` that hold a checkpoint (a folder: in itself or in one
+    subfolder, see :func:`checkpoint_dir`), by revision name."""
+    return {revision_name(p): p for p in sorted(root.iterdir())
+            if (checkpoint_dir(p) is not None if p.is_dir() else has_weights(p))}
 
 
 def local_revisions(root: Path) -> dict[str, int | None]:
@@ -74,7 +86,8 @@ def resolve_local(models: list[str], revisions: str | None, every: int | None) -
         else:
             names = select(available, parse_spec(revisions), every, where=str(root))
         paths = revision_paths(root)
-        return [Source(n, available[n], str(paths[n])) for n in names]
+        return [Source(n, available[n], str(checkpoint_dir(paths[n]) if paths[n].is_dir() else paths[n]))
+                for n in names]
     if revisions is not None or every is not None:
         raise UsageError("--revisions/--every select subfolders of one folder; explicit checkpoint folders "
                          "are merged as given", hint="drop --revisions, or give the parent folder")

@@ -1,0 +1,266 @@
+"""torch.distributed.checkpoint (DCP) folders: ``.metadata`` + ``__<rank>_<i>.distcp`` files, as
+torchtitan (``step-N/``), OLMo-core (``stepN/model_and_optim/``), Megatron's ``torch_dist`` and
+Accelerate's FSDP ``SHARDED_STATE_DICT`` save them.
+
+A tensor is saved as chunks (FSDP / tensor-parallel shards) spread over the rank files. Each
+chunk is one ``torch.save`` record (a small zip) at a byte range of its ``.distcp`` file; we read
+that record's zip index and ``data.pkl`` (restricted unpickler, no object built) to find where
+the chunk's storage bytes start, and turn the chunk into byte extents of the global tensor: one
+extent for a chunk cut along dim 0 (FSDP), one per contiguous run for a chunk cut along later
+dims (tensor parallel). Only the model part is read (``--key``, ``model.`` by default when
+present): optimizer, scheduler, dataloader and train-state entries are never touched.
+
+The format module (see ``formats/__init__.py``): :func:`detect`, :func:`read`,
+:func:`weight_files`, :func:`side_files`; the output is written back as DCP (``output/dcp.py``).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import os
+import struct
+import zipfile
+from pathlib import Path
+
+from merger.errors import CheckpointFormatError, UsageError
+from merger.formats.base import Extent, TensorInfo, check_extents, fail
+from merger.formats.dcp_metadata import METADATA, RESAVE, Chunk, DcpMetadata, Entry, read_metadata
+from merger.formats.pt_header import StateDictUnpickler, TensorRef, contiguous_strides
+from merger.units import itemsize
+
+NAME = "dcp"
+OUTPUT = "dcp"
+# top-level groups of a training state dict that are not the model (torchtitan, OLMo-core, Megatron, Accelerate)
+NOT_MODEL = ("optim", "optimizer", "optimizers", "lr_scheduler", "lr_schedulers", "scheduler", "schedulers",
+             "dataloader", "data_loader", "train_state", "trainer", "rng_state", "rng", "rng_states", "args",
+             "checkpoint_version", "iteration", "num_floating_point_operations_so_far", "opt_param_scheduler")
+COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def detect(path: str | Path) -> bool:
+    """A folder holding a DCP ``.metadata`` file."""
+    return (Path(path) / METADATA).is_file()
+
+
+def model_entries(md: DcpMetadata, key: str | None, where: str | Path) -> list[Entry]:
+    """The entries of the model part: under ``key.`` (``--key``), else under ``model.`` when there
+    is such an entry, else every top-level group but the training state (:data:`NOT_MODEL`).
+
+    Raises:
+        UsageError: a ``key`` with no entry under it (names the groups there are).
+        CheckpointFormatError: a non-tensor entry inside the model part.
+    """
+    groups = list(dict.fromkeys(f.split(".", 1)[0] for f in md.entries))
+    if key is not None:
+        prefix = key.strip().rstrip(".") + "."
+        picked = [e for f, e in md.entries.items() if f.startswith(prefix)]
+        if not picked:
+            raise UsageError(f"--key {key}: no entry of {where} starts with {prefix!r}",
+                             hint=f"its top-level groups are: {', '.join(groups[:12])}")
+    elif any(f.startswith("model.") for f in md.entries):
+        picked = [e for f, e in md.entries.items() if f.startswith("model.")]
+    else:
+        picked = [e for f, e in md.entries.items() if f.split(".", 1)[0] not in NOT_MODEL]
+    for e in picked:
+        if not e.is_tensor:
+            raise fail(Path(where) / METADATA, f"entry {e.fqn!r} of the model part is a pickled object, not a "
+                                               "tensor; merger averages tensors only",
+                       "choose the part that holds the model's tensors with --key (e.g. --key model)")
+    if not picked:
+        raise fail(Path(where) / METADATA, "holds no model tensors",
+                   f"choose the part that holds the model with --key (groups: {', '.join(groups[:12])})")
+    return picked
+
+
+class _View(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of an open file, as a seekable read-only file (for zipfile)."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.length + offset
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.length - self.pos if n is None or n < 0 else min(n, self.length - self.pos)
+        data = os.pread(self.fd, max(n, 0), self.start + self.pos) if n > 0 else b""
+        self.pos += len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _chunk_data(fd: int, path: Path, chunk: Chunk, name: str, dtype: str) -> int:
+    """File offset of the chunk's first storage byte, read from its ``torch.save`` record.
+
+    Raises:
+        CheckpointFormatError: not a torch zip record, compressed, another dtype or shape than the
+            metadata says, a non-contiguous chunk, a storage that ends past the record.
+    """
+    where = f"{path} (tensor {name!r}, chunk at {list(chunk.offsets)})"
+    try:
+        if os.pread(fd, 4, chunk.offset) != b"PK\x03\x04":  # torch.save's zip starts with a local header
+            raise zipfile.BadZipFile(f"no torch.save record starts at byte {chunk.offset}")
+        zf = zipfile.ZipFile(_View(fd, chunk.offset, chunk.length))
+        pkls = [i for i in zf.infolist() if i.filename.endswith("data.pkl")]
+        if len(pkls) != 1:
+            raise fail(where, "the chunk's record is not a torch.save record (no data.pkl)", RESAVE)
+        ref = StateDictUnpickler(io.BytesIO(zf.read(pkls[0])), where).load()
+        members = {i.filename: i for i in zf.infolist()}
+    except CheckpointFormatError:
+        raise
+    except Exception as e:  # zipfile/pickle on garbage bytes
+        raise fail(where, f"the chunk's record is unreadable ({type(e).__name__}: {e})", RESAVE) from None
+    if not isinstance(ref, TensorRef):
+        raise fail(where, "the chunk's record holds no tensor", RESAVE)
+    info = members.get(f"{pkls[0].filename[: -len('data.pkl')]}data/{ref.storage.key}")
+    if info is None or info.compress_type != zipfile.ZIP_STORED:
+        raise fail(where, "the chunk's storage is missing or compressed inside its record", RESAVE)
+    if ref.storage.dtype != dtype or tuple(ref.shape) != chunk.sizes:
+        raise fail(where, f"the record holds a {ref.storage.dtype} {list(ref.shape)}, the metadata says "
+                          f"{dtype} {list(chunk.sizes)}", RESAVE)
+    if math.prod(ref.shape) > 1 and ref.stride != contiguous_strides(ref.shape):
+        raise fail(where, f"the chunk is not contiguous (stride {list(ref.stride)})",
+                   "re-save the checkpoint from contiguous tensors")
+    local = os.pread(fd, 30, chunk.offset + info.header_offset)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise fail(where, "corrupt zip entry in the chunk's record", RESAVE)
+    n_name, n_extra = struct.unpack("<HH", local[26:30])
+    data = info.header_offset + 30 + n_name + n_extra + ref.storage_offset * itemsize(dtype)
+    if data + math.prod(chunk.sizes) * itemsize(dtype) > chunk.length \
+            or (ref.storage_offset + math.prod(ref.shape)) * itemsize(dtype) > info.file_size:
+        raise fail(where, "the chunk's bytes run past the end of its record", RESAVE)
+    return chunk.offset + data
+
+
+def chunk_extents(path: str, data: int, size: tuple[int, ...], chunk: Chunk, isize: int) -> list[Extent]:
+    """The extents of a chunk of the global tensor ``size`` whose C-contiguous bytes start at ``data``.
+
+    A chunk whose dims after ``d`` are whole is ``prod(sizes[:d])`` runs of ``prod(sizes[d:])``
+    elements: one run for a chunk cut along dim 0, one per row for a chunk cut along columns.
+    """
+    nd = len(size)
+    if nd == 0:
+        return [Extent(path, data, 0, isize)]
+    if math.prod(chunk.sizes) == 0:
+        return []
+    d = nd - 1
+    while d > 0 and chunk.offsets[d] == 0 and chunk.sizes[d] == size[d]:
+        d -= 1
+    run = math.prod(chunk.sizes[d:]) * isize
+    tstride = [math.prod(size[j + 1:]) * isize for j in range(nd)]
+    base = sum(chunk.offsets[j] * tstride[j] for j in range(d, nd))
+    out = []
+    for i, idx in enumerate(itertools.product(*(range(chunk.sizes[j]) for j in range(d)))):
+        start = base + sum((chunk.offsets[j] + idx[j]) * tstride[j] for j in range(d))
+        out.append(Extent(path, data + i * run, start, run))
+    return out
+
+
+def _coalesce(extents: list[Extent]) -> tuple[Extent, ...]:
+    out: list[Extent] = []
+    for e in sorted(extents, key=lambda e: (e.start, e.nbytes)):
+        p = out[-1] if out else None
+        if p and p.path == e.path and p.offset + p.nbytes == e.offset and p.start + p.nbytes == e.start:
+            out[-1] = Extent(p.path, p.offset, p.start, p.nbytes + e.nbytes)
+        else:
+            out.append(e)
+    return tuple(out)
+
+
+def _tensor(folder: Path, e: Entry, fds: dict[str, int], sizes: dict[str, int], ends: dict[str, int]) -> TensorInfo:
+    where = folder / METADATA
+    if e.dtype is None:
+        raise fail(where, f"tensor {e.fqn!r} has a dtype merger doesn't know", RESAVE)
+    isize = itemsize(e.dtype)
+    extents: list[Extent] = []
+    for c in e.chunks:
+        if len(c.offsets) != len(e.shape) or len(c.sizes) != len(e.shape) or any(
+                o < 0 or s < 0 or o + s > n for o, s, n in zip(c.offsets, c.sizes, e.shape)):
+            raise fail(where, f"tensor {e.fqn!r}: chunk at {list(c.offsets)} size {list(c.sizes)} lies outside "
+                              f"its shape {list(e.shape)}", RESAVE)
+        if math.prod(c.sizes) == 0 and e.shape:
+            continue
+        if c.file is None:
+            raise fail(where, f"tensor {e.fqn!r}: chunk at {list(c.offsets)} has no storage record", RESAVE)
+        if c.transforms:
+            raise fail(folder / c.file, f"tensor {e.fqn!r} is stored with DCP transforms "
+                                        f"({', '.join(c.transforms)}, e.g. zstd compression), which merger "
+                                        "doesn't decode", "re-save the checkpoint without compression "
+                                                          "(FileSystemWriter without _extensions)")
+        fpath = folder / c.file
+        if c.file not in fds:
+            try:
+                fds[c.file] = os.open(fpath, os.O_RDONLY)
+            except FileNotFoundError:
+                raise fail(fpath, f"is missing: tensor {e.fqn!r} has a chunk in it (a rank's file was not "
+                                  "copied or was deleted)", "copy the whole checkpoint folder, every "
+                                                            "__<rank>_<i>.distcp file") from None
+            except OSError as err:
+                raise fail(fpath, f"can't be opened ({err.strerror or err})", RESAVE) from None
+            sizes[c.file] = os.fstat(fds[c.file]).st_size
+        if c.offset < 0 or c.length <= 0 or c.offset + c.length > sizes[c.file]:
+            raise fail(fpath, f"is shorter than the metadata says: tensor {e.fqn!r} has a chunk at bytes "
+                              f"{c.offset}..{c.offset + c.length}, the file has {sizes[c.file]} bytes "
+                              "(truncated, or a partial copy)", "copy the checkpoint again, or re-save it")
+        if sizes[c.file] < ends.get(c.file, 0):  # any record, the optimizer's too: checked, never read
+            raise fail(fpath, f"is shorter than the metadata says: it has {sizes[c.file]} bytes, its records "
+                              f"(tensor {e.fqn!r} has a chunk in it) end at byte {ends[c.file]} (truncated, "
+                              "or a partial copy)", "copy the checkpoint again, or re-save it")
+        data = _chunk_data(fds[c.file], fpath, c, e.fqn, e.dtype)
+        extents += chunk_extents(str(fpath), data, e.shape, c, isize)
+    t = TensorInfo(e.fqn, e.dtype, e.shape, _coalesce(extents))
+    check_extents(t, f"{folder} ({', '.join(sorted({c.file for c in e.chunks if c.file}))})")
+    return t
+
+
+def read(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
+    """The model part of a DCP folder, each tensor as the extents of its chunks.
+
+    Args:
+        path: the folder holding ``.metadata``.
+        key: the prefix of the model's entries (``model``); None: ``model.`` when present, else every
+            group but the training state.
+
+    Raises:
+        CheckpointFormatError: an unsafe or broken ``.metadata``, a missing or short ``.distcp`` file,
+            chunks that miss or overlap, compressed chunks.
+        UsageError: a ``key`` with no entry under it.
+    """
+    folder = Path(path)
+    md = read_metadata(folder)
+    fds: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    try:
+        return {e.fqn: _tensor(folder, e, fds, sizes, md.file_ends) for e in model_entries(md, key, folder)}
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def weight_files(path: str | Path) -> list[str]:
+    """``.metadata`` and the ``.distcp`` files that hold model chunks, relative to ``path``."""
+    md = read_metadata(path)
+    files = {c.file for e in model_entries(md, None, path) for c in e.chunks if c.file}
+    return [METADATA, *sorted(files)]
+
+
+def side_files(path: str | Path) -> tuple[str, ...]:
+    """Config and tokenizer files next to ``.metadata`` (some exports keep them there), copied as they are."""
+    return tuple(f for f in COPY_FILES if (Path(path) / f).is_file())

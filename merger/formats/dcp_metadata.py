@@ -1,0 +1,226 @@
+"""The ``.metadata`` file of a torch.distributed.checkpoint (DCP) folder, read without running code.
+
+``.metadata`` is a pickle of ``torch.distributed.checkpoint.metadata.Metadata``: for every entry
+of the flattened state dict, a ``TensorStorageMetadata`` (dtype, global shape, chunks: offsets
+and sizes) or a ``BytesStorageMetadata`` (a pickled object); ``storage_data`` maps each chunk
+(``MetadataIndex(fqn, offset)``) to a ``_StorageInfo`` (file, byte offset and length of the chunk's
+``torch.save`` record, transforms such as zstd). :class:`_MetadataUnpickler` maps exactly those
+classes, and the handful of torch globals they hold (``torch.Size``, dtypes, layouts), to the plain
+records below; any other global (``os.system``, ``builtins.eval``, a framework's own class) is
+refused when the pickle names it, before anything is called. Read this way, ``.metadata`` builds
+no torch object and needs no torch import.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from merger.formats.base import fail
+
+METADATA = ".metadata"
+RESAVE = "the checkpoint is incomplete or corrupt: re-save it with torch.distributed.checkpoint.save"
+
+# torch dtypes as DCP pickles them (``torch.float32`` -> "float32"); merger's canonical names
+_DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+           "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64", "complex64", "complex128",
+           "float8_e4m3fnuz", "float8_e5m2fnuz"}
+
+
+class _Record:
+    """A DCP metadata object as plain attributes (BUILD sets them from the pickled state)."""
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # (dict, slots)
+            state = {**(state[0] or {}), **state[1]}
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"unexpected state for {type(self).__name__}")
+        self.__dict__.update(state)
+
+
+class MetadataRecord(_Record):
+    """``Metadata``: ``state_dict_metadata``, ``storage_data``, ``planner_data``, ``version``."""
+
+
+class TensorRecord(_Record):
+    """``TensorStorageMetadata``: ``properties`` (a :class:`PropertiesRecord`), ``size``, ``chunks``."""
+
+
+class BytesRecord(_Record):
+    """``BytesStorageMetadata``: a pickled object in a ``.distcp`` file (never read by merger)."""
+
+
+class ChunkRecord(_Record):
+    """``ChunkStorageMetadata``: ``offsets`` and ``sizes`` of one chunk in the global tensor."""
+
+
+class IndexRecord(_Record):
+    """``MetadataIndex``: ``fqn`` and ``offset`` (the chunk's offsets) keying ``storage_data``."""
+
+
+class StorageRecord(_Record):
+    """``_StorageInfo``: ``relative_path``, ``offset``, ``length``, ``transform_descriptors``."""
+
+
+class StorageMetaRecord(_Record):
+    """``StorageMeta``: checkpoint and save ids."""
+
+
+class PropertiesRecord(_Record):
+    """``TensorProperties``: pickled as a tuple (dtype, layout, requires_grad, memory format, pinned)."""
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and state and not isinstance(state[-1], dict):
+            self.__dict__["dtype"] = state[0]
+            return
+        super().__setstate__(state)
+
+
+@dataclass(frozen=True)
+class DType:
+    """A ``torch.<dtype>`` global: its name."""
+
+    name: str
+
+
+def _size(dims=()):
+    return tuple(int(d) for d in dims)
+
+
+def _path(*parts):
+    return "/".join(str(p) for p in parts)
+
+
+_CLASSES = {
+    "Metadata": MetadataRecord, "TensorStorageMetadata": TensorRecord, "BytesStorageMetadata": BytesRecord,
+    "ChunkStorageMetadata": ChunkRecord, "MetadataIndex": IndexRecord, "TensorProperties": PropertiesRecord,
+    "StorageMeta": StorageMetaRecord,
+}
+_MODULES = ("torch.distributed.checkpoint.metadata",
+            "torch.distributed._shard.sharded_tensor.metadata",  # TensorProperties before torch 2.2
+            "torch.distributed._shard.metadata")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves DCP's metadata classes to records; every other global is refused."""
+
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module, name):
+        if module in _MODULES and name in _CLASSES:
+            return _CLASSES[name]
+        if module in _MODULES and name == "_MEM_FORMAT_ENCODING":
+            return int
+        if module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo":
+            return StorageRecord
+        if module == "torch" and name == "Size":
+            return _size
+        if module == "torch" and name in _DTYPES:
+            return DType(name)
+        if module == "torch.serialization" and name == "_get_layout":
+            return str
+        if module in ("pathlib", "pathlib._local") and name in ("PosixPath", "WindowsPath", "PurePosixPath",
+                                                                  "PureWindowsPath", "Path"):
+            return _path
+        if module == "collections" and name == "OrderedDict":
+            return dict
+        raise fail(self.path, f"names {module}.{name}, which is not part of torch.distributed.checkpoint's "
+                              "metadata; merger refuses it without running anything (a .metadata that carries "
+                              "code or a framework's own objects)",
+                   "only open checkpoints you trust; re-save the checkpoint with torch.distributed.checkpoint.save")
+
+    def persistent_load(self, pid):
+        raise fail(self.path, "holds a persistent reference, which DCP metadata never does", RESAVE)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One saved chunk of a tensor: where it sits in the tensor, and the record that holds it."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str | None  # relative path of the .distcp file; None when storage_data lacks the chunk
+    offset: int = 0
+    length: int = 0
+    transforms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of the flattened state dict: a tensor (dtype, shape, chunks) or pickled bytes."""
+
+    fqn: str
+    is_tensor: bool
+    dtype: str | None = None
+    shape: tuple[int, ...] = ()
+    chunks: tuple[Chunk, ...] = ()
+
+
+@dataclass(frozen=True)
+class DcpMetadata:
+    """What merger needs from ``.metadata``: the entries, in saved order, and the planner's key paths."""
+
+    entries: dict[str, Entry]
+    planner_data: dict = field(default_factory=dict)  # fqn -> path in the nested state dict
+    version: str | None = None
+    file_ends: dict[str, int] = field(default_factory=dict)  # .distcp file -> end of its last record
+
+
+def read_metadata(folder: str | Path) -> DcpMetadata:
+    """Parse ``folder/.metadata`` with the restricted unpickler.
+
+    Raises:
+        CheckpointFormatError: a global outside DCP's metadata (code is never run), a broken
+            pickle, or records that don't fit together.
+    """
+    path = Path(folder) / METADATA
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise fail(path, f"can't be read ({e.strerror or e})", RESAVE) from None
+    try:
+        md = _MetadataUnpickler(io.BytesIO(data), path).load()
+    except pickle.UnpicklingError as e:
+        raise fail(path, f"is not a DCP metadata pickle ({e})", RESAVE) from None
+    except Exception as e:
+        if getattr(e, "path", None) == str(path):  # our own refusal
+            raise
+        raise fail(path, f"is not a readable DCP metadata pickle ({type(e).__name__}: {e})", RESAVE) from None
+    if not isinstance(md, MetadataRecord) or not isinstance(getattr(md, "state_dict_metadata", None), dict):
+        raise fail(path, "holds no torch.distributed.checkpoint Metadata", RESAVE)
+    storage: dict[tuple[str, tuple[int, ...]], StorageRecord] = {}
+    ends: dict[str, int] = {}
+    for k, v in (getattr(md, "storage_data", None) or {}).items():
+        if isinstance(k, IndexRecord) and isinstance(v, StorageRecord):
+            storage[(k.fqn, tuple(getattr(k, "offset", None) or ()))] = v
+            try:
+                ends[str(v.relative_path)] = max(ends.get(str(v.relative_path), 0), int(v.offset) + int(v.length))
+            except (AttributeError, TypeError, ValueError):
+                raise fail(path, f"entry {k.fqn!r}: malformed storage record", RESAVE) from None
+    entries: dict[str, Entry] = {}
+    for fqn, item in md.state_dict_metadata.items():
+        if isinstance(item, BytesRecord):
+            entries[fqn] = Entry(str(fqn), False)
+            continue
+        try:
+            dt = item.properties.dtype
+            dtype = dt.name if isinstance(dt, DType) else None
+            shape = tuple(int(d) for d in item.size)
+            chunks = []
+            for c in item.chunks:
+                offsets, sizes = tuple(int(x) for x in c.offsets), tuple(int(x) for x in c.sizes)
+                s = storage.get((fqn, offsets))
+                if s is None:
+                    chunks.append(Chunk(offsets, sizes, None))
+                    continue
+                chunks.append(Chunk(offsets, sizes, str(s.relative_path), int(s.offset), int(s.length),
+                                    tuple(getattr(s, "transform_descriptors", None) or ())))
+        except (AttributeError, TypeError, ValueError):
+            raise fail(path, f"entry {fqn!r}: malformed tensor metadata", RESAVE) from None
+        entries[fqn] = Entry(str(fqn), True, dtype, shape, tuple(chunks))
+    planner = getattr(md, "planner_data", None)
+    return DcpMetadata(entries, planner if isinstance(planner, dict) else {}, getattr(md, "version", None), ends)
