@@ -253,10 +253,11 @@ TARGET static void store_acc_f32(const float *acc, int dt, void *out, int64_t m)
 }
 #endif
 
-/* ---------------------------------------------------------------- the float64 fold (scalar) */
+/* ---------------------------------------------------------------- the float64 fold */
 
-TARGET static void fold_f64(const void *const *x, int n, int dt, const double *w, int fin, double fv,
-                            double *acc, int64_t m) {
+#if !MERGER_X86
+TARGET static void fold_f64_scalar(const void *const *x, int n, int dt, const double *w, int fin, double fv,
+                                   double *acc, int64_t m) {
     for (int64_t j = 0; j < m; j++) acc[j] = load_f64(x[0], dt, j) * w[0];
     for (int i = 1; i < n; i++) {
         const double wi = w[i];
@@ -266,6 +267,64 @@ TARGET static void fold_f64(const void *const *x, int n, int dt, const double *w
     if (fin == FIN_DIVIDE) for (int64_t j = 0; j < m; j++) acc[j] /= fv;
     else if (fin == FIN_SCALE) for (int64_t j = 0; j < m; j++) acc[j] *= fv;
 }
+#endif
+
+#if MERGER_X86
+/* 4 elements as doubles: every input dtype widens exactly (f16/bf16 -> f32 -> f64, f32 -> f64) */
+TARGET static inline __m256d load4d(const void *p, int dt, int64_t j) {
+    if (dt == DT_F64) return _mm256_loadu_pd((const double *)p + j);
+    if (dt == DT_F32) return _mm256_cvtps_pd(_mm_loadu_ps((const float *)p + j));
+    const __m128i h = _mm_loadl_epi64((const __m128i *)((const uint16_t *)p + j));
+    if (dt == DT_F16) return _mm256_cvtps_pd(_mm_cvtph_ps(h));
+    return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)));  /* bf16 */
+}
+
+/* The same operations as fold_f64_scalar, 4 lanes at a time (vfmadd is the correctly rounded fma,
+ * vdivpd the correctly rounded division): the same bits. m is rounded up to 4 over the padded
+ * buffers; the extra lanes are never stored. */
+TARGET static void fold_f64_vec(const void *const *x, int n, int dt, const double *w, int fin, double fv,
+                                double *acc, int64_t m) {
+    const __m256d f = _mm256_set1_pd(fv);
+    if (n > 64) {
+        const __m256d w0 = _mm256_set1_pd(w[0]);
+        for (int64_t j = 0; j < m; j += 4) _mm256_storeu_pd(acc + j, _mm256_mul_pd(load4d(x[0], dt, j), w0));
+        for (int i = 1; i < n; i++) {
+            const __m256d wi = _mm256_set1_pd(w[i]);
+            for (int64_t j = 0; j < m; j += 4)
+                _mm256_storeu_pd(acc + j, _mm256_fmadd_pd(load4d(x[i], dt, j), wi, _mm256_loadu_pd(acc + j)));
+        }
+        for (int64_t j = 0; j < m; j += 4) {
+            __m256d v = _mm256_loadu_pd(acc + j);
+            if (fin == FIN_DIVIDE) v = _mm256_div_pd(v, f);
+            else if (fin == FIN_SCALE) v = _mm256_mul_pd(v, f);
+            _mm256_storeu_pd(acc + j, v);
+        }
+        return;
+    }
+    __m256d wv[64];
+    for (int i = 0; i < n; i++) wv[i] = _mm256_set1_pd(w[i]);
+    for (int64_t j = 0; j < m; j += 4) {
+        __m256d v = _mm256_mul_pd(load4d(x[0], dt, j), wv[0]);
+        for (int i = 1; i < n; i++) v = _mm256_fmadd_pd(load4d(x[i], dt, j), wv[i], v);
+        if (fin == FIN_DIVIDE) v = _mm256_div_pd(v, f);
+        else if (fin == FIN_SCALE) v = _mm256_mul_pd(v, f);
+        _mm256_storeu_pd(acc + j, v);
+    }
+}
+
+/* out[0:m] = cast(acc[0:m]) from float64: float32 and float64 vectorised (vcvtpd2ps rounds to
+ * nearest, as the C cast does); 16-bit outputs through the scalar path (double -> float -> 16-bit) */
+TARGET static void store_acc_f64(const double *acc, int dt, void *out, int64_t m) {
+    int64_t j = 0;
+    if (dt == DT_F64) {
+        memcpy(out, acc, (size_t)m * 8);
+        return;
+    }
+    if (dt == DT_F32)
+        for (; j + 4 <= m; j += 4) _mm_storeu_ps((float *)out + j, _mm256_cvtpd_ps(_mm256_loadu_pd(acc + j)));
+    for (; j < m; j++) store_f64(out, dt, j, acc[j]);
+}
+#endif
 
 /* float32 accumulation of 64-bit inputs (--accumulate float32): scalar, rare */
 TARGET static void fold_f32_scalar(const void *const *x, int n, int dt, const float *w, int fin, float fv,
@@ -462,9 +521,16 @@ int merger_fold(merger_job *job) {
                 if (job->same_as_prev[i] && memcmp(bufs[i], bufs[i - 1], nb)) job->same_as_prev[i] = 0;
             void *o = (char *)job->out + s0 * osz;
             if (f64) {
-                fold_f64((const void *const *)bufs, n, job->in_dtype, job->weights, job->finish, job->finish_value,
-                         accbuf, m);
+#if MERGER_X86
+                const int64_t m4 = (m + 3) & ~(int64_t)3;  /* the buffers are padded to 64 bytes */
+                fold_f64_vec((const void *const *)bufs, n, job->in_dtype, job->weights, job->finish,
+                             job->finish_value, accbuf, m4);
+                store_acc_f64(accbuf, job->out_dtype, o, m);
+#else
+                fold_f64_scalar((const void *const *)bufs, n, job->in_dtype, job->weights, job->finish,
+                                job->finish_value, accbuf, m);
                 for (int64_t j = 0; j < m; j++) store_f64(o, job->out_dtype, j, ((double *)accbuf)[j]);
+#endif
             } else if (vec) {
 #if MERGER_X86
                 const int64_t m8 = (m + 7) & ~(int64_t)7;  /* the input buffers are padded to 64 bytes */
