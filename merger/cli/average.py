@@ -107,6 +107,10 @@ def average_command(
                 ui.out.print(ui.plan_view(prep))
             return
         output = output_path(prep, output, force=force)
+        if run_eval:  # before the merge: an evaluation that can't run must not cost a merge first
+            from merger.eval.precheck import check_eval_ready
+
+            check_eval_ready(prep.sources, prep.plan.copy_files if prep.plan else None)
         if not json_out:
             ui.err.print(ui.plan_view(prep))
         total = prep.plan.read_bytes if prep.plan else sum(sz for s in prep.sources for _, sz, _ in s.files)

@@ -15,6 +15,7 @@ from merger.errors import CheckpointFormatError, UsageError
 from merger.formats.base import RESAVE as _RESAVE
 from merger.formats.base import TensorInfo
 from merger.formats.base import fail as _fail
+from merger.formats.inputs import check_regular, read_input
 from merger.formats.safetensors import read_safetensors
 from merger.formats.torch_zip import read_torch_zip
 
@@ -48,19 +49,34 @@ def weights_files(folder: str | Path) -> tuple[str, list[str]]:
             continue
         if not kind.endswith(".index.json"):
             return kind, [kind]
-        try:
-            wmap = json.loads(p.read_text())["weight_map"]
-            files = sorted(set(wmap.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise _fail(p, "corrupt index file (no weight_map)", _RESAVE) from None
-        return kind, files
+        return kind, sorted(set(read_index(p).values()))
     raise CheckpointFormatError(
         f"{folder}: no weights found (expected one of {', '.join(WEIGHT_FILES)})", path=str(folder),
         hint="point at a Hugging Face checkpoint folder, or a folder of revision subfolders (step1000/ ...)")
 
 
+def read_index(path: Path) -> dict[str, str]:
+    """The ``weight_map`` of an index file: tensor name -> file name (both non-empty strings).
+
+    Raises:
+        CheckpointFormatError: not a regular file, not JSON, or a ``weight_map`` of another shape.
+    """
+    try:
+        wmap = json.loads(read_input(path, what="index file", limit=1 << 28))["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise _fail(path, "corrupt index file (no weight_map object)", _RESAVE) from None
+    if not isinstance(wmap, dict):
+        raise _fail(path, "corrupt index file (weight_map is not an object)", _RESAVE)
+    for name, fname in wmap.items():
+        if not isinstance(fname, str) or not fname:
+            raise _fail(path, f"corrupt index file: weight_map[{name!r:.80}] is {fname!r:.80}, not a file name",
+                        _RESAVE)
+    return wmap
+
+
 def read_weights_file(path: str | Path) -> dict[str, TensorInfo]:
     """Dispatch on the file name: ``*.safetensors`` or a torch zip (``*.bin``, ``*.pt``)."""
+    check_regular(path, what="weights file")
     if str(path).endswith(".safetensors"):
         return read_safetensors(path)
     return read_torch_zip(path)
@@ -87,7 +103,7 @@ def read(folder: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]
                         "re-download the checkpoint (a shard is missing)")
         out.update(read_weights_file(fpath))
     if kind.endswith(".index.json"):
-        wmap = json.loads((folder / kind).read_text())["weight_map"]
+        wmap = read_index(folder / kind)
         for name, fname in wmap.items():
             if name not in out or Path(out[name].path).name != Path(fname).name:
                 raise _fail(folder, f"{kind} says tensor {name!r} is in {fname}, but it isn't there", _RESAVE)
@@ -101,5 +117,11 @@ def weight_files(folder: str | Path) -> list[str]:
 
 
 def side_files(folder: str | Path) -> tuple[str, ...]:
-    """Config and tokenizer files present in ``folder``, copied into the output byte for byte."""
-    return tuple(f for f in COPY_FILES if (Path(folder) / f).is_file())
+    """Config and tokenizer files present in ``folder``, copied into the output byte for byte.
+
+    Raises:
+        CheckpointFormatError: one of them is not a regular file (a FIFO, a folder): refused,
+            rather than blocking on it or leaving it out silently.
+    """
+    return tuple(f for f in COPY_FILES
+                 if (Path(folder) / f).exists() and check_regular(Path(folder) / f, what="side file"))

@@ -102,4 +102,4 @@ def model_card(plan: Plan, result: Result) -> str:
 
 def write(folder: Path, plan: Plan, result: Result, *, command: list[str] | None) -> None:
     (folder / "merger.json").write_text(json.dumps(manifest(plan, result, command=command), indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(plan, result))
+    (folder / "README.md").write_text(model_card(plan, result), errors="backslashreplace")  # non-UTF-8 paths
