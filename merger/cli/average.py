@@ -42,7 +42,8 @@ def average_command(
     device: Device = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
     json_out: Json = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing output folder that merger wrote (it holds merger.json).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Identical revisions are an error.")] = False,
     allow_nonfinite: Annotated[bool, typer.Option(
         "--allow-nonfinite", help="Average NaN/Inf instead of failing.")] = False,

@@ -71,6 +71,9 @@ def read_index(path: Path) -> dict[str, str]:
         if not isinstance(fname, str) or not fname:
             raise _fail(path, f"corrupt index file: weight_map[{name!r:.80}] is {fname!r:.80}, not a file name",
                         _RESAVE)
+        if Path(fname).is_absolute() or ".." in Path(fname).parts:
+            raise _fail(path, f"weight_map[{name!r:.80}] is {fname!r:.80}, a path outside the checkpoint folder; "
+                              "merger reads only files inside it", _RESAVE)
     return wmap
 
 
