@@ -65,12 +65,12 @@ def test_output_dir_that_is_a_file(tmp_path, command):
 
 def test_paths_that_are_not_utf8(tmp_path):
     """A run folder whose name holds the byte 0xff (valid on Linux): merged, and the model card and
-    merger.json written, through a real subprocess (a real terminal's encoding)."""
+    merger.json written, through a real subprocess whose stdout/stderr are strict UTF-8."""
     traj = Trajectory(tmp_path)
     bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/run\xff")
     shutil.move(str(traj.root), bad)
     out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/merged\xfe")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONIOENCODING": "utf-8"}  # strict
     r = subprocess.run([sys.executable, "-m", "merger", "average", bad, "-o", out], capture_output=True,
                        timeout=120, env=env)
     assert r.returncode == 0, r.stderr.decode(errors="replace")
