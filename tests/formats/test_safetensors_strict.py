@@ -264,7 +264,7 @@ def check_outcome(r, folder: Path, out: Path, fuzzed: list[Path]) -> None:
         assert got[k].reshape(-1).view(torch.uint8).equal(ref[k].reshape(-1).view(torch.uint8)), k
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(headers())
 def test_fuzz_safetensors_headers(blob):
     header, data = blob
@@ -313,7 +313,7 @@ def indexes(draw):
     return text
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(indexes())
 def test_fuzz_index_files(index):
     with tempfile.TemporaryDirectory() as tmp:
