@@ -11,6 +11,8 @@ Errors print ``Error: ...`` and a hint on stderr and exit 1; ``--debug`` shows t
 
 from __future__ import annotations
 
+import sys
+
 from typing import Annotated
 
 import typer
@@ -47,6 +49,9 @@ app.command("grow")(guarded(grow_command))
 
 
 def main() -> None:
+    for stream in (sys.stdout, sys.stderr):  # a path that isn't UTF-8 (byte 0xff) prints escaped, never fails
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     app()
 
 

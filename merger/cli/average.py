@@ -43,7 +43,8 @@ def average_command(
     device: Device = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
     json_out: Json = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing output folder that merger wrote (it holds merger.json).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Identical revisions are an error.")] = False,
     allow_nonfinite: Annotated[bool, typer.Option(
         "--allow-nonfinite", help="Average NaN/Inf instead of failing.")] = False,
@@ -111,6 +112,10 @@ def average_command(
                 ui.out.print(ui.plan_view(prep))
             return
         output = output_path(prep, output, force=force)
+        if run_eval:  # before the merge: an evaluation that can't run must not cost a merge first
+            from merger.eval.precheck import check_eval_ready
+
+            check_eval_ready(prep.sources, prep.plan.copy_files if prep.plan else None)
         if not json_out:
             ui.err.print(ui.plan_view(prep))
         total = prep.plan.read_bytes if prep.plan else sum(sz for s in prep.sources for _, sz, _ in s.files)

@@ -41,7 +41,8 @@ InitOpt = Annotated[str, typer.Option(
     "--init", help="mup: μP fan-in scaling relative to the small width; standard: the config's "
                    "initializer_range.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Replace an existing output folder that merger wrote (it holds merger.json).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
 

@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 
 from merger.device import usable_cpus
 from merger.errors import MergerError
+from merger.formats.inputs import check_identity, open_inputs
 from merger.output.shards import ShardWriter, shard_header
 from merger.plan import Plan
 
@@ -68,7 +69,7 @@ class Pipeline:
         self.error: BaseException | None = None
         self.abort = threading.Event()
         paths = sorted({p for t in plan.tensors for p in t.files})
-        self.fds = {p: os.open(p, os.O_RDONLY) for p in paths}
+        self.fds: dict[str, int] = {}  # opened last, below: nothing else here can leave them open
         self.hashers: dict = {}  # input path -> formats.reading.FileHasher (torch pipeline with --hash)
         self.threads = threads or self.default_threads(plan)
         self.kernel = self._make_kernel()
@@ -92,6 +93,13 @@ class Pipeline:
             self._restore(state, skip)
         self.snapshots = {skip: self._kernel_state()}  # block -> kernel state after it (main thread writes)
         self.snap_at = set(self.settled.values())
+        self.planned = dict(plan.identities)  # each input file as the plan saw it: verified now and after reading
+        self.fds = open_inputs(paths, what="weights file")
+        try:
+            check_identity(self.fds, self.planned, when="between planning and reading")
+        except BaseException:
+            self.close()
+            raise
 
     # -- what subclasses define ---------------------------------------------------------------
     @staticmethod
@@ -218,6 +226,7 @@ class Pipeline:
             self._stop()
         if self.error is not None:
             raise self.error
+        check_identity(self.fds, self.planned, when="while it was being read")
         for i, left in self.remaining.items():  # every shard is finished by its last write; a guard
             if left != -1:
                 raise MergerError(f"internal error: {self.plan.shards[i].filename} is incomplete "
@@ -228,3 +237,4 @@ class Pipeline:
             w.abandon()
         for fd in self.fds.values():
             os.close(fd)
+        self.fds = {}

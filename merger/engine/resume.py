@@ -5,7 +5,7 @@ of every file kept (size and CRC-32), for both schedules.
 *blocks*: blocks come in output order, so shards are finished one after another. The writer
 closes each shard as soon as its last byte is written and records it, with its CRC-32, in the
 partial folder's ``progress.json`` together with the plan's :func:`fingerprint` (the plan, and
-each input file's size and mtime). A run killed half-way (SIGKILL, SIGTERM, power loss; Ctrl-C
+each input file's inode, size, mtime and ctime). A run killed half-way (SIGKILL, SIGTERM, power loss; Ctrl-C
 too, once a shard is finished) leaves that folder behind. The next run for the same output with
 ``Options(resume=True)`` checks the fingerprint, verifies the finished shards' CRC-32 and skips
 the blocks that only write into them; any other run removes the folder and starts clean.
@@ -36,6 +36,7 @@ import os
 from pathlib import Path
 
 from merger.output.folder import PROGRESS, OutputDir, write_atomic
+from merger.output.owned import PARTIAL_MARK
 from merger.output.shards import file_checksum
 from merger.plan import Options, Plan
 from merger.sources import Source
@@ -50,7 +51,9 @@ def verified(f: Path, rec: dict) -> bool:
 
 
 def fingerprint(plan: Plan) -> str:
-    """sha256 of what fixes the output bytes: the plan, and each input file's path, size and mtime.
+    """sha256 of what fixes the output bytes: the plan, and each input file's path and identity
+    (device, inode, size, mtime and ctime: a file rewritten with its size and mtime kept, by
+    ``cp -p`` or ``touch -r``, still gets a new ctime).
 
     Options that don't change the output (``resume``, ``hash_inputs``) are left out.
     """
@@ -59,7 +62,7 @@ def fingerprint(plan: Plan) -> str:
     files = []
     for path in sorted({p for t in plan.tensors for p in t.files}):
         st = os.stat(path)
-        files.append([path, st.st_size, st.st_mtime_ns])
+        files.append([path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
     blob = json.dumps({"plan": d, "files": files}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -70,7 +73,7 @@ def resume_point(out: OutputDir, plan: Plan, fp: str) -> tuple[list[str], dict |
     folder is removed."""
     state = out.read_progress()
     if state is None:
-        leftovers = any(out.tmp.iterdir())
+        leftovers = any(p.name != PARTIAL_MARK for p in out.tmp.iterdir())
         out.clear()
         return [], None, [f"--resume: {'no record of finished shards in' if leftovers else 'no unfinished run in'} "
                           f"{out.partial}; started from the beginning"]

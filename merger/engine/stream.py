@@ -23,8 +23,9 @@ import torch
 
 from merger.engine.run import Result, peak_rss
 from merger.fold.rules import differing_error, nonfinite_error, overflow_error
-from merger.fold.torch_kernel import BITS, Kernel
+from merger.fold.torch_kernel import BITS, Kernel, cast_overflows
 from merger.formats import of, read_checkpoint
+from merger.formats.inputs import check_identity, identity, open_input
 from merger.formats.reading import FileHasher, read_extents
 from merger.output.convert import convert
 from merger.output.folder import OutputDir
@@ -129,6 +130,7 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
                 check_layouts([first, src], [layout0, layout])
             else:
                 src, layout = first, layout0
+            planned = {p: identity(p) for info in layout.values() for p in info.files}
             known = {f: sha for f, _, sha in src.files if sha}
             fds, hashers = {}, {}
             try:
@@ -136,7 +138,8 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
                     info = layout[t.name]
                     for path in info.files:
                         if path not in fds:
-                            fds[path] = os.open(path, os.O_RDONLY)
+                            fds[path] = open_input(path, what="weights file")
+                            check_identity({path: fds[path]}, planned, when="between planning and reading")
                             if options.hash_inputs and Path(path).name not in known:
                                 hashers[path] = FileHasher(fds[path], os.path.getsize(path), path)
                     if i == 0:
@@ -153,6 +156,7 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
                         x = buf.to(dev)
                         _fold_piece(kernel, plan, ti, i, start, stop, x, acc, raw0, same, bad)
                     progress(t.numel * t.itemsize)
+                check_identity(fds, planned, when="while it was being read")
             finally:
                 for fd in fds.values():
                     os.close(fd)
@@ -256,6 +260,8 @@ def _write(plan: Plan, kernel: Kernel, tmp: Path, acc, raw0, same, bad) -> int:
                     c, e = k * CHUNK, min(t.numel, (k + 1) * CHUNK)
                     if s:
                         o[c:e].copy_(x0[c:e])
+                        if not kernel.allow_nonfinite and cast_overflows(o[c:e], x0[c:e]):
+                            raise overflow_error(t.name, t.out_dtype)
                     elif not kernel.allow_nonfinite and not bool(torch.isfinite(o[c:e]).all()):
                         raise (nonfinite_error(t.name, kernel.names[bad[ti][k]]) if k in bad[ti]
                                else overflow_error(t.name, t.out_dtype))

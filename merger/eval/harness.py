@@ -34,6 +34,7 @@ from typing import Any
 
 from merger.errors import EvalError, UsageError
 from merger.units import parse_limit
+from merger.eval.precheck import check_output_dir
 from merger.eval.tasks import DEFAULT_TASKS, task_pack_dir
 from merger.output.folder import write_atomic
 from merger.sources.hflocal import is_offline, is_repo_id
@@ -302,6 +303,7 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
         raise UsageError(f"--num-fewshot {num_fewshot} must be zero or more")
     tasks = list(tasks) if tasks else list(DEFAULT_TASKS)
     note = progress or (lambda _msg: None)
+    check_output_dir(output_dir)
 
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     import torch

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from merger.formats.inputs import open_input
 from merger.eval.scoring import StateDict
 from merger.formats import TensorInfo, read_checkpoint
 from merger.formats.reading import read_extents
@@ -23,7 +24,7 @@ def read_tensors(layout: dict[str, TensorInfo], names=None) -> tuple[StateDict, 
             t = layout[name]
             for path in t.files:
                 if path not in fds:
-                    fds[path] = os.open(path, os.O_RDONLY)
+                    fds[path] = open_input(path, what="weights file")
             buf = torch.empty(t.nbytes, dtype=torch.uint8)
             read_extents(fds, t.extents, 0, memoryview(buf.numpy()))
             out[name] = buf.view(dtype_from_name(t.dtype)).reshape(t.shape)

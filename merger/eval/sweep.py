@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from merger.errors import TensorError, UsageError
+from merger.eval.precheck import check_output_dir
 from merger.formats import TensorInfo, read_checkpoint
 from merger.plan import FLOAT_DTYPES, check_layouts
 from merger.fold.rules import differing_error, nonfinite_error
@@ -290,6 +291,7 @@ def sweep(model: str | None, *, revisions: str | None = None, every: int | None 
 
     t0 = time.perf_counter()
     note = progress or (lambda _m: None)
+    check_output_dir(output_dir)  # before any download or scoring
     if sources is None:
         model = model or DEFAULT_MODEL
         sources = resolve([model], revisions, every)

@@ -46,7 +46,7 @@ enum { DT_F16 = 0, DT_BF16 = 1, DT_F32 = 2, DT_F64 = 3, DT_RAW = 4 };
 enum { ST_OK = 0, ST_NONFINITE = 1, ST_OVERFLOW = 2, ST_READ = 3, ST_EOF = 4, ST_DIFFERS = 5, ST_NOMEM = 6 };
 enum { FIN_NONE = 0, FIN_DIVIDE = 1, FIN_SCALE = 2 };
 
-#define ABI_VERSION 2
+#define ABI_VERSION 3
 #define MAX_INPUTS 4096
 
 typedef struct {
@@ -425,7 +425,8 @@ static int first_nonfinite(merger_job *job, void **bufs, int64_t c0, int64_t c1)
     return -1;
 }
 
-/* out[c0:c1] = cast(input 1's elements) */
+/* out[c0:c1] = cast(input 1's elements); a finite element that the cast turns into Inf is an
+ * overflow of the output dtype (ST_OVERFLOW), as for averaged chunks, unless allow_nonfinite */
 static int copy_first(merger_job *job, void **bufs, int64_t c0, int64_t c1) {
     const int osz = float_size(job->out_dtype);
     for (int64_t s0 = c0; s0 < c1; s0 += job->sub) {
@@ -437,6 +438,14 @@ static int copy_first(merger_job *job, void **bufs, int64_t c0, int64_t c1) {
         }
         if (read_elems(job, 0, bufs[0], s0, m)) return -1;
         for (int64_t j = 0; j < m; j++) store_f64(o, job->out_dtype, j, load_f64(bufs[0], job->in_dtype, j));
+        if (job->allow_nonfinite || !nonfinite_bits(o, job->out_dtype, m)) continue;
+        for (int64_t j = 0; j < m; j++)
+            if (!nonfinite_bits((char *)bufs[0] + j * job->itemsize, job->in_dtype, 1) &&
+                nonfinite_bits(o + j * osz, job->out_dtype, 1)) {
+                job->status = ST_OVERFLOW;
+                job->err_element = s0 + j;
+                return 1;
+            }
     }
     return 0;
 }

@@ -25,7 +25,7 @@ from merger.formats.reading import truncated_error
 from merger.plan.options import CHUNK
 from merger.plan.plan import TensorPlan
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
 RAW = 4  # not floating: identical in every input, copied
 ST_OK, ST_NONFINITE, ST_OVERFLOW, ST_READ, ST_EOF, ST_DIFFERS, ST_NOMEM = range(7)

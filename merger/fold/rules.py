@@ -62,6 +62,12 @@ def overflow_error(name: str, out_dtype: str) -> TensorError:
 def differing_error(name: str, dtype: str, first: str, differ: list[str], *,
                     hint: str = "merge checkpoints of one run, or drop the revisions whose buffers differ",
                     ) -> TensorError:
+    if dtype.startswith("float8"):  # floating, but merger doesn't average it (no accumulation rule)
+        return TensorError(
+            f"tensor {name!r} is {dtype}, which merger copies but doesn't average, and it differs between "
+            f"revisions: {first} vs {', '.join(differ)}", tensor=name, revisions=[first, *differ],
+            hint="convert the checkpoints to bfloat16 or float16 first to average them, or drop the "
+                 "revisions whose values differ")
     return TensorError(
         f"tensor {name!r} ({dtype}) is not floating and differs between revisions: "
         f"{first} vs {', '.join(differ)}; integer and bool tensors are never averaged",

@@ -32,6 +32,14 @@ from merger.units import dtype_from_name
 BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def cast_overflows(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``out`` (``x`` cast to a narrower dtype) holds Inf/NaN where ``x`` is finite: the
+    overflow rule for chunks copied from the first input (identical in every input)."""
+    if out.dtype == x.dtype:
+        return False
+    return bool((~torch.isfinite(out) & torch.isfinite(x)).any())
+
+
 def axpy(acc: torch.Tensor, tmp: torch.Tensor, x: torch.Tensor, w: float, *, first: bool) -> None:
     """``acc = x * w`` (first input) or ``acc += w * x``; ``tmp`` is scratch of acc's dtype.
 
@@ -157,6 +165,8 @@ class Kernel:
             b = [x[c:e] for x in bits]
             if self.rule.copy_identical and all(torch.equal(b[i], b[0]) for i in range(1, len(b))):
                 o[c:e].copy_(vals[0][c:e])
+                if not self.allow_nonfinite and cast_overflows(o[c:e], vals[0][c:e]):
+                    raise overflow_error(t.name, t.out_dtype)
                 continue
             all_copied = False
             self._track_duplicates(b)
@@ -188,6 +198,8 @@ class Kernel:
             chunk_same.zero_()
         if bool(chunk_same.all()):
             out.view(odt).copy_(vals[0])
+            if not self.allow_nonfinite and cast_overflows(out.view(odt), vals[0]):
+                raise overflow_error(t.name, t.out_dtype)
             self.copied.setdefault(t.name, True)
             return
         self.copied[t.name] = False
@@ -201,6 +213,9 @@ class Kernel:
         self.finish(acc)
         keep = chunk_same.repeat_interleave(CHUNK)[:n_el]
         merged = torch.where(keep, vals[0].to(odt), acc.to(odt))
+        if not self.allow_nonfinite and odt != dt and bool((~torch.isfinite(merged) & keep &
+                                                            torch.isfinite(vals[0])).any()):
+            raise overflow_error(t.name, t.out_dtype)  # a copied chunk the cast overflows
         if not self.allow_nonfinite and bool((~torch.isfinite(merged) & ~keep).any()):
             bad = int(torch.nonzero(~torch.isfinite(merged) & ~keep)[0, 0]) // CHUNK * CHUNK
             self._nonfinite(t, [v[bad: bad + CHUNK] for v in vals], merged[bad: bad + CHUNK])

@@ -15,6 +15,8 @@ A *format* is a module with ``NAME`` and four functions:
 to :data:`REGISTRY` (detection tries them in order, so put specific formats before general ones),
 and add tests in ``tests/formats/`` that read files made by the format's real writer.
 Modules are imported on first use, so a format's dependencies cost nothing until it is met.
+Open input files only through ``formats.inputs`` (``open_input``/``read_input``/``check_regular``):
+regular files only, never blocking on a FIFO, a clear error at the open-file limit.
 """
 
 from __future__ import annotations

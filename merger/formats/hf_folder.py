@@ -15,6 +15,7 @@ from merger.errors import CheckpointFormatError, UsageError
 from merger.formats.base import RESAVE as _RESAVE
 from merger.formats.base import TensorInfo
 from merger.formats.base import fail as _fail
+from merger.formats.inputs import check_regular, read_input
 from merger.formats.safetensors import read_safetensors
 from merger.formats.torch_zip import read_torch_zip
 
@@ -84,14 +85,7 @@ def weights_files(folder: str | Path) -> tuple[str, list[str]]:
         contained(folder, kind, what="weights file")
         if not kind.endswith(".index.json"):
             return kind, [kind]
-        try:
-            wmap = json.loads(p.read_text())["weight_map"]
-            files = sorted(set(wmap.values()))
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-            raise _fail(p, "corrupt index file (no weight_map)", _RESAVE) from None
-        bad = [f for f in files if not isinstance(f, str)]
-        if bad or not isinstance(wmap, dict):
-            raise _fail(p, f"corrupt index file: weight_map values must be file names, found {bad[:1]!r}", _RESAVE)
+        files = sorted(set(read_index(p).values()))
         for f in files:
             contained(folder, f, what=f"shard named in {kind},")
         return kind, files
@@ -100,8 +94,31 @@ def weights_files(folder: str | Path) -> tuple[str, list[str]]:
         hint="point at a Hugging Face checkpoint folder, or a folder of revision subfolders (step1000/ ...)")
 
 
+def read_index(path: Path) -> dict[str, str]:
+    """The ``weight_map`` of an index file: tensor name -> file name (both non-empty strings).
+
+    Raises:
+        CheckpointFormatError: not a regular file, not JSON, or a ``weight_map`` of another shape.
+    """
+    try:
+        wmap = json.loads(read_input(path, what="index file", limit=1 << 28))["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise _fail(path, "corrupt index file (no weight_map object)", _RESAVE) from None
+    if not isinstance(wmap, dict):
+        raise _fail(path, "corrupt index file (weight_map is not an object)", _RESAVE)
+    for name, fname in wmap.items():
+        if not isinstance(fname, str) or not fname:
+            raise _fail(path, f"corrupt index file: weight_map[{name!r:.80}] is {fname!r:.80}, not a file name",
+                        _RESAVE)
+        if Path(fname).is_absolute() or ".." in Path(fname).parts:
+            raise _fail(path, f"weight_map[{name!r:.80}] is {fname!r:.80}, a path outside the checkpoint folder; "
+                              "merger reads only files inside it", _RESAVE)
+    return wmap
+
+
 def read_weights_file(path: str | Path) -> dict[str, TensorInfo]:
     """Dispatch on the file name: ``*.safetensors`` or a torch zip (``*.bin``, ``*.pt``)."""
+    check_regular(path, what="weights file")
     if str(path).endswith(".safetensors"):
         return read_safetensors(path)
     return read_torch_zip(path)
@@ -128,7 +145,7 @@ def read(folder: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]
                         "re-download the checkpoint (a shard is missing)")
         out.update(read_weights_file(fpath))
     if kind.endswith(".index.json"):
-        wmap = json.loads((folder / kind).read_text())["weight_map"]
+        wmap = read_index(folder / kind)
         for name, fname in wmap.items():
             if name not in out or Path(out[name].path).name != Path(fname).name:
                 raise _fail(folder, f"{kind} says tensor {name!r} is in {fname}, but it isn't there", _RESAVE)
@@ -145,9 +162,10 @@ def side_files(folder: str | Path) -> tuple[str, ...]:
     """Config and tokenizer files present in ``folder``, copied into the output byte for byte.
 
     Raises:
-        CheckpointFormatError: one is a link out of the checkpoint, or not a regular file.
+        CheckpointFormatError: one is a link out of the checkpoint, or not a regular file (a FIFO,
+            a folder): refused, rather than blocking on it, copying outside data or leaving it out.
     """
     folder = Path(folder)
     return tuple(f for f in COPY_FILES
                  if (folder / f).exists() or (folder / f).is_symlink()
-                 if contained(folder, f, what="side file").is_file())
+                 if contained(folder, f, what="side file").is_file() and check_regular(folder / f, what="side file"))

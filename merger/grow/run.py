@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from merger import __version__
+from merger.formats.inputs import open_input
 from merger.errors import CheckpointFormatError, PlanError, UsageError
 from merger.formats import TensorInfo, read_checkpoint
 from merger.grow import arch as A
@@ -205,7 +206,7 @@ def plan_jobs(arch: A.Arch, infos: dict[str, TensorInfo], config: dict, small: A
 def _read(info: TensorInfo, fds: dict[str, int]) -> torch.Tensor:
     for path in info.files:
         if path not in fds:
-            fds[path] = os.open(path, os.O_RDONLY)
+            fds[path] = open_input(path, what="weights file")
     dt = dtype_from_name(info.dtype)
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dt)

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from merger.errors import OutputError
-
-PROGRESS = "progress.json"
+from merger.output.owned import (PARTIAL_MARK, PROGRESS, check_not_a_revision, check_owned, check_partial_owned,
+                                 open_partial)
 
 
 def write_failed(what: str, e: OSError) -> OutputError:
@@ -90,12 +90,18 @@ class OutputDir:
         force: replace an existing ``final``.
 
     Raises:
-        OutputError: ``final`` exists (without ``force``), overlaps an input, or can't be created
-            because a parent is a file.
+        OutputError: ``final`` exists (without ``force``, or with it but not written by merger),
+            overlaps an input, would be taken for a revision, or can't be created because a parent
+            is a file (``owned.py``: what merger may replace).
     """
 
     def __init__(self, final: str | Path, *, inputs: list[str] = (), force: bool = False):
-        self.final = Path(final).expanduser().absolute()
+        given = Path(final).expanduser().absolute()
+        if given.is_symlink() and not given.exists():
+            raise OutputError(f"output {given} is a symbolic link to a missing path ({os.readlink(given)})",
+                              hint="remove the link, or choose another --output")
+        # resolved once: every later step (partial sibling, replace, publish) uses the real path
+        self.final = Path(os.path.realpath(given))
         self.partial = self.final.parent / f".{self.final.name}.merger-partial"
         self.force = force
         self.tmp: Path | None = None
@@ -106,12 +112,15 @@ class OutputDir:
                               hint="choose another --output, or pass --force to replace it")
         if self.final.exists() and not self.final.is_dir():
             raise OutputError(f"output {self.final} exists and is not a folder", hint="choose another --output")
-        real = self.final.resolve()
+        real = self.final
         for inp in inputs:
             ip = Path(inp).resolve()
             if _is_within(real, ip) or _is_within(ip, real):
                 raise OutputError(f"output folder {self.final} overlaps the input {inp}",
                                   hint="write the merged model somewhere outside the inputs")
+        check_not_a_revision(self.final, inputs)
+        if self.final.exists():
+            check_owned(self.final)
         anc = self.final.parent
         while not anc.exists() and anc != anc.parent:
             anc = anc.parent
@@ -131,12 +140,7 @@ class OutputDir:
         Raises:
             OutputError: the folder can't be created, or another run holds it.
         """
-        try:
-            self.partial.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.partial, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as e:
-            raise OutputError(f"can't create the output folder {self.partial}: {e.strerror or e}",
-                              hint="choose a writable --output location") from e
+        fd = open_partial(self.partial)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -145,7 +149,13 @@ class OutputDir:
                               hint="wait for it to finish, or choose another --output") from None
         self._lock_fd = fd
         self.tmp = self.partial
-        if not keep and any(self.partial.iterdir()):
+        try:
+            check_partial_owned(self.partial, fd)
+            (self.partial / PARTIAL_MARK).touch()
+        except BaseException:
+            self.release()
+            raise
+        if not keep and any(p.name != PARTIAL_MARK for p in self.partial.iterdir()):
             self.clear()
             self.notes.append(f"removed the unfinished output of an earlier, interrupted run ({self.partial}); "
                               "pass --resume to continue such a run instead")
@@ -155,7 +165,7 @@ class OutputDir:
         """Remove everything in the partial folder except the names in ``keep``."""
         assert self.tmp is not None
         for p in self.tmp.iterdir():
-            if p.name in keep:
+            if p.name in keep or p.name == PARTIAL_MARK:
                 continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
@@ -183,11 +193,13 @@ class OutputDir:
         """Rename the finished partial folder to its final name (replacing the old with force)."""
         assert self.tmp is not None
         (self.tmp / PROGRESS).unlink(missing_ok=True)
+        (self.tmp / PARTIAL_MARK).unlink(missing_ok=True)
         old = None
-        if self.final.exists():
+        if os.path.lexists(self.final):
             if not self.force:
                 raise OutputError(f"output folder {self.final} appeared while merging",
                                   hint="choose another --output, or pass --force to replace it")
+            check_owned(self.final)
             old = self.final.parent / f".{self.final.name}.merger-old-{secrets.token_hex(3)}"
             os.replace(self.final, old)
         os.replace(self.tmp, self.final)

@@ -14,6 +14,7 @@ from merger.engine.run import Result
 from merger.formats import of
 from merger.output.convert import OUTPUTS
 from merger.output.folder import PROGRESS
+from merger.output.owned import PARTIAL_MARK
 from merger.plan import Plan, output_dtypes
 from merger.units import format_size
 
@@ -106,6 +107,6 @@ def write(folder: Path, plan: Plan, result: Result, *, command: list[str] | None
     m = manifest(plan, result, command=command)
     m["output"]["format"] = plan.output_format
     if OUTPUTS.get(plan.output_format):  # converted: the engine's shards are gone, list what replaced them
-        m["output"]["shards"] = sorted(p.name for p in folder.iterdir() if p.name not in (*plan.copy_files, PROGRESS))
+        m["output"]["shards"] = sorted(p.name for p in folder.iterdir() if p.name not in (*plan.copy_files, PROGRESS, PARTIAL_MARK))
     (folder / "merger.json").write_text(json.dumps(m, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(plan, result))
+    (folder / "README.md").write_text(model_card(plan, result), errors="backslashreplace")  # non-UTF-8 paths

@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 
 from merger.device import resolve_device
-from merger.errors import PlanError, UsageError
+from merger.errors import CheckpointFormatError, PlanError, UsageError
 from merger.formats import TensorInfo, of, read_checkpoint
+from merger.formats.inputs import identity
 from merger.output.convert import check_output
 from merger.plan.blocks import block_budget, make_blocks
 from merger.plan.methods import weights_for
@@ -64,7 +65,13 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
         raise UsageError("no checkpoints to merge")
     weights = weights_for(options.method, len(sources), steps=[s.step for s in sources])
     layouts = layouts or [read_checkpoint(s.path, key=options.key) for s in sources]
+    ids = tuple((p, identity(p)) for p in sorted({p for lay in layouts for t in lay.values() for p in t.files}))
     check_layouts(sources, layouts)
+    if not layouts[-1]:
+        where = sources[-1].path or sources[-1].name
+        raise CheckpointFormatError(f"{where}: the checkpoint holds no tensors (and so do the other inputs)",
+                                    path=str(where), hint="point at the model's checkpoint folders; an empty "
+                                                          "weights file is a failed save: save it again")
     device = resolve_device(options.device)
     if options.accumulate not in ("auto", "float32", "float64"):
         raise UsageError(f"--accumulate {options.accumulate}: use auto, float32 or float64")
@@ -112,6 +119,7 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
         warnings.append(f"{sources[-1].name} has no config.json: the output won't load in transformers")
     return Plan(sources=tuple(sources), weights=tuple(weights), options=options, device=device,
                 max_memory=max_memory, tensors=tuple(tensors), shards=shard_plans, blocks=tuple(blocks),
-                copy_files=copy, warnings=tuple(warnings), output_format=output_format)
+                copy_files=copy, warnings=tuple(warnings), output_format=output_format,
+                identities=ids)
 
 

@@ -102,10 +102,18 @@ def weights_for(method: Method, n: int, *, steps: list[int | None] | None = None
                              hint="give one finite number per checkpoint, e.g. --weights 1,1,2")
         if not method.normalize:
             return list(w)
+        # scaled by a power of two first (exact), so that weights near the float limit (1e308,1e308)
+        # can't overflow the sum: x / total is the same quotient either way
+        e = max(math.frexp(x)[1] for x in w)
+        w = [math.ldexp(x, -e) for x in w]
         total = math.fsum(w)
         if total <= 0:
+            try:
+                shown = f"{math.ldexp(total, e):g}"
+            except OverflowError:
+                shown = "-inf"
             raise UsageError(
-                f"--weights sum to {total:g}; they must sum to more than zero to be normalised",
+                f"--weights sum to {shown}; they must sum to more than zero to be normalised",
                 hint="use positive weights, or --no-normalize to use them exactly as given",
             )
         return [x / total for x in w]

@@ -79,6 +79,8 @@ class Plan:
     schedule: str = "blocks"
     warnings: tuple[str, ...] = field(default=())
     output_format: str = "hf"  # a name in output.convert.OUTPUTS
+    # every input file's (st_dev, st_ino, size, mtime_ns, ctime_ns) when planned (formats/inputs.py)
+    identities: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def read_bytes(self) -> int:

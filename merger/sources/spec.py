@@ -78,6 +78,32 @@ def _token_step(token: str, option: str) -> int:
     return step
 
 
+def _wanted(lo: int, hi: int, every: int):
+    """lo, lo+every, ... up to hi, and hi itself (lazily)."""
+    s = lo
+    while s <= hi:
+        yield s
+        s += every
+    if (hi - lo) % every:
+        yield hi
+
+
+def _first_missing(lo: int, hi: int, every: int, present: list[int], k: int) -> list[int]:
+    """The first ``k`` wanted steps (:func:`_wanted`) not in ``present`` (sorted, a subset of
+    them): each step walked is either one of ``present`` or one returned, so this is cheap."""
+    out: list[int] = []
+    it = iter(present)
+    cur = next(it, None)
+    for s in _wanted(lo, hi, every):
+        if s == cur:
+            cur = next(it, None)
+            continue
+        out.append(s)
+        if len(out) == k:
+            break
+    return out
+
+
 def select(available: dict[str, int | None], spec: RevisionSpec, every: int | None, *,
            where: str) -> list[str]:
     """Pick revision names from ``available`` (name -> step) by ``spec``; ordered by step.
@@ -124,20 +150,21 @@ def select(available: dict[str, int | None], spec: RevisionSpec, every: int | No
                 raise SourceError(f"--revisions {spec.start or ''}..{spec.stop or ''} selects no revision in {where}",
                                   hint=("existing revisions near it: " + ", ".join(near)) if near else None)
         else:
-            wanted = list(range(lo, hi + 1, every))
-            if wanted[-1] != hi:
-                wanted.append(hi)
-            missing = [s for s in wanted if s not in by_step]
-            if missing:
+            # never a list of every wanted step (step0..step10000000000 --every 1 would be
+            # billions): count them, and walk them only alongside the steps that exist
+            n_wanted = (hi - lo) // every + 1 + (1 if (hi - lo) % every else 0)
+            present = [s for s in steps if lo <= s <= hi and ((s - lo) % every == 0 or s == hi)]
+            if len(present) < n_wanted:
+                missing = _first_missing(lo, hi, every, present, 6)
                 s = missing[0]
                 near = _nearest(available, s)
                 more = ""
-                if len(missing) > 1:
-                    more = f" (and {len(missing) - 1} more: {', '.join(map(str, missing[1:6]))}...)"
+                if n_wanted - len(present) > 1:
+                    more = f" (and {n_wanted - len(present) - 1} more: {', '.join(map(str, missing[1:6]))}...)"
                 raise RevisionNotFoundError(
                     f"revision for step {s} not found in {where}{more}", revision=str(s), nearest=near,
                     hint=("nearest existing revisions: " + ", ".join(near) + "; or change --every") if near else None)
-            picked = [by_step[s] for s in wanted]
+            picked = [by_step[s] for s in present]
     if all(available[n] is not None for n in picked):
         picked.sort(key=lambda n: available[n])
     return picked

@@ -96,7 +96,13 @@ def test_missing_revision_and_existing_output(tiny_run, tmp_path):
     _error([str(root), "-o", str(tmp_path / "exists")], "already exists", "--force")
     assert (tmp_path / "exists" / "keep.txt").read_text() == "mine"
     r = runner.invoke(app, ["average", str(root), "-o", str(tmp_path / "exists"), "--force"])
-    assert r.exit_code == 0 and not (tmp_path / "exists" / "keep.txt").exists()
+    # --force replaces only what merger wrote (issue 12): keep.txt's folder is not a merger output
+    assert r.exit_code == 1 and "is not a merger output" in r.stderr
+    assert (tmp_path / "exists" / "keep.txt").read_text() == "mine"
+    assert runner.invoke(app, ["average", str(root), "-o", str(tmp_path / "o")]).exit_code == 0
+    (tmp_path / "o" / "stale.txt").write_text("from an older merge")
+    r = runner.invoke(app, ["average", str(root), "-o", str(tmp_path / "o"), "--force"])
+    assert r.exit_code == 0 and not (tmp_path / "o" / "stale.txt").exists()
 
 
 @pytest.mark.parametrize("args,msg", [

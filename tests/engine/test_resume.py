@@ -262,6 +262,7 @@ def test_second_run_on_the_same_output_is_refused(tiny, tmp_path):
     out = tmp_path / "merged"
     partial = partial_of(out)
     partial.mkdir()
+    (partial / ".merger-partial").touch()  # the marker a running merge writes first (output/owned.py)
     (partial / "model-00001-of-00009.safetensors").write_bytes(b"being written")
     fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY)
     try:
