@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -81,6 +82,7 @@ def average_command(
     """
     with errors_handled(debug):
         from merger.api import average as do_average, output_path, prepare
+        from merger.engine.ranks import detect, rank_device
         from merger.plan import Method, Options, parse_weights
         from merger.units import parse_dtype, parse_limit, parse_size
 
@@ -94,33 +96,46 @@ def average_command(
                 accumulate, option="--accumulate", allowed=("float32", "float64")),
             max_memory=parse_size(max_memory, option="--max-memory") if max_memory else None,
             max_shard_size=parse_size(max_shard_size, option="--max-shard-size"),
-            device=device, allow_nonfinite=allow_nonfinite, strict=strict, hash_inputs=hash_inputs,
+            device=rank_device(device, world := detect()), allow_nonfinite=allow_nonfinite, strict=strict,
+            hash_inputs=hash_inputs,
             keep=not no_keep, resume=resume, key=key, to=to)
         if weights and method != "weights":
             raise MergerError(f"--weights is only used with --method weights (not {method})",
                               hint="add --method weights")
         prep = prepare(models, revisions=revisions, every=every, options=opts)
+        quiet = world is not None and world.rank > 0  # under torchrun/srun rank 0 speaks for all
         if dry_run:
+            if world is not None:  # which rank folds which shards
+                from merger.cli.ranks_view import print_partition
+
+                print_partition(prep, world, json_out=json_out)
+                return
             if json_out:
                 ui.print_json(prep.to_dict())
             else:
                 ui.out.print(ui.plan_view(prep))
             return
         output = output_path(prep, output, force=force)
-        if not json_out:
+        if not json_out and not quiet:
             ui.err.print(ui.plan_view(prep))
         total = prep.plan.read_bytes if prep.plan else sum(sz for s in prep.sources for _, sz, _ in s.files)
-        with ui.byte_progress("averaging", total) as advance:
+        if world is not None and prep.plan is not None:
+            from merger.engine.ranked import describe_partition
+
+            total = describe_partition(prep.plan, world.size)[world.rank]["read_bytes"]
+        with (nullcontext(lambda n: None) if quiet else ui.byte_progress("averaging", total)) as advance:
             plan_, result = do_average(models, revisions=revisions, every=every, options=opts, output=output,
                                        force=force, progress=advance, command=sys.argv, prepared=prep)
         report = None
-        if run_eval:
+        if run_eval and not quiet:  # rank 0 evaluates
             from merger.eval.harness import evaluate
 
             latest = plan_.sources[-1]
             baseline = f"{latest.repo_id}@{latest.revision}" if latest.repo_id else str(latest.path)
             report = evaluate([baseline, result.output], tasks=tasks.split(",") if tasks else None, limit=eval_limit,
                               device=device, output_dir=Path(result.output) / "eval", progress=ui.info)
+        if quiet:
+            return
         if json_out:
             ui.print_json({"plan": plan_.to_dict(), "result": result.to_dict(),
                            **({"eval": report.to_dict()} if report else {})})
