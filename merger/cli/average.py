@@ -122,7 +122,7 @@ def average_command(
         if world is not None and prep.plan is not None:
             from merger.engine.ranked import describe_partition
 
-            total = describe_partition(prep.plan, world.size)[world.rank]["read_bytes"]
+            total = describe_partition(prep.plan, world.size, per_node=world.local_size)[world.rank]["read_bytes"]
         with (nullcontext(lambda n: None) if quiet else ui.byte_progress("averaging", total)) as advance:
             plan_, result = do_average(models, revisions=revisions, every=every, options=opts, output=output,
                                        force=force, progress=advance, command=sys.argv, prepared=prep)

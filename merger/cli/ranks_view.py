@@ -17,7 +17,7 @@ def print_partition(prep, world: World, *, json_out: bool) -> None:
     if prep.plan is not None:
         from merger.engine.ranked import describe_partition
 
-        parts = describe_partition(prep.plan, world.size)
+        parts = describe_partition(prep.plan, world.size, per_node=world.local_size)
     if json_out:
         ui.print_json(dict(prep.to_dict(), world_size=world.size, partition=parts))
         return

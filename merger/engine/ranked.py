@@ -25,7 +25,6 @@ a single process), without torch.distributed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import time
@@ -50,24 +49,28 @@ def shard_costs(plan: Plan) -> list[int]:
     return [sum(plan.tensors[i].numel * plan.tensors[i].itemsize for i in sp.tensors) * n for sp in plan.shards]
 
 
-def partition(plan: Plan, size: int, *, skip: set[str] | frozenset[str] = frozenset()) -> list[list[int]]:
-    """Shard indices per rank: the largest first onto the least loaded rank (ties: the lower
-    rank, the earlier shard), shards named in ``skip`` (finished) left out. Deterministic."""
+def partition(plan: Plan, size: int, *, skip: set[str] | frozenset[str] = frozenset(),
+              per_node: int = 1) -> list[list[int]]:
+    """Shard indices per rank: the largest first onto the least loaded rank, shards named in
+    ``skip`` (finished) left out. Deterministic. Ties go to the lowest local rank of the lowest
+    node (ranks ``node * per_node + local``, as torchrun numbers them): with fewer shards than
+    ranks, or equal shards, the nodes share the reads (and their network links) evenly."""
     cost = shard_costs(plan)
     parts: list[list[int]] = [[] for _ in range(size)]
     load = [0] * size
+    per_node = per_node if per_node > 0 and size % per_node == 0 else 1
     for k in sorted((k for k, sp in enumerate(plan.shards) if sp.filename not in skip), key=lambda k: (-cost[k], k)):
-        r = min(range(size), key=lambda r: (load[r], r))
+        r = min(range(size), key=lambda r: (load[r], r % per_node, r // per_node))
         parts[r].append(k)
         load[r] += cost[k]
     return [sorted(p) for p in parts]
 
 
-def describe_partition(plan: Plan, size: int) -> list[dict]:
+def describe_partition(plan: Plan, size: int, *, per_node: int = 1) -> list[dict]:
     """What ``--dry-run`` under torchrun shows: per rank, its shards and the bytes it reads."""
     cost = shard_costs(plan)
     return [{"rank": r, "shards": [plan.shards[k].filename for k in p], "read_bytes": sum(cost[k] for k in p)}
-            for r, p in enumerate(partition(plan, size))]
+            for r, p in enumerate(partition(plan, size, per_node=per_node))]
 
 
 def subplan(plan: Plan, owned: set[int]) -> Plan:
@@ -159,7 +162,7 @@ def run_ranked(plan: Plan, output: str | Path, comm: Comm, *, force: bool = Fals
             holder.write_progress({"fingerprint": fp, "shards": {n: records[n] for n in sorted(kept)}})
         comm.barrier("ready")
 
-        owned = frozenset(partition(plan, size, skip=kept)[rank])
+        owned = frozenset(partition(plan, size, skip=kept, per_node=comm.world.local_size)[rank])
         finished: dict[str, dict] = {}
 
         def on_shard(i: int, checksum: str, state: dict) -> None:
@@ -269,8 +272,8 @@ def _publish(plan: Plan, out: OutputDir, every: list[dict], records: dict, kept:
             if m.is_file():
                 d = json.loads(m.read_text())
                 d["world_size"] = size
-                d["ranks"] = [{k: s[k] for k in ("rank", "host", "shards", "read_bytes", "seconds", "peak_rss", "kernel")}
-                              for s in every]
+                keys = ("rank", "host", "shards", "read_bytes", "seconds", "peak_rss", "kernel")
+                d["ranks"] = [{k: s[k] for k in keys} for s in every]
                 m.write_text(json.dumps(d, indent=2) + "\n")
     except OSError as e:
         where = Path(e.filename).name if getattr(e, "filename", None) else "the output folder"

@@ -65,6 +65,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1  # ranks per node (torchrun's LOCAL_WORLD_SIZE); 1 if unknown
     addr: str = "127.0.0.1"
     port: int = 0
     launcher: str = "local"  # torchrun | slurm | local
@@ -97,7 +98,11 @@ def detect(env: Mapping[str, str] | None = None) -> World | None:
     if not addr or not (port or "").isdigit():
         raise UsageError(f"{keys[1]}={size}, but MASTER_ADDR/MASTER_PORT are not set",
                          hint="export MASTER_ADDR=<first node's host name> and MASTER_PORT=<a free port>")
-    return World(rank=rank, size=size, local_rank=local, addr=addr, port=int(port), launcher=launcher)
+    per_node = env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or \
+        (env.get("SLURM_TASKS_PER_NODE") or "1").split("(")[0].split(",")[0]
+    local_size = int(per_node) if per_node.isdigit() and 0 < int(per_node) <= size else 1
+    return World(rank=rank, size=size, local_rank=local, local_size=local_size, addr=addr, port=int(port),
+                 launcher=launcher)
 
 
 def rank_device(device: str, world: World | None) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,21 +26,22 @@ import sys
 import time
 from pathlib import Path
 
+import fakehub
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from conftest import files_equal, make_run
 from merger.api import prepare
 from merger.engine.choose import choose
 from merger.engine.ranked import describe_partition, partition, subplan
-from merger.engine.ranks import World, detect
+from merger.engine.ranks import detect
 from merger.errors import UsageError
 from merger.plan import Options, build
 from merger.sources import resolve
 from merger.testing import synth
 
 REPO = Path(__file__).resolve().parents[2]
+fake_hub = fakehub.fake_hub  # the fixture, used by name
 SHAPE = synth.Shape(hidden=128, layers=4, heads=4, vocab=4096, max_pos=64)
 FLAGS = ["--max-shard-size", "60KB", "--max-memory", "8MB"]
 
@@ -101,11 +101,13 @@ def same_output(a: Path, b: Path) -> None:
 def test_detect_reads_torchrun_and_slurm():
     assert detect({}) is None
     assert detect({"RANK": "0", "WORLD_SIZE": "1"}) is None  # a world of one: today's path
-    w = detect({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"})
-    assert (w.rank, w.size, w.local_rank, w.addr, w.port, w.launcher) == (2, 4, 0, "n1", 29500, "torchrun")
-    w = detect({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "n0",
-                "MASTER_PORT": "1234"})
-    assert (w.rank, w.size, w.local_rank, w.launcher) == (5, 8, 1, "slurm")
+    w = detect({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n1",
+                "MASTER_PORT": "29500"})
+    assert (w.rank, w.size, w.local_rank, w.local_size, w.addr, w.port, w.launcher) == \
+        (2, 4, 0, 2, "n1", 29500, "torchrun")
+    w = detect({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)",
+                "MASTER_ADDR": "n0", "MASTER_PORT": "1234"})
+    assert (w.rank, w.size, w.local_rank, w.local_size, w.launcher) == (5, 8, 1, 4, "slurm")
     assert detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}) is None  # an sbatch script, not srun
     with pytest.raises(UsageError, match="MASTER_ADDR"):
         detect({"RANK": "1", "WORLD_SIZE": "2"})
@@ -144,6 +146,18 @@ def test_shares_fold_to_the_single_process_bytes(tmp_path, monkeypatch, fmt, ker
         assert p.read_bytes == cost[r]
     assert sorted(done) == list(range(len(plan.shards)))
     assert files_equal(ref, out)
+
+
+def test_partition_spreads_few_shards_over_nodes(tmp_path):
+    root, _ = make_run(tmp_path / "run", shape=SHAPE)
+    plan = build(resolve([str(root)], "step1000..step3000", None), Options(max_shard_size=1 << 20))
+    assert len(plan.shards) == 4
+    parts = partition(plan, 8, per_node=4)  # 2 nodes x 4 ranks, 4 shards
+    on_node = [sum(len(parts[r]) for r in range(n * 4, n * 4 + 4)) for n in range(2)]
+    assert on_node == [2, 2]  # not all four on node 0's ranks
+    assert sorted(len(p) for p in partition(plan, 8)) == [0, 0, 0, 0, 1, 1, 1, 1]
+    rest = partition(plan, 2, skip={plan.shards[0].filename})
+    assert sorted(k for p in rest for k in p) == [1, 2, 3]
 
 
 # -- real processes ------------------------------------------------------------------------------------
@@ -264,6 +278,34 @@ def test_killed_rank_stops_the_others_then_resume_with_another_world_size(tmp_pa
     kept = json.loads(r.stdout)["result"]["resumed_shards"]
     assert kept and "progress.rank" not in " ".join(os.listdir(tmp_path / "o"))
     same_output(tmp_path / "ref", tmp_path / "o")
+
+
+def test_hub_revisions_downloaded_once_then_deleted_with_no_keep(fake_hub, tmp_path):
+    """Two ranks of one node on Hub revisions (the fake Hub on loopback, real huggingface_hub):
+    local rank 0 downloads each file once, rank 1 waits, both fold; --no-keep deletes them after."""
+    import hashlib
+
+    from merger.testing.hubcache import repo_folder_name
+
+    shape, sha = synth.SHAPES["tiny"], {}
+    for s in (1000, 2000, 3000):
+        folder = synth.save_checkpoint(tmp_path / "src" / f"step{s}", synth.pythia_state_dict(shape, seed=5, step=s),
+                                       fmt="safetensors", config=shape.config())
+        fake_hub.add_revision("org/run", f"step{s}", folder)
+        sha[s] = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    ref = single([tmp_path / "src", "--revisions", "step1000..step3000", "-o", tmp_path / "ref",
+                  "--max-shard-size", "100KB"])
+    assert ref.returncode == 0, ref.stderr
+    hub_env = {"HF_ENDPOINT": fake_hub.url, "HF_HUB_CACHE": str(fake_hub.cache_dir), "HF_HUB_OFFLINE": "0",
+               "TRANSFORMERS_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
+    out = tmp_path / "out"
+    res = finish(launch(2, ["org/run", "--revisions", "step1000..step3000", "-o", out, "--max-shard-size", "100KB",
+                            "--no-keep"], extra=hub_env))
+    assert [c for c, _, _ in res] == [0, 0], [e for _, _, e in res]
+    assert files_equal(tmp_path / "ref", out)
+    for s in sha.values():
+        assert fake_hub.count("GET", f"/cdn-lfs/org/run/{s}/") == 1  # once, by local rank 0
+    assert not list((fake_hub.cache_dir / repo_folder_name("org/run")).rglob("*.safetensors"))  # --no-keep
 
 
 def test_no_process_left_behind():
