@@ -200,14 +200,18 @@ def test_two_ranks_same_bytes_and_merger_json(run_dir, reference):
     assert not any(out.parent.glob(".two.merger-partial*"))
 
 
-def test_torchrun_three_ranks_torch_kernel_same_bytes(run_dir, reference):
+def test_torchrun_three_ranks_bin_inputs_torch_kernel_same_bytes(tmp_path):
+    root, _ = make_run(tmp_path / "run", shape=SHAPE, fmt="bin")
+    args = [root, "--revisions", "step1000..step3000", *FLAGS]
+    ref = single([*args, "-o", tmp_path / "ref"])  # one process, the native kernel
+    assert ref.returncode == 0, ref.stderr
     torchrun = Path(sys.executable).with_name("torchrun")
-    out = run_dir.parent / "three"
-    p = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "3", "-m", "merger", "average", str(run_dir),
-                        "--revisions", "step1000..step3000", "-o", str(out), *FLAGS],
+    out = tmp_path / "three"
+    p = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "3", "-m", "merger", "average",
+                        *map(str, args), "-o", str(out)],
                        env=env_for(MERGER_KERNEL="torch"), capture_output=True, text=True, timeout=180, cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
-    same_output(reference, out)
+    same_output(tmp_path / "ref", out)
     m = json.loads((out / "merger.json").read_text())
     assert m["world_size"] == 3 and m["kernel"] == "torch" and len(m["ranks"]) == 3
 
