@@ -82,7 +82,7 @@ def average_command(
     """
     with errors_handled(debug):
         from merger.api import average as do_average, output_path, prepare
-        from merger.engine.ranks import detect, rank_device
+        from merger.engine.ranks import connect, detect, rank_device
         from merger.plan import Method, Options, parse_weights
         from merger.units import parse_dtype, parse_limit, parse_size
 
@@ -102,7 +102,13 @@ def average_command(
         if weights and method != "weights":
             raise MergerError(f"--weights is only used with --method weights (not {method})",
                               hint="add --method weights")
-        prep = prepare(models, revisions=revisions, every=every, options=opts)
+        comm = connect(world) if world is not None and not dry_run else None  # torchrun/srun: engine/ranks.py
+        try:
+            prep = prepare(models, revisions=revisions, every=every, options=opts)
+        except MergerError as e:
+            if comm is not None:
+                comm.fail(e)  # every rank stops with this one's message
+            raise
         quiet = world is not None and world.rank > 0  # under torchrun/srun rank 0 speaks for all
         if dry_run:
             if world is not None:  # which rank folds which shards

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from merger.engine.choose import choose
-from merger.engine.ranks import RANK_PROGRESS, Comm, RankError, World
+from merger.engine.ranks import RANK_PROGRESS, Comm, RankError, World, connect
 from merger.engine.resume import fingerprint, verified
 from merger.engine.run import Result, peak_rss
 from merger.errors import MergerError, OutputError, TensorError, UsageError
@@ -289,7 +289,7 @@ def average_ranked(sources: list, options: Options, plan: Plan | None, output: P
     """The whole multi-rank merge: Hub revisions fetched once per node (local rank 0, the others
     wait at a barrier), the plan, :func:`run_ranked`, and with ``--no-keep`` the downloads deleted
     after the final barrier (by local rank 0)."""
-    comm = Comm(world)
+    comm = connect(world) if world.size > 1 else Comm(world)
     try:
         downloaded: dict[int, list[str]] = {}
         if plan is None:

@@ -26,6 +26,7 @@ there, under a timeout of the same ``MERGER_RANK_TIMEOUT``.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import threading
@@ -135,6 +136,23 @@ def timeout_s() -> float:
         raise UsageError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of seconds") from None
 
 
+_session: Comm | None = None
+
+
+def connect(world: World) -> Comm:
+    """This process's :class:`Comm` for ``world``, connected on first use and kept for the process.
+
+    The CLI connects before it reads any header, so that a rank that fails early (an input its
+    node can't read) stops the others at once: with its message where the CLI passes the error to
+    :meth:`Comm.fail`, and with a generic one from an exit hook otherwise.
+    """
+    global _session
+    if _session is None or _session.closed:
+        _session = Comm(world)
+        atexit.register(_session.exit_hook)
+    return _session
+
+
 class Comm:
     """The ranks of one merge, connected (a world of one needs nothing and imports nothing).
 
@@ -154,6 +172,7 @@ class Comm:
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.store = self._wstore = None
+        self.closed = False
         if self.size > 1:
             self._connect()
 
@@ -180,8 +199,16 @@ class Comm:
         self._watchdog = threading.Thread(target=self._watch, name="merger-watchdog", daemon=True)
         self._watchdog.start()
 
+    def exit_hook(self) -> None:
+        """At exit: a rank leaving before the merge finished tells the others (unless it already did)."""
+        if not self.closed and self.store is not None:
+            self.fail(MergerError(f"rank {self.rank} stopped before the merge finished",
+                                  hint=f"see rank {self.rank}'s own error in its log"))
+            self.close()
+
     def close(self) -> None:
         """Stop the watchdog; rank 0 (which may host the store) waits for the others to leave first."""
+        self.closed = True
         if self.size == 1 or self.store is None:
             return
         self._stop.set()

@@ -63,13 +63,13 @@ def cli(*args) -> list[str]:
     return [sys.executable, "-m", "merger", "average", *map(str, args)]
 
 
-def launch(size: int, args, *, extra=None) -> list[subprocess.Popen]:
-    """One process per rank, as srun starts them."""
+def launch(size: int, args, *, extra=None, per_rank=None) -> list[subprocess.Popen]:
+    """One process per rank, as srun starts them (``per_rank``: rank -> other arguments)."""
     port = free_port()
-    return [subprocess.Popen(cli(*args), env=env_for(RANK=str(r), WORLD_SIZE=str(size), LOCAL_RANK=str(r),
-                                                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(extra or {})),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-            for r in range(size)]
+    envs = [env_for(RANK=str(r), WORLD_SIZE=str(size), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port), **(extra or {})) for r in range(size)]
+    return [subprocess.Popen(cli(*(per_rank or {}).get(r, args)), env=envs[r], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=REPO) for r in range(size)]
 
 
 def finish(procs, timeout=120) -> list[tuple[int, str, str]]:
@@ -233,6 +233,16 @@ def test_nan_in_one_ranks_share_stops_every_rank(tmp_path):
     assert "rank 1 of 2 failed" in res[0][2] and name in res[0][2]  # the same, on rank 0
     assert "Traceback" not in res[0][2] + res[1][2]
     assert not out.exists() and not (tmp_path / ".o.merger-partial").exists()
+
+
+def test_a_rank_that_cannot_read_the_headers_stops_the_others_at_once(run_dir, tmp_path):
+    args = [run_dir, "--revisions", "step1000..step3000", "-o", tmp_path / "o", *FLAGS]
+    t0 = time.monotonic()
+    res = finish(launch(2, args, per_rank={1: [tmp_path / "missing", *args[1:]]}))  # rank 1's node lacks the run
+    assert [c for c, _, _ in res] == [1, 1]
+    assert "missing" in res[1][2] and "rank 1 of 2 failed" in res[0][2] and "missing" in res[0][2], res[0][2]
+    assert time.monotonic() - t0 < 60  # not the 120 s start-up limit
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.merger-partial").exists()
 
 
 def test_second_launch_gets_the_lock_error_on_every_rank(run_dir):
