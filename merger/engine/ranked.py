@@ -208,11 +208,11 @@ def run_ranked(plan: Plan, output: str | Path, comm: Comm, *, force: bool = Fals
             pipe.close()
         comm.stopped()
         if holder is not None and holder.tmp is not None:
-            comm.wait_stopped()  # nobody writes into the folder any more
             lost = isinstance(e, KeyboardInterrupt) or (isinstance(e, RankError) and e.dead)
-            if lost and any(partial.glob("progress*.json")) and _any_finished(partial):
+            if lost and _any_finished(partial):
                 holder.release()  # keep the finished shards for --resume
             else:
+                comm.wait_stopped()  # nobody writes into the folder any more
                 holder.discard()
         if isinstance(e, (MergerError, KeyboardInterrupt)):
             raise

@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -150,7 +151,15 @@ def connect(world: World) -> Comm:
     if _session is None or _session.closed:
         _session = Comm(world)
         atexit.register(_session.exit_hook)
+        try:  # torchrun ends the other workers with SIGTERM when one dies: stop like Ctrl-C (say so, keep shards)
+            signal.signal(signal.SIGTERM, _interrupted)
+        except ValueError:  # not the main thread: leave the default
+            pass
     return _session
+
+
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 class Comm:
@@ -172,7 +181,7 @@ class Comm:
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.store = self._wstore = None
-        self.closed = False
+        self.closed = self.failed = False
         if self.size > 1:
             self._connect()
 
@@ -216,8 +225,8 @@ class Comm:
             self._watchdog.join()
         try:
             self.store.add("bye", 1)
-            if self.rank == 0:
-                end = time.monotonic() + min(self.timeout, 10.0)
+            if self.rank == 0:  # after a failure, long enough for the others to see the abort record
+                end = time.monotonic() + (3 * TICK if self.failed else min(self.timeout, 10.0))
                 while self.store.add("bye", 0) < self.size - len(self.dead) and time.monotonic() < end:
                     time.sleep(POLL)
         except Exception:  # noqa: BLE001 - the store is gone: nothing left to tidy
@@ -242,7 +251,13 @@ class Comm:
 
     def fail(self, e: BaseException) -> None:
         """Tell every rank that this one failed with ``e`` (unless a failure was posted already)."""
+        self.failed = True
         if self.size == 1 or self.store is None or isinstance(e, RankError):
+            return
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or SIGTERM from the launcher: like a lost rank
+            self._post(self.store, {"rank": self.rank, "dead": True, "message": (
+                f"rank {self.rank} of {self.size} was interrupted (Ctrl-C or SIGTERM); nothing was published"),
+                "hint": "run the same command with --resume (any number of ranks) to keep the shards already finished"})
             return
         message = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
         self._post(self.store, {"rank": self.rank, "message": message, "hint": getattr(e, "hint", None)})
@@ -263,6 +278,7 @@ class Comm:
             err = RankError(rec["message"], rank=r, dead=True, hint=rec.get("hint"))
         else:
             err = RankError(f"rank {r} of {self.size} failed: {rec['message']}", rank=r, hint=rec.get("hint"))
+        self.failed = True
         if self.failure is None:
             self.failure = err
             for fn in self._listeners:
