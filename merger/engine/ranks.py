@@ -32,9 +32,10 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 from merger.errors import MergerError, UsageError
 
@@ -317,8 +318,25 @@ class Comm:
                 return
 
     # -- waiting and exchanging ----------------------------------------------------------------
+    @contextmanager
+    def _store_ops(self) -> Iterator[None]:
+        """Store operations of the main thread: a lost store is a RankError, like a dead rank."""
+        try:
+            yield
+        except MergerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - DistNetworkError, DistStoreError, ...
+            self.check()
+            raise RankError(f"rank {self.rank} lost the coordinator at {self.world.addr}:{self.world.port} ({e}): "
+                            "rank 0 or the launcher stopped; nothing was published", rank=0, dead=True,
+                            hint="see rank 0's log; then run the same command with --resume") from None
+
     def _count(self, key: str, *, limit: float | None = None, what: str = "every rank") -> None:
         """Add one to counter ``key`` and wait until every rank has (a failure ends the wait)."""
+        with self._store_ops():
+            self._count_unguarded(key, limit, what)
+
+    def _count_unguarded(self, key: str, limit: float | None, what: str) -> None:
         self.store.add(key, 1)
         end = None if limit is None else time.monotonic() + limit
         while self.store.add(key, 0) < self.size:
@@ -339,21 +357,23 @@ class Comm:
         if self.size == 1:
             return obj
         key = f"share/{tag}"
-        if self.rank == 0:
-            self.store.set(key, json.dumps(obj))
-            return obj
-        while not self.store.check([key]):
-            self.check()
-            time.sleep(POLL)
-        return json.loads(self.store.get(key))
+        with self._store_ops():
+            if self.rank == 0:
+                self.store.set(key, json.dumps(obj))
+                return obj
+            while not self.store.check([key]):
+                self.check()
+                time.sleep(POLL)
+            return json.loads(self.store.get(key))
 
     def exchange(self, tag: str, obj) -> list:
         """Every rank's ``obj`` (JSON), in rank order, on every rank."""
         if self.size == 1:
             return [obj]
-        self.store.set(f"ex/{tag}/{self.rank}", json.dumps(obj))
-        self.barrier(f"ex/{tag}")
-        return [json.loads(self.store.get(f"ex/{tag}/{r}")) for r in range(self.size)]
+        with self._store_ops():
+            self.store.set(f"ex/{tag}/{self.rank}", json.dumps(obj))
+            self.barrier(f"ex/{tag}")
+            return [json.loads(self.store.get(f"ex/{tag}/{r}")) for r in range(self.size)]
 
     def gather(self, obj) -> list:
         """Every rank's ``obj``, in rank order, on every rank: a gloo collective, once every rank
