@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from merger.engine.choose import choose
+from merger.engine.parts import join_parts, split_single
 from merger.engine.ranks import RANK_PROGRESS, Comm, RankError, World, connect
 from merger.engine.resume import fingerprint, verified
 from merger.engine.run import Result, peak_rss
@@ -67,7 +68,9 @@ def partition(plan: Plan, size: int, *, skip: set[str] | frozenset[str] = frozen
 
 
 def describe_partition(plan: Plan, size: int, *, per_node: int = 1) -> list[dict]:
-    """What ``--dry-run`` under torchrun shows: per rank, its shards and the bytes it reads."""
+    """What ``--dry-run`` under torchrun shows: per rank, its shards (or parts of the single
+    shard, ``parts.py``) and the bytes it reads."""
+    plan = split_single(plan)
     cost = shard_costs(plan)
     return [{"rank": r, "shards": [plan.shards[k].filename for k in p], "read_bytes": sum(cost[k] for k in p)}
             for r, p in enumerate(partition(plan, size, per_node=per_node))]
@@ -125,6 +128,7 @@ def run_ranked(plan: Plan, output: str | Path, comm: Comm, *, force: bool = Fals
             error, which every other rank then reports as a RankError. Nothing is published.
     """
     rank, size = comm.rank, comm.size
+    whole, plan = plan, split_single(plan)  # a single-file output: parts, joined by rank 0 (parts.py)
     if plan.options.hash_inputs and size > 1:
         raise UsageError("--hash hashes whole input files, and each rank reads only its share",
                          hint="run without --hash under torchrun/srun (or hash in a single-process run)")
@@ -194,7 +198,7 @@ def run_ranked(plan: Plan, output: str | Path, comm: Comm, *, force: bool = Fals
         every = comm.gather(stats)
         result = None
         if rank == 0:
-            result = _publish(plan, holder, every, records, kept, notes, finalize, t0, size)
+            result = _publish(whole, plan, holder, every, records, kept, notes, finalize, t0, size)
         comm.share("published", True)
         comm.barrier("published")
         if result is None:
@@ -231,9 +235,11 @@ def _any_finished(partial: Path) -> bool:
     return False
 
 
-def _publish(plan: Plan, out: OutputDir, every: list[dict], records: dict, kept: set[str], notes: list[str],
-             finalize: Callable[[Path, Result], None] | None, t0: float, size: int) -> Result:
-    """Rank 0, once every rank has folded: index, side files, manifest and card, then the rename."""
+def _publish(plan: Plan, work: Plan, out: OutputDir, every: list[dict], records: dict, kept: set[str],
+             notes: list[str], finalize: Callable[[Path, Result], None] | None, t0: float, size: int) -> Result:
+    """Rank 0, once every rank has folded (``work``: the plan they folded, ``plan`` cut into parts
+    for a single-file output): the single file joined, index, side files, manifest and card, then
+    the rename."""
     tmp = out.tmp
     n = len(plan.sources)
     states = [s["same_as_prev"] for s in every if s["same_as_prev"] is not None]
@@ -251,6 +257,8 @@ def _publish(plan: Plan, out: OutputDir, every: list[dict], records: dict, kept:
         for k, v in s["busy"].items():
             busy[k] = round(busy.get(k, 0.0) + v, 3)
     try:
+        if work is not plan:
+            join_parts(plan, work, tmp)
         if len(plan.shards) > 1:
             write_index(plan, tmp)
         for f in plan.copy_files:

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from conftest import files_equal, make_run
 from merger.api import prepare
 from merger.engine.choose import choose
+from merger.engine.parts import join_parts, split_single
 from merger.engine.ranked import describe_partition, partition, subplan
 from merger.engine.ranks import detect
 from merger.errors import UsageError
@@ -146,6 +147,31 @@ def test_shares_fold_to_the_single_process_bytes(tmp_path, monkeypatch, fmt, ker
         assert p.read_bytes == cost[r]
     assert sorted(done) == list(range(len(plan.shards)))
     assert files_equal(ref, out)
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_single_file_output_cut_into_parts_and_joined(tmp_path, monkeypatch, kernel):
+    root, _ = make_run(tmp_path / "run", shape=SHAPE)
+    monkeypatch.setenv("MERGER_KERNEL", kernel)
+    plan = build(resolve([str(root)], "step1000..step3000", None), Options(max_memory=5 << 20))
+    assert len(plan.shards) == 1
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    pipe = choose(plan)(plan, ref, None, None)
+    pipe.run()
+    pipe.close()
+    work = split_single(plan, part_bytes=100_000)
+    assert len(work.shards) >= 5 and split_single(plan) is not plan  # the default: one part for this size
+    assert sorted(i for sp in work.shards for i in sp.tensors) == list(range(len(plan.tensors)))
+    out = tmp_path / "out"
+    out.mkdir()
+    for part in partition(work, 3):  # three ranks' shares, into one folder
+        p = choose(work)(subplan(work, set(part)), out, None, None, owned=frozenset(part))
+        p.run()
+        p.close()
+    join_parts(plan, work, out)
+    assert [f.name for f in out.iterdir()] == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
 
 
 def test_partition_spreads_few_shards_over_nodes(tmp_path):
@@ -296,7 +322,8 @@ def test_killed_rank_stops_the_others_then_resume_with_another_world_size(tmp_pa
 
 def test_hub_revisions_downloaded_once_then_deleted_with_no_keep(fake_hub, tmp_path):
     """Two ranks of one node on Hub revisions (the fake Hub on loopback, real huggingface_hub):
-    local rank 0 downloads each file once, rank 1 waits, both fold; --no-keep deletes them after."""
+    local rank 0 downloads each file once, rank 1 waits; the single-file output (one part: rank 0
+    folds it) is joined; --no-keep deletes the downloads after the last barrier."""
     import hashlib
 
     from merger.testing.hubcache import repo_folder_name
@@ -307,16 +334,15 @@ def test_hub_revisions_downloaded_once_then_deleted_with_no_keep(fake_hub, tmp_p
                                        fmt="safetensors", config=shape.config())
         fake_hub.add_revision("org/run", f"step{s}", folder)
         sha[s] = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
-    ref = single([tmp_path / "src", "--revisions", "step1000..step3000", "-o", tmp_path / "ref",
-                  "--max-shard-size", "100KB"])
+    ref = single([tmp_path / "src", "--revisions", "step1000..step3000", "-o", tmp_path / "ref"])  # one file
     assert ref.returncode == 0, ref.stderr
     hub_env = {"HF_ENDPOINT": fake_hub.url, "HF_HUB_CACHE": str(fake_hub.cache_dir), "HF_HUB_OFFLINE": "0",
                "TRANSFORMERS_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
     out = tmp_path / "out"
-    res = finish(launch(2, ["org/run", "--revisions", "step1000..step3000", "-o", out, "--max-shard-size", "100KB",
-                            "--no-keep"], extra=hub_env))
+    res = finish(launch(2, ["org/run", "--revisions", "step1000..step3000", "-o", out, "--no-keep"], extra=hub_env))
     assert [c for c, _, _ in res] == [0, 0], [e for _, _, e in res]
-    assert files_equal(tmp_path / "ref", out)
+    assert files_equal(tmp_path / "ref", out) and [f.name for f in out.glob("*.safetensors")] == ["model.safetensors"]
+    assert not list(out.glob(".part*"))
     for s in sha.values():
         assert fake_hub.count("GET", f"/cdn-lfs/org/run/{s}/") == 1  # once, by local rank 0
     assert not list((fake_hub.cache_dir / repo_folder_name("org/run")).rglob("*.safetensors"))  # --no-keep
