@@ -8,10 +8,11 @@ with the environment srun gives (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER
 ``MASTER_PORT``), and one real ``torchrun --standalone`` launch. They check: identical bytes with 2
 and 3 ranks and ``merger.json``'s ``world_size``/``ranks``; a rank frozen then SIGKILLed mid-run
 (after rank 0 has finished a shard, so rank 1 is still folding or waiting for rank 0) stops
-rank 0 within seconds with an error naming rank 1, nothing published, and a single-process
-``--resume`` keeps the finished shards and gives the same bytes; NaN in one rank's share: every
-rank exits 1 with that error; a second launch on a locked output: the lock error on every rank;
-and no process is left behind. Launches cost a few seconds each (torch.distributed's import),
+rank 0 within seconds with an error naming rank 1, nothing published, and ``--resume`` on three
+ranks keeps the finished shards that verify (one is damaged on purpose) and gives the same bytes
+(a single process resuming per-rank records is checked in-process); NaN in one rank's share, or a
+rank that can't read the headers: every rank exits 1 with that error; a second launch on a locked
+output: the lock error on every rank; Hub revisions downloaded once; no process left behind. Launches cost a few seconds each (torch.distributed's import),
 so there are few of them.
 """
 
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import fakehub
@@ -315,11 +317,49 @@ def test_killed_rank_stops_the_others_then_resume_with_another_world_size(tmp_pa
     assert code == 1 and "rank 1 of 2 stopped responding" in err, err
     assert stopped_in < 20  # MERGER_RANK_TIMEOUT=4 s, plus the rest of its share
     assert not (tmp_path / "o").exists() and partial.is_dir()
-    # a single process resumes the two ranks' run: keeps rank 0's verified shards, merges the rest
-    r = single([*args, "--resume", "--json"])
-    assert r.returncode == 0, r.stderr
-    kept = json.loads(r.stdout)["result"]["resumed_shards"]
-    assert kept and "progress.rank" not in " ".join(os.listdir(tmp_path / "o"))
+    done = sorted(json.loads((partial / "progress.rank-0.json").read_text())["shards"])
+    with open(partial / done[0], "r+b") as f:  # damage one finished shard: it must be written again
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    # three ranks resume the two ranks' run: they verify the finished shards (a share each), keep
+    # the good ones, and fold the rest
+    res = finish(launch(3, [*args, "--resume", "--json"]))
+    assert [c for c, _, _ in res] == [0, 0, 0], [e for _, _, e in res]
+    result = json.loads(res[0][1])["result"]
+    assert set(done[1:]) <= set(result["resumed_shards"]) and done[0] not in result["resumed_shards"]
+    assert any(done[0] in w and "failed verification" in w for w in result["warnings"]), result["warnings"]
+    assert "progress" not in " ".join(os.listdir(tmp_path / "o"))
+    same_output(tmp_path / "ref", tmp_path / "o")
+
+
+def test_a_single_process_resumes_a_multi_rank_run(tmp_path):
+    """Per-rank records (here of a world of one, stopped by Ctrl-C from its progress callback once
+    a shard is recorded) are found by a plain ``--resume``, which then goes through the multi-rank
+    engine with one rank."""
+    from merger.api import average
+    from merger.engine.ranked import run_ranked
+    from merger.engine.ranks import Comm, World
+
+    root, _ = make_run(tmp_path / "run", shape=SHAPE)
+    opts = Options(max_shard_size=60_000, max_memory=8 << 20)
+    plan = build(resolve([str(root)], "step1000..step3000", None), opts)
+    partial = tmp_path / ".o.merger-partial"
+    assert len(plan.blocks) >= 3
+
+    def ctrl_c(n: int) -> None:  # Ctrl-C once a shard is recorded
+        if (partial / "progress.rank-0.json").exists():
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_ranked(plan, tmp_path / "o", Comm(World()), progress=ctrl_c)
+    finished = json.loads((partial / "progress.rank-0.json").read_text())["shards"]
+    assert finished and not (tmp_path / "o").exists()
+    _, result = average([str(root)], revisions="step1000..step3000", options=replace(opts, resume=True),
+                        output=tmp_path / "o")
+    assert sorted(result.resumed_shards) == sorted(finished)
+    _, ref = average([str(root)], revisions="step1000..step3000", options=opts, output=tmp_path / "ref")
     same_output(tmp_path / "ref", tmp_path / "o")
 
 
