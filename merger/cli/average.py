@@ -38,7 +38,8 @@ def average_command(
     accumulate: Annotated[str, typer.Option(
         help="auto (float32 for 16-bit tensors, float64 for 32-bit), float32 or float64.")] = "auto",
     max_memory: Annotated[Optional[str], typer.Option(
-        help="Working-set budget, e.g. 4GB.", show_default="1/4 of RAM, at most 8GB")] = None,
+        help="Working-set budget, e.g. 4GB (per rank under torchrun/srun).",
+        show_default="1/4 of RAM, at most 8GB")] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard.")] = "5GB",
     device: Device = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
@@ -79,6 +80,9 @@ def average_command(
       merger average ckpt/a ckpt/b ckpt/c --method weights --weights 1,1,2 --dry-run
 
       merger average runs/wsd --revisions step8000..step10000 --every 500 --method decay --shape cosine
+
+      torchrun --nproc-per-node 8 -m merger average runs/big -r step90000..step100000 --max-shard-size 1GB
+      (or srun: each rank folds a share of the output shards; see README, "Bigger than one machine")
     """
     with errors_handled(debug):
         from merger.api import average as do_average, output_path, prepare
