@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from merger.engine.choose import describe
+from merger.engine.ranks import World, has_rank_records
+from merger.engine.ranks import detect as detect_world
 from merger.engine.run import Result, run
 from merger.errors import TensorError, UsageError
 from merger.output import manifest
@@ -134,6 +136,12 @@ def average(models: list[str] | None, *, revisions: str | None = None, every: in
         result.duplicates = sorted(set(result.duplicates) | set(prep.duplicates))
         manifest.write(tmp, plan, result, command=command)
 
+    world = detect_world()  # torchrun / srun: each rank folds a share (engine/ranked.py)
+    if world is not None or (prep.schedule == "blocks" and options.resume and has_rank_records(out)):
+        from merger.engine.ranked import average_ranked
+
+        return average_ranked(list(prep.sources), options, prep.plan, out, world or World(), force=force,
+                              progress=progress, finalize=finalize)
     if prep.schedule == "stream":
         from merger.engine.stream import run_stream
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -38,7 +39,8 @@ def average_command(
     accumulate: Annotated[str, typer.Option(
         help="auto (float32 for 16-bit tensors, float64 for 32-bit), float32 or float64.")] = "auto",
     max_memory: Annotated[Optional[str], typer.Option(
-        help="Working-set budget, e.g. 4GB.", show_default="1/4 of RAM, at most 8GB")] = None,
+        help="Working-set budget, e.g. 4GB (per rank under torchrun/srun).",
+        show_default="1/4 of RAM, at most 8GB")] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard.")] = "5GB",
     device: Device = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
@@ -82,10 +84,15 @@ def average_command(
       merger average ckpt/a ckpt/b ckpt/c --method weights --weights 1,1,2 --dry-run
 
       merger average runs/wsd --revisions step8000..step10000 --every 500 --method decay --shape cosine
+
       merger average torchtitan/checkpoint --revisions step-1000..step-5000 -o merged/dcp   # DCP in, DCP out
+
+      torchrun --nproc-per-node 8 -m merger average runs/big -r step90000..step100000 --max-shard-size 1GB
+      (or srun: each rank folds a share of the output shards; see README, "Bigger than one machine")
     """
     with errors_handled(debug):
         from merger.api import average as do_average, output_path, prepare
+        from merger.engine.ranks import connect, detect, rank_device
         from merger.plan import Method, Options, parse_weights
         from merger.units import parse_dtype, parse_limit, parse_size
 
@@ -99,13 +106,26 @@ def average_command(
                 accumulate, option="--accumulate", allowed=("float32", "float64")),
             max_memory=parse_size(max_memory, option="--max-memory") if max_memory else None,
             max_shard_size=parse_size(max_shard_size, option="--max-shard-size"),
-            device=device, allow_nonfinite=allow_nonfinite, strict=strict, hash_inputs=hash_inputs,
+            device=rank_device(device, world := detect()), allow_nonfinite=allow_nonfinite, strict=strict,
+            hash_inputs=hash_inputs,
             keep=not no_keep, resume=resume, key=key, to=to)
         if weights and method != "weights":
             raise MergerError(f"--weights is only used with --method weights (not {method})",
                               hint="add --method weights")
-        prep = prepare(models, revisions=revisions, every=every, options=opts)
+        comm = connect(world) if world is not None and not dry_run else None  # torchrun/srun: engine/ranks.py
+        try:
+            prep = prepare(models, revisions=revisions, every=every, options=opts)
+        except MergerError as e:
+            if comm is not None:
+                comm.fail(e)  # every rank stops with this one's message
+            raise
+        quiet = world is not None and world.rank > 0  # under torchrun/srun rank 0 speaks for all
         if dry_run:
+            if world is not None:  # which rank folds which shards
+                from merger.cli.ranks_view import print_partition
+
+                print_partition(prep, world, json_out=json_out)
+                return
             if json_out:
                 ui.print_json(prep.to_dict())
             else:
@@ -116,20 +136,26 @@ def average_command(
             from merger.eval.precheck import check_eval_ready
 
             check_eval_ready(prep.sources, prep.plan.copy_files if prep.plan else None)
-        if not json_out:
+        if not json_out and not quiet:
             ui.err.print(ui.plan_view(prep))
         total = prep.plan.read_bytes if prep.plan else sum(sz for s in prep.sources for _, sz, _ in s.files)
-        with ui.byte_progress("averaging", total) as advance:
+        if world is not None and prep.plan is not None:
+            from merger.engine.ranked import describe_partition
+
+            total = describe_partition(prep.plan, world.size, per_node=world.local_size)[world.rank]["read_bytes"]
+        with (nullcontext(lambda n: None) if quiet else ui.byte_progress("averaging", total)) as advance:
             plan_, result = do_average(models, revisions=revisions, every=every, options=opts, output=output,
                                        force=force, progress=advance, command=sys.argv, prepared=prep)
         report = None
-        if run_eval:
+        if run_eval and not quiet:  # rank 0 evaluates
             from merger.eval.harness import evaluate
 
             latest = plan_.sources[-1]
             baseline = f"{latest.repo_id}@{latest.revision}" if latest.repo_id else str(latest.path)
             report = evaluate([baseline, result.output], tasks=tasks.split(",") if tasks else None, limit=eval_limit,
                               device=device, output_dir=Path(result.output) / "eval", progress=ui.info)
+        if quiet:
+            return
         if json_out:
             ui.print_json({"plan": plan_.to_dict(), "result": result.to_dict(),
                            **({"eval": report.to_dict()} if report else {})})

@@ -47,13 +47,15 @@ class Pipeline:
         state: with ``done``, the kernel state recorded with shard ``done - 1``.
         on_shard: called from the writer thread with (shard index, checksum, kernel state) once a
             shard is complete and closed; the state is what a resume after it must restore.
+        owned: the shards this run writes (one rank's share, ``engine/ranked.py``; default all);
+            ``plan.blocks`` must then hold only their slices.
     """
 
     name = "blocks"
 
     def __init__(self, plan: Plan, tmp: Path, progress: Callable[[int], None] | None, threads: int | None, *,
                  label: str = "", done: int = 0, state: dict | None = None,
-                 on_shard: Callable[[int, str, dict], None] | None = None):
+                 on_shard: Callable[[int, str, dict], None] | None = None, owned: frozenset[int] | None = None):
         self.plan, self.tmp, self.progress = plan, tmp, progress or (lambda n: None)
         self.label = label or str(tmp)
         self.n = len(plan.sources)
@@ -62,7 +64,8 @@ class Pipeline:
                            for blk in plan.blocks]
         self.done = done
         self.on_shard = on_shard or (lambda i, checksum, state: None)
-        self.remaining = {i: sp.data_bytes for i, sp in enumerate(plan.shards) if i >= done}
+        self.remaining = {i: sp.data_bytes for i, sp in enumerate(plan.shards)
+                          if i >= done and (owned is None or i in owned)}
         self.read_bytes = 0
         self.to_write: queue.Queue = queue.Queue(maxsize=2)
         self.free_out: queue.Queue = queue.Queue()

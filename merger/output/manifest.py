@@ -107,6 +107,7 @@ def write(folder: Path, plan: Plan, result: Result, *, command: list[str] | None
     m = manifest(plan, result, command=command)
     m["output"]["format"] = plan.output_format
     if OUTPUTS.get(plan.output_format):  # converted: the engine's shards are gone, list what replaced them
-        m["output"]["shards"] = sorted(p.name for p in folder.iterdir() if p.name not in (*plan.copy_files, PROGRESS, PARTIAL_MARK))
+        skip = (*plan.copy_files, PROGRESS, PARTIAL_MARK)
+        m["output"]["shards"] = sorted(p.name for p in folder.iterdir() if p.name not in skip)
     (folder / "merger.json").write_text(json.dumps(m, indent=2) + "\n")
     (folder / "README.md").write_text(model_card(plan, result), errors="backslashreplace")  # non-UTF-8 paths
