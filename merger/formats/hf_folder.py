@@ -63,8 +63,8 @@ def contained(folder: str | Path, name: str, *, what: str = "file") -> Path:
     if not any(real.is_relative_to(r) for r in _roots(folder)):
         raise _fail(path, f"is a link to {real}, outside the checkpoint; merger reads and copies only "
                           "the checkpoint's own files", "replace the link with the file itself")
-    if path.exists() and not path.is_file():
-        raise _fail(path, f"{what} is not a regular file", "point at a checkpoint whose weights are files")
+    if path.exists():
+        check_regular(path, what=what)  # a FIFO or a folder: refused, never opened
     return path
 
 
@@ -168,4 +168,4 @@ def side_files(folder: str | Path) -> tuple[str, ...]:
     folder = Path(folder)
     return tuple(f for f in COPY_FILES
                  if (folder / f).exists() or (folder / f).is_symlink()
-                 if contained(folder, f, what="side file").is_file() and check_regular(folder / f, what="side file"))
+                 if contained(folder, f, what="side file").exists())
