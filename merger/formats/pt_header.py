@@ -106,7 +106,7 @@ class StateDictUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType) and _count(pid[4])):
-            raise fail(self.path, f"unexpected storage record {pid!r:.80}", RESAVE)
+            raise fail(self.path, f"malformed storage record in data.pkl: {pid!r:.80}", RESAVE)
         return StorageRef(str(pid[2]), pid[1].dtype, int(pid[4]))
 
 
@@ -159,6 +159,7 @@ class Header:
     offsets: dict[str, int]  # storage key -> offset of its first byte in the file
     size: int  # file size
     complete: bool  # the central directory was there (False: walked the local headers of a cut file)
+    sizes: dict[str, int] | None = None  # storage key -> bytes of its zip member (None: walked, unknown)
 
 
 def storages(tree) -> dict[str, int]:
@@ -315,12 +316,13 @@ def read_header(path: str | Path, *, unpickler: type | None = None) -> Header:
             if prefix + "byteorder" in zf.NameToInfo:
                 _check_byteorder(zf.read(prefix + "byteorder")[:16], path)
             tree, _ = _unpickle(zf.read(pkl), path, unpickler)
-            offsets = {}
+            offsets, sizes = {}, {}
             for key in storages(tree):
                 info = zf.NameToInfo.get(f"{prefix}data/{key}")
                 if info is not None:
                     offsets[key] = _local(f, info.header_offset, path)[2]
-    return Header(str(path), tree, offsets, size, complete=True)
+                    sizes[key] = info.file_size
+    return Header(str(path), tree, offsets, size, complete=True, sizes=sizes)
 
 
 def plain(x) -> bool:
@@ -412,6 +414,10 @@ def tensor_extents(header: Header, sd: dict, names: list[str], path) -> dict[str
                           f"(storage data/{t.storage.key})", "the file is cut short: copy or save it again")
         if end > t.storage.numel * size:
             raise fail(path, f"tensor {name!r} reaches past the end of its storage", "re-save the checkpoint")
+        held = (header.sizes or {}).get(t.storage.key)
+        if held is not None and held != t.storage.numel * size:  # torch.load refuses such a file too
+            raise fail(path, f"storage data/{t.storage.key} of tensor {name!r} holds {held} bytes, its record "
+                             f"says {t.storage.numel * size}", "the file is corrupt: re-save the checkpoint")
         lo = min((o for o, _, _ in runs), default=t.storage_offset) * size
         for a, b, other in used.get(t.storage.key, []):
             if lo < b and a < end and signature(sd[other]) != signature(t):

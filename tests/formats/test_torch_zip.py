@@ -135,3 +135,19 @@ def test_compressed_pickle_is_refused(run, tmp_path):
     """A zip bomb: a data.pkl that would inflate to far more than the file; torch never compresses it."""
     rewrite(run / "step2000" / "pytorch_model.bin", compress_pkl=True)
     refused(run, tmp_path, "data.pkl is compressed")
+
+
+def test_size_one_dims_with_any_stride_are_contiguous(run, tmp_path):
+    """torch calls a tensor contiguous whatever the stride of its size-1 dims (a row sliced out of a
+    matrix and saved, say): merger reads it as torch does instead of refusing it."""
+    from merger.formats.torch_zip import read_torch_zip
+
+    f = tmp_path / "row.bin"
+    data = torch.arange(12, dtype=torch.float16)
+    write_bin(f, {"row": _Tensor(_Storage("0", 12), 4, (1, 4), (99, 1))}, data.numpy().tobytes())
+    want = torch.load(f)["row"]
+    assert want.is_contiguous() and want.stride() == (99, 1)
+    info = read_torch_zip(f)["row"]
+    blob = f.read_bytes()
+    got = b"".join(blob[e.offset: e.offset + e.nbytes] for e in info.extents)
+    assert got == want.numpy().tobytes() and len(info.extents) == 1
