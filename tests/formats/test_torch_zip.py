@@ -6,9 +6,7 @@ own structure; the real CLI must exit 1 naming the file, leave nothing behind, c
 from __future__ import annotations
 
 import hashlib
-import pickle
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -16,44 +14,17 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_run
+from crafted import Storage as _Storage
+from crafted import Tensor as _Tensor
+from crafted import write_torch_zip
 from merger.cli import app
 
 runner = CliRunner()
 
 
-class _Storage:
-    def __init__(self, key: str, numel: int):
-        self.key, self.numel = key, numel
-
-
-class _Tensor:
-    """Pickles as torch does: _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks)."""
-
-    def __init__(self, storage, offset, size, stride):
-        self.args = (storage, offset, size, stride, False, OrderedDict())
-
-    def __reduce__(self):
-        return (torch._utils._rebuild_tensor_v2, self.args)
-
-
-class _Pickler(pickle.Pickler):
-    def persistent_id(self, obj):
-        if isinstance(obj, _Storage):
-            return ("storage", torch.HalfStorage, obj.key, "cpu", obj.numel)
-        return None
-
-
 def write_bin(path: Path, tensors: dict, data: bytes) -> None:
     """A torch zip holding ``tensors`` (records over storage ``0``, which holds ``data``)."""
-    import io
-
-    buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump(OrderedDict(tensors))
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr(zipfile.ZipInfo("archive/data.pkl"), buf.getvalue())
-        z.writestr("archive/byteorder", b"little")
-        z.writestr("archive/data/0", data)
-        z.writestr("archive/version", b"3\n")
+    write_torch_zip(path, tensors, {"0": data})
 
 
 def rewrite(path: Path, *, byteorder: bytes | None = None, duplicate: bool = False, compress_pkl: bool = False) -> None:

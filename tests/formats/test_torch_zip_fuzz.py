@@ -6,12 +6,8 @@ can't read the file, merger must refuse it too."""
 
 from __future__ import annotations
 
-import io
-import pickle
 import shutil
 import warnings
-import zipfile
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -20,30 +16,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from crafted import Storage, Tensor, write_torch_zip
 from merger.cli import app
 
 runner = CliRunner()
 STORAGES = {"HalfStorage": (torch.HalfStorage, torch.float16), "FloatStorage": (torch.FloatStorage, torch.float32)}
-
-
-class _Storage:
-    def __init__(self, cls, key: str, numel):
-        self.cls, self.key, self.numel = cls, key, numel
-
-
-class _Tensor:
-    def __init__(self, storage, offset, size, stride):
-        self.args = (storage, offset, tuple(size), tuple(stride), False, OrderedDict())
-
-    def __reduce__(self):
-        return (torch._utils._rebuild_tensor_v2, self.args)
-
-
-class _Pickler(pickle.Pickler):
-    def persistent_id(self, obj):
-        if isinstance(obj, _Storage):
-            return ("storage", obj.cls, obj.key, "cpu", obj.numel)
-        return None
 
 
 dims = st.integers(min_value=-2, max_value=6)
@@ -58,20 +35,13 @@ record = st.fixed_dictionaries({
 
 
 def write(path: Path, recs: list[dict]) -> None:
-    tensors, blobs = OrderedDict(), {}
+    tensors, blobs = {}, {}
     for i, r in enumerate(recs):
         cls, dt = STORAGES[r["storage"]]
         numel = r["numel"] if r["declared"] is None else r["declared"]
-        tensors[f"t{i}"] = _Tensor(_Storage(cls, str(i), numel), r["offset"], r["shape"], r["stride"])
+        tensors[f"t{i}"] = Tensor(Storage(str(i), numel, cls), r["offset"], r["shape"], r["stride"])
         blobs[str(i)] = torch.arange(r["numel"], dtype=dt).numpy().tobytes()
-    buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump(tensors)
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr("archive/data.pkl", buf.getvalue())
-        z.writestr("archive/byteorder", b"little")
-        for k, b in blobs.items():
-            z.writestr(f"archive/data/{k}", b)
-        z.writestr("archive/version", b"3\n")
+    write_torch_zip(path, tensors, blobs)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
