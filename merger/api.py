@@ -111,7 +111,8 @@ def average(models: list[str] | None, *, revisions: str | None = None, every: in
             options: Options = Options(), output: str | Path | None = None, force: bool = False,
             progress: Callable[[int], None] | None = None, command: list[str] | None = None,
             prepared: Prepared | None = None) -> tuple[Plan, Result]:
-    """Average checkpoints into a Hugging Face model folder with ``merger.json`` and a model card.
+    """Average checkpoints into a merged checkpoint (a Hugging Face folder, or the input's own training
+    format: ``--to``) with ``merger.json`` and a model card.
 
     Args:
         models: local folders or one Hub repo id (default ``EleutherAI/pythia-70m``).

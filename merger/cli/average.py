@@ -73,7 +73,7 @@ def average_command(
     limit: Annotated[Optional[float], typer.Option(help="With --eval: documents per task.")] = None,
     debug: Debug = False,
 ) -> None:
-    """Average checkpoints of one run into a Hugging Face model folder.
+    """Average checkpoints of one run into a merged checkpoint (HF folder, or the input's own format).
 
     [bold]Examples[/]
 
