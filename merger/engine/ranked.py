@@ -36,7 +36,7 @@ from merger.engine.choose import choose
 from merger.engine.parts import join_parts, split_single
 from merger.engine.ranks import RANK_PROGRESS, Comm, RankError, World, connect
 from merger.engine.resume import fingerprint, verified
-from merger.engine.run import Result, peak_rss
+from merger.engine.run import Result, io_error, peak_rss
 from merger.errors import MergerError, OutputError, TensorError, UsageError
 from merger.output.convert import convert
 from merger.output.folder import PROGRESS, OutputDir, write_atomic
@@ -221,7 +221,7 @@ def run_ranked(plan: Plan, output: str | Path, comm: Comm, *, force: bool = Fals
         if isinstance(e, (MergerError, KeyboardInterrupt)):
             raise
         if isinstance(e, OSError):
-            raise MergerError(f"I/O error on rank {rank}: {e}", hint="check the input files and free disk space") from e
+            raise io_error(e, f" on rank {rank}") from e
         raise
 
 

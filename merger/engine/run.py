@@ -51,6 +51,11 @@ class Result:
         }
 
 
+def io_error(e: OSError, where: str = "") -> MergerError:
+    """An OS error that stopped a merge (the output is then discarded), as a :class:`MergerError`."""
+    return MergerError(f"I/O error{where}: {e}", hint="check the input files and free disk space")
+
+
 def peak_rss() -> int:
     """Peak resident set size of this process, in bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -138,5 +143,5 @@ def run(plan: Plan, output: str | Path, *, force: bool = False, progress: Callab
         if isinstance(e, (MergerError, KeyboardInterrupt)):
             raise
         if isinstance(e, OSError):
-            raise MergerError(f"I/O error: {e}", hint="check the input files and free disk space") from e
+            raise io_error(e) from e
         raise
