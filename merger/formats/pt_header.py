@@ -39,7 +39,7 @@ _TORCH_DTYPES = ("float16", "float32", "float64", "bfloat16", "half", "float", "
                  "int32", "int64", "uint8", "bool", "long", "int")
 
 
-_STORAGE_DTYPES = {  # torch's storage classes (as the pickle names them) -> canonical dtype names
+STORAGE_DTYPES = {  # torch's storage classes (as the pickle names them) -> canonical dtype names
     "HalfStorage": "float16", "FloatStorage": "float32", "DoubleStorage": "float64",
     "BFloat16Storage": "bfloat16", "ByteStorage": "uint8", "CharStorage": "int8",
     "ShortStorage": "int16", "IntStorage": "int32", "LongStorage": "int64",
@@ -98,8 +98,8 @@ class StateDictUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if module == "torch._utils" and name == "_rebuild_parameter":
             return _rebuild_parameter
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(_STORAGE_DTYPES[name])
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(STORAGE_DTYPES[name])
         raise fail(self.path, f"holds a non-tensor object ({module}.{name}); merger never unpickles "
                                "arbitrary objects", "save a plain state dict, or convert it to safetensors")
 

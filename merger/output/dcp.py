@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from merger.errors import OutputError
-from merger.formats.reading import READ_PIECE, pread_into
+from merger.formats.reading import READ_PIECE, read_extents
 from merger.output.dcp_records import STORAGES, metadata_pickle, write_record
 
 
@@ -55,11 +55,10 @@ def write(tmp: Path, plan) -> list[str]:
                     info = layout[plan.tensors[j].name]
 
                     def fill(write, info=info):
-                        for e in info.extents:
-                            for at in range(0, e.nbytes, READ_PIECE):
-                                piece = buf[: min(READ_PIECE, e.nbytes - at)]
-                                pread_into(fds[e.path], piece, e.offset + at, path=e.path)
-                                write(piece)
+                        for at in range(0, info.nbytes, READ_PIECE):
+                            piece = buf[: min(READ_PIECE, info.nbytes - at)]
+                            read_extents(fds, info.extents, at, piece)
+                            write(piece)
 
                     offset = f.tell()
                     write_record(f, info.dtype, info.shape, info.nbytes, fill)

@@ -20,9 +20,9 @@ import pickle
 import zipfile
 from collections.abc import Callable
 
-from merger.formats.pt_header import _STORAGE_DTYPES
+from merger.formats.pt_header import STORAGE_DTYPES, contiguous_strides
 
-STORAGES = {dtype: name for name, dtype in _STORAGE_DTYPES.items()}  # "float32" -> "FloatStorage"
+STORAGES = {dtype: name for name, dtype in STORAGE_DTYPES.items()}  # "float32" -> "FloatStorage"
 _MD = "torch.distributed.checkpoint.metadata"
 _FS = "torch.distributed.checkpoint.filesystem"
 
@@ -83,14 +83,6 @@ def _size(dims) -> Call:
     return Call(Global("torch", "Size"), (tuple(dims),))
 
 
-def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, acc = [], 1
-    for d in reversed(shape):
-        out.append(acc)
-        acc *= max(d, 1)
-    return tuple(reversed(out))
-
-
 class _Relative:
     """The open file ``f`` from its current position on, as a file of its own (zip offsets count from
     the record's first byte, as ``torch.save`` into DCP's stream writes them)."""
@@ -121,7 +113,7 @@ def write_record(f, dtype: str, shape: tuple[int, ...], nbytes: int, fill: Calla
     """
     numel = nbytes // max(1, _itemsize(dtype))
     tensor = Call(Global("torch._utils", "_rebuild_tensor_v2"),
-                  (_Storage(dtype, numel), 0, tuple(shape), _strides(tuple(shape)), False,
+                  (_Storage(dtype, numel), 0, tuple(shape), contiguous_strides(tuple(shape)), False,
                    Call(Global("collections", "OrderedDict"))))
     with zipfile.ZipFile(_Relative(f), "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         zf.writestr("archive/data.pkl", dumps(tensor, 2))
