@@ -4,7 +4,7 @@ With one output shard (``model.safetensors``) there is nothing to deal out betwe
 for a multi-rank run (``ranked.py``) the shard's tensors, in data order, are cut into contiguous
 *parts* of about ``PART_BYTES`` each. Each part is planned as a shard of its own (a hidden
 ``.part-0000i-of-0000k.safetensors`` in the partial folder, a valid safetensors file of its
-tensors), so ranks fold, record and resume parts exactly like shards. The number of parts depends
+tensors; for DCP, ``.part-…distcp``, a run of whole records), so ranks fold, record and resume parts exactly like shards. The number of parts depends
 only on the output's size, never on the world size: a resume with another number of ranks finds
 the same parts. At the end rank 0 writes ``model.safetensors``: the single-shard header, then each
 part's data section in order (``copy_file_range``: the kernel copies, no user-space buffers). The
@@ -17,20 +17,30 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from merger.output.convert import in_place
 from merger.output.shards import shard_header
 from merger.plan import Plan
 from merger.plan.plan import ShardPlan
 
 PART_BYTES = 256 << 20  # output bytes per part
-PART = ".part-{:05d}-of-{:05d}.safetensors"
+PART = ".part-{:05d}-of-{:05d}"  # + the shard's extension
 
 
 def split_single(plan: Plan, *, part_bytes: int = PART_BYTES) -> Plan:
-    """``plan`` with its one output shard cut into parts (each a shard); other plans unchanged."""
+    """``plan`` with its one output shard cut into parts (each a shard); other plans unchanged.
+
+    A format that frames each tensor (a DCP record, output/convert.py) is cut between records: a
+    part is a byte range of the final file, its records unchanged (they don't depend on where
+    they lie)."""
     if len(plan.shards) != 1:
         return plan
     sp = plan.shards[0]
-    size = {i: plan.tensors[i].numel * plan.tensors[i].out_itemsize for i in sp.tensors}
+    framed = in_place(plan.output_format)
+    size, frame = {}, {}
+    for i in sp.tensors:
+        t = plan.tensors[i]
+        size[i] = t.numel * t.out_itemsize
+        frame[i] = framed.span(t.out_dtype, t.shape, size[i], name=t.name) if framed else (0, 0)
     k = max(1, min(len(sp.tensors), -(-sp.data_bytes // part_bytes)))
     groups: list[list[int]] = [[]]
     acc = 0
@@ -41,12 +51,15 @@ def split_single(plan: Plan, *, part_bytes: int = PART_BYTES) -> Plan:
         acc += size[i]
     tensors = list(plan.tensors)
     shards = []
+    ext = Path(sp.filename).suffix
     for g, idx in enumerate(groups):
-        off = 0
+        off = framing = 0
         for i in idx:
-            tensors[i] = replace(tensors[i], shard=g, out_offset=off)
+            head, tail = frame[i]
+            tensors[i] = replace(tensors[i], shard=g, out_offset=off + framing + head)
             off += size[i]
-        shards.append(ShardPlan(PART.format(g + 1, len(groups)), tuple(idx), off))
+            framing += head + tail
+        shards.append(ShardPlan(PART.format(g + 1, len(groups)) + ext, tuple(idx), off, framing))
     return replace(plan, tensors=tuple(tensors), shards=tuple(shards))
 
 
@@ -62,7 +75,7 @@ def join_parts(plan: Plan, split: Plan, folder: Path) -> None:
         for k, sp in enumerate(split.shards):
             skip = len(shard_header(split, k))
             with open(folder / sp.filename, "rb") as src:
-                left, off = sp.data_bytes, skip
+                left, off = sp.data_bytes + sp.framing, skip
                 while left:
                     try:
                         n = os.copy_file_range(src.fileno(), fd, left, off, pos)

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 from merger.device import usable_cpus
 from merger.errors import MergerError
 from merger.formats.inputs import check_identity, open_inputs
-from merger.output.shards import ShardWriter, shard_header
+from merger.output.shards import ShardWriter, open_shard, shard_header
 from merger.plan import Plan
 
 STOP = object()  # the end of a queue's items
@@ -165,8 +165,8 @@ class Pipeline:
     def _writer(self, shard: int) -> ShardWriter:
         if shard not in self.writers:
             sp = self.plan.shards[shard]
-            self.writers[shard] = ShardWriter(self.tmp / sp.filename, self.headers[shard], sp.data_bytes,
-                                              label=f"{sp.filename} of {self.label}", hash=True)
+            self.writers[shard] = open_shard(self.plan, shard, self.tmp, label=f"{sp.filename} of {self.label}",
+                                             hash=True)
         return self.writers[shard]
 
     # -- coordination ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from merger.formats.inputs import check_identity, identity, open_input
 from merger.formats.reading import FileHasher, read_extents
 from merger.output.convert import convert
 from merger.output.folder import OutputDir
-from merger.output.shards import ShardWriter, shard_header, write_index
+from merger.output.shards import open_shard, write_index
 from merger.plan import CHUNK, Options, Plan, build, check_layouts
 from merger.sources import Source
 from merger.engine.resume import STATE, load_stream_state, save_stream_state, sources_fingerprint, stream_resume_point
@@ -245,7 +245,7 @@ def _write(plan: Plan, kernel: Kernel, tmp: Path, acc, raw0, same, bad) -> int:
     """Cast the accumulators (identical chunks: the raw bytes) and write the shards."""
     written = 0
     for k, sp in enumerate(plan.shards):
-        w = ShardWriter(tmp / sp.filename, shard_header(plan, k), sp.data_bytes)
+        w = open_shard(plan, k, tmp)
         try:
             for ti in sp.tensors:
                 t = plan.tensors[ti]

@@ -1,14 +1,20 @@
-"""Output formats: the engine writes safetensors shards (+ index) into the partial folder; an output
-format other than those rewrites them there, before the folder is published.
+"""Output formats. By default a merge is written in its input's format (``Format.OUTPUT``), so
+training can restart from it; ``--to`` chooses another. ``OUTPUTS`` maps the names to a module
+(``None``: the engine's safetensors shards + index are the output). Two kinds of module:
 
-``OUTPUTS`` maps ``--to`` names to the module that converts (``None``: the engine's safetensors
-shards are the output). A converter module has ``write(tmp: Path, plan: Plan) -> list[str]``: read
-the shards in ``tmp`` (``formats.read_checkpoint(tmp)`` gives their extents), write its own files
-into ``tmp`` one tensor at a time (memory bounded), remove the shards and the index, and return
-the names of the files it wrote. By default a merge is written in its input's format
-(``Format.OUTPUT``), so training can restart from it.
+- **in place** (DCP): the engine writes the format's own files as it folds. The module defines
+  ``span(dtype, shape, nbytes) -> (head, tail)``, the bytes it frames each tensor with (a DCP
+  record's zip headers, before and after the tensor's bytes; the plan places every tensor past
+  them), ``filename(i, k)`` for shard ``i`` of ``k``, ``frames(plan, k)`` (an
+  ``output.shards.Frames``: those bytes, which the shard writer puts around the data), and
+  ``write(tmp, plan) -> list[str]``, which adds the format's index (``.metadata``) after the last
+  shard and returns the output's files. No second pass over the data.
+- **converter** (nanoGPT ``ckpt.pt``, transformers GPT-2): ``write(tmp, plan) -> list[str]`` reads the
+  engine's shards in ``tmp`` (``formats.read_checkpoint(tmp)`` gives their extents), writes its own
+  files one tensor at a time (memory bounded), removes the shards and the index, and returns the
+  names of the files it wrote.
 
-**Add an output format**: a module ``output/<name>.py`` with ``write``, its name here, and tests
+**Add an output format**: a module ``output/<name>.py`` of either kind, its name here, and tests
 that load the result with the format's real reader (``torch.load``, ``dcp.load``, transformers).
 """
 
@@ -37,6 +43,16 @@ def check_output(name: str) -> str:
     if name not in OUTPUTS:
         raise UsageError(f"--to {name}: unknown output format", hint=f"use one of {', '.join(OUTPUTS)}")
     return name
+
+
+def in_place(name: str):
+    """The module of output format ``name`` if the engine writes its files in place (it defines
+    ``span``), else None."""
+    module = OUTPUTS.get(name)
+    if module is None:
+        return None
+    mod = importlib.import_module(module)
+    return mod if hasattr(mod, "span") else None
 
 
 def convert(tmp: Path, plan) -> list[str]:

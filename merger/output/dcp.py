@@ -1,73 +1,81 @@
 """Write a merge as a torch.distributed.checkpoint (DCP) folder, so that training restarts from it.
 
-The engine's safetensors shards in the partial folder become ``__0_<i>.distcp`` files (one per
-shard) and a ``.metadata``, laid out as torch's own ``FileSystemWriter`` lays them out: every tensor
-is one whole chunk, a ``torch.save`` record at its offset in the ``.distcp`` stream, and
-``.metadata`` a pickle of torch's ``Metadata`` classes. Keys are the input's (``model.…``), and
-``planner_data`` is copied from the latest input so that ``dcp.load`` rebuilds the same nesting.
-``dcp.load`` reads the folder into any sharding (FSDP2 over N ranks, or one process).
+An output format written in place (``output/convert.py``): the engine writes ``__0_<i>.distcp``
+files laid out as torch's own ``FileSystemWriter`` lays them out, every tensor one whole chunk, a
+``torch.save`` record at its offset in the file. The plan leaves room for each record's zip
+headers (:func:`span`), the shard writer puts them around the tensor's bytes as they are folded
+(:func:`frames`; the record's CRC-32 is taken on the way), and :func:`write` adds ``.metadata``
+(a pickle of torch's ``Metadata`` classes) after the last shard. Keys are the input's
+(``model.…``), and ``planner_data`` is copied from the latest input so that ``dcp.load`` rebuilds
+the same nesting; ``dcp.load`` reads the folder into any sharding (FSDP2 over N ranks, or one
+process).
 
 Why our own writer and not ``dcp.save``: ``dcp.save`` takes one state dict with every tensor in
-memory. Here each tensor's bytes are streamed from its shard into its record in 4 MB pieces
-(``dcp_records.py`` writes the records' zip and pickles by hand, byte-compatible with torch's), so
-memory is one piece whatever the model's size, and the CPU path still imports no torch.
+memory. Here memory is the fold's buffers whatever the model's size, the data is written once
+(no second pass), and the CPU path still imports no torch (``dcp_records.py`` writes the records'
+zip and pickles by hand; the tests load them with ``torch.load`` and ``dcp.load``).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from merger.errors import OutputError
-from merger.formats.reading import READ_PIECE, read_extents
-from merger.output.dcp_records import STORAGES, metadata_pickle, write_record
+from merger.output.dcp_records import STORAGES, metadata_pickle, record_head, record_tail
+from merger.output.shards import Frames
 
 
-def write(tmp: Path, plan) -> list[str]:
-    """Rewrite the engine's shards in ``tmp`` (``plan``: a :class:`merger.plan.Plan`) as a DCP folder.
+def _check(name: str, dtype: str) -> None:
+    if dtype not in STORAGES:
+        raise OutputError(f"tensor {name!r} is {dtype}, which merger can't write as DCP",
+                          hint="write the output with --to safetensors")
 
-    Returns:
-        The files written: ``.metadata`` and the ``.distcp`` files.
+
+def span(dtype: str, shape: tuple[int, ...], nbytes: int, *, name: str = "") -> tuple[int, int]:
+    """Bytes of a tensor's record before and after its data.
 
     Raises:
         OutputError: a dtype torch's zip records can't name.
     """
-    from merger.formats import get
+    _check(name, dtype)
+    head = len(record_head(dtype, shape, nbytes))
+    return head, len(record_tail(dtype, shape, nbytes, 0, head=head))
+
+
+def filename(i: int, k: int) -> str:
+    """Shard ``i`` of ``k``: rank 0's ``i``-th file, as torch names a writer's files."""
+    return f"__0_{i}.distcp"
+
+
+def frames(plan, k: int) -> Frames:
+    """The records' heads and tails around the tensors of shard ``k`` (``plan``: a
+    :class:`merger.plan.Plan`)."""
+    ts = [plan.tensors[i] for i in plan.shards[k].tensors]
+    heads = tuple(record_head(t.out_dtype, t.shape, t.numel * t.out_itemsize) for t in ts)
+
+    def tail(i: int, crc: int) -> bytes:
+        t = ts[i]
+        return record_tail(t.out_dtype, t.shape, t.numel * t.out_itemsize, crc, head=len(heads[i]))
+
+    return Frames(tuple(t.out_offset for t in ts), tuple(t.numel * t.out_itemsize for t in ts), heads, tail)
+
+
+def write(tmp: Path, plan) -> list[str]:
+    """Add ``.metadata`` to the ``.distcp`` files the engine wrote in ``tmp``.
+
+    Returns:
+        The output's files: ``.metadata`` and the ``.distcp`` files.
+    """
     from merger.formats.dcp_metadata import read_metadata
 
-    hf = get("hf")
-    kind, shard_files = hf.weights_files(tmp)
-    layout = hf.read(tmp)
-    for t in layout.values():
-        if t.dtype not in STORAGES:
-            raise OutputError(f"tensor {t.name!r} is {t.dtype}, which merger can't write as DCP",
-                              hint="write the output with --to safetensors")
     latest = plan.sources[-1].path
     planner = read_metadata(latest).planner_data if latest and (Path(latest) / ".metadata").is_file() else {}
-    records, written = [], []
-    fds = {str(tmp / f): os.open(tmp / f, os.O_RDONLY) for f in shard_files}
-    buf = memoryview(bytearray(READ_PIECE))
-    try:
-        for i, sp in enumerate(plan.shards):
-            fname = f"__0_{i}.distcp"
-            with open(tmp / fname, "wb") as f:
-                for j in sp.tensors:
-                    info = layout[plan.tensors[j].name]
-
-                    def fill(write, info=info):
-                        for at in range(0, info.nbytes, READ_PIECE):
-                            piece = buf[: min(READ_PIECE, info.nbytes - at)]
-                            read_extents(fds, info.extents, at, piece)
-                            write(piece)
-
-                    offset = f.tell()
-                    write_record(f, info.dtype, info.shape, info.nbytes, fill)
-                    records.append((info.name, info.dtype, info.shape, fname, offset, f.tell() - offset))
-            written.append(fname)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    records = []
+    for t in plan.tensors:
+        nbytes = t.numel * t.out_itemsize
+        head, tail = span(t.out_dtype, t.shape, nbytes, name=t.name)
+        records.append((t.name, t.out_dtype, t.shape, plan.shards[t.shard].filename, t.out_offset - head,
+                        head + nbytes + tail))
     (tmp / ".metadata").write_bytes(metadata_pickle(records, planner))
-    for name in shard_files + ([kind] if kind.endswith(".index.json") else []):
-        (tmp / name).unlink()
-    return [".metadata", *written]
+    return [".metadata", *(sp.filename for sp in plan.shards)]
+

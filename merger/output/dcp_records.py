@@ -1,9 +1,10 @@
 """The bytes torch writes for a DCP folder, written without importing torch (3-5 s of imports on the
 CPU path, where merger otherwise needs none).
 
-- :func:`write_record`: one ``torch.save(tensor)`` record (a stored zip: ``archive/data.pkl``,
-  ``byteorder``, ``data/0``, ``version``), its storage bytes streamed in pieces from a reader, so
-  memory stays at one piece whatever the tensor's size;
+- :func:`record_head` and :func:`record_tail`: one ``torch.save(tensor)`` record (a stored zip:
+  ``archive/data.pkl``, ``byteorder``, ``data/0``, ``version``) as the bytes before and after its
+  storage, so the engine writes the storage in place as it folds it (memory: the fold's buffers,
+  whatever the tensor's size);
 - :func:`metadata_pickle`: ``.metadata``, the pickle of torch's ``Metadata`` classes.
 
 Both pickles name torch's globals (``torch._utils._rebuild_tensor_v2``, ``torch.FloatStorage``,
@@ -17,8 +18,8 @@ from __future__ import annotations
 import copyreg
 import io
 import pickle
-import zipfile
-from collections.abc import Callable
+import struct
+import zlib
 
 from merger.formats.pt_header import STORAGE_DTYPES, contiguous_strides
 
@@ -83,44 +84,85 @@ def _size(dims) -> Call:
     return Call(Global("torch", "Size"), (tuple(dims),))
 
 
-class _Relative:
-    """The open file ``f`` from its current position on, as a file of its own (zip offsets count from
-    the record's first byte, as ``torch.save`` into DCP's stream writes them)."""
-
-    def __init__(self, f):
-        self.f, self.base = f, f.tell()
-
-    def write(self, b) -> int:
-        return self.f.write(b)
-
-    def tell(self) -> int:
-        return self.f.tell() - self.base
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        return self.f.seek(self.base + pos if whence == 0 else pos, whence) - self.base
-
-    def seekable(self) -> bool:
-        return True
-
-    def flush(self) -> None:
-        self.f.flush()
+# -- one torch.save record, as the bytes before and after its storage ----------------------------
+# A record is a stored zip: archive/data.pkl, archive/byteorder, archive/data/0 (the storage),
+# archive/version, then the central directory. The storage member carries a data descriptor
+# (general-purpose flag bit 3: its CRC-32 follows the data, and the central directory has it too),
+# so every byte before the storage is known before the storage is: the engine writes the record
+# around the tensor as it folds it (`output/shards.py`), in one pass, with no second copy.
+_DOS_DATE = 0x21  # 1980-01-01 00:00: fixed, so a merge's bytes never depend on when it ran
+_ALIGN = 64  # the storage starts at a multiple of 64 bytes in its record, as torch.save aligns it
+_NO = 0xFFFFFFFF  # a 32-bit field whose value is in the zip64 extra field
+_MEMBERS = (b"archive/data.pkl", b"archive/byteorder", b"archive/data/0", b"archive/version")
 
 
-def write_record(f, dtype: str, shape: tuple[int, ...], nbytes: int, fill: Callable[[Callable], None]) -> None:
-    """Append a ``torch.save`` record of a contiguous ``dtype`` tensor of ``shape`` to the open file ``f``.
+def _local(name: bytes, crc: int, size: int, *, descriptor: bool = False, extra: bytes = b"") -> bytes:
+    crc, size = (0, 0) if descriptor else (crc, size)
+    return struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if extra[:2] == b"\x01\x00" else 20, 8 if descriptor else 0,
+                       0, 0, _DOS_DATE, crc, size, size, len(name), len(extra)) + name + extra
 
-    ``fill(write)`` must call ``write(bytes_like)`` with the tensor's ``nbytes`` bytes, in order.
-    """
+
+def _central(name: bytes, crc: int, size: int, offset: int, *, descriptor: bool = False) -> bytes:
+    big = [v for v in (size, size) if v >= _NO] + ([offset] if offset >= _NO else [])
+    extra = struct.pack(f"<HH{len(big)}Q", 1, 8 * len(big), *big) if big else b""
+    return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45 if big else 20, 8 if descriptor else 0, 0, 0,
+                       _DOS_DATE, crc, min(size, _NO), min(size, _NO), len(name), len(extra), 0, 0, 0, 0,
+                       min(offset, _NO)) + name + extra
+
+
+def _end(count: int, cd_at: int, cd_len: int) -> bytes:
+    out = b""
+    if cd_at + cd_len >= _NO:  # zip64 end of central directory record + its locator
+        out = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, cd_len, cd_at)
+        out += struct.pack("<IIQI", 0x07064B50, 0, cd_at + cd_len, 1)
+    return out + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, min(cd_len, _NO), min(cd_at, _NO), 0)
+
+
+def _pickle(dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
     numel = nbytes // max(1, _itemsize(dtype))
-    tensor = Call(Global("torch._utils", "_rebuild_tensor_v2"),
-                  (_Storage(dtype, numel), 0, tuple(shape), contiguous_strides(tuple(shape)), False,
-                   Call(Global("collections", "OrderedDict"))))
-    with zipfile.ZipFile(_Relative(f), "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        zf.writestr("archive/data.pkl", dumps(tensor, 2))
-        zf.writestr("archive/byteorder", "little")
-        with zf.open(zipfile.ZipInfo("archive/data/0"), "w", force_zip64=nbytes >= 1 << 31) as w:
-            fill(w.write)
-        zf.writestr("archive/version", "3\n")
+    return dumps(Call(Global("torch._utils", "_rebuild_tensor_v2"),
+                      (_Storage(dtype, numel), 0, tuple(shape), contiguous_strides(tuple(shape)), False,
+                       Call(Global("collections", "OrderedDict")))), 2)
+
+
+def record_head(dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
+    """The bytes of a ``torch.save`` record of a contiguous ``dtype`` tensor of ``shape`` (``nbytes``
+    bytes) that come before its storage: the storage starts right after them."""
+    pkl = _pickle(dtype, shape, nbytes)
+    head = _local(_MEMBERS[0], zlib.crc32(pkl), len(pkl)) + pkl + _local(_MEMBERS[1], _LITTLE_CRC, 6) + b"little"
+    zip64 = struct.pack("<HHQQ", 1, 16, 0, 0) if nbytes >= _NO else b""
+    at = len(head) + 30 + len(_MEMBERS[2]) + len(zip64)
+    pad = -(at + 4) % _ALIGN  # torch's own alignment field: id "FB", padding bytes "Z"
+    return head + _local(_MEMBERS[2], 0, nbytes, descriptor=True, extra=zip64 + b"FB" + struct.pack("<H", pad)
+                         + b"Z" * pad)
+
+
+def record_tail(dtype: str, shape: tuple[int, ...], nbytes: int, crc: int, *, head: int | None = None) -> bytes:
+    """The bytes of the record that come after its storage, whose CRC-32 is ``crc``: the storage's
+    data descriptor, ``archive/version``, the central directory. Their length doesn't depend on
+    ``crc`` (:func:`tail_length`). ``head``: ``len(record_head(...))`` when known."""
+    pkl = _pickle(dtype, shape, nbytes)
+    head = len(record_head(dtype, shape, nbytes)) if head is None else head
+    at_bo = 30 + len(_MEMBERS[0]) + len(pkl)
+    at_data = at_bo + 30 + len(_MEMBERS[1]) + 6
+    end = head + nbytes
+    desc = struct.pack("<IIQQ", 0x08074B50, crc, nbytes, nbytes) if nbytes >= _NO else \
+        struct.pack("<IIII", 0x08074B50, crc, nbytes, nbytes)
+    at_ver = end + len(desc)
+    tail = desc + _local(_MEMBERS[3], _VERSION_CRC, 2) + b"3\n"
+    cd_at = end + len(tail)
+    cd = (_central(_MEMBERS[0], zlib.crc32(pkl), len(pkl), 0) + _central(_MEMBERS[1], _LITTLE_CRC, 6, at_bo)
+          + _central(_MEMBERS[2], crc, nbytes, at_data, descriptor=True)
+          + _central(_MEMBERS[3], _VERSION_CRC, 2, at_ver))
+    return tail + cd + _end(4, cd_at, len(cd))
+
+
+def tail_length(dtype: str, shape: tuple[int, ...], nbytes: int, *, head: int | None = None) -> int:
+    return len(record_tail(dtype, shape, nbytes, 0, head=head))
+
+
+_LITTLE_CRC = zlib.crc32(b"little")
+_VERSION_CRC = zlib.crc32(b"3\n")
 
 
 def _itemsize(dtype: str) -> int:

@@ -13,16 +13,20 @@ adversary, and runs at 6.3 GB/s instead of 1.9 (sha256 of 0.8 GB of output was 0
 
 from __future__ import annotations
 
+import bisect
 import errno
 import fcntl
 import json
 import mmap
 import os
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from merger.output.convert import in_place
 from merger.output.folder import write_failed
 from merger.units import ST_NAMES
 
@@ -47,9 +51,38 @@ def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> 
 
 
 def shard_header(plan: Plan, k: int) -> bytes:
-    """The header of the plan's shard ``k``: its tensors, in data order, in their output dtypes."""
+    """The header of the plan's shard ``k``: its tensors, in data order, in their output dtypes
+    (nothing for a format that frames each tensor instead: :func:`shard_frames`)."""
+    if in_place(plan.output_format):
+        return b""
     ts = [plan.tensors[i] for i in plan.shards[k].tensors]
     return safetensors_header([(t.name, t.out_dtype, t.shape, t.numel * t.out_itemsize) for t in ts])
+
+
+@dataclass(frozen=True)
+class Frames:
+    """The bytes an output format writes around each tensor of a shard (a DCP record's zip headers):
+    ``heads[i]`` ends where tensor ``i``'s data starts (``starts[i]``, in file order) and
+    ``tail(i, crc)`` starts where it ends; the tail holds the data's CRC-32, so it is written once
+    the tensor's last byte is, and its length never depends on the CRC."""
+
+    starts: tuple[int, ...]
+    sizes: tuple[int, ...]
+    heads: tuple[bytes, ...]
+    tail: Callable[[int, int], bytes]
+
+
+def shard_frames(plan: Plan, k: int) -> Frames | None:
+    """The frames of shard ``k`` when its format frames each tensor (output/convert.py), else None."""
+    module = in_place(plan.output_format)
+    return module.frames(plan, k) if module else None
+
+
+def open_shard(plan: Plan, k: int, folder: Path, **kwargs) -> ShardWriter:
+    """A :class:`ShardWriter` for the plan's shard ``k`` in ``folder``."""
+    sp = plan.shards[k]
+    return ShardWriter(folder / sp.filename, shard_header(plan, k), sp.data_bytes + sp.framing,
+                       frames=shard_frames(plan, k), **kwargs)
 
 
 def _pwrite_all(fd: int, buf, n: int, offset: int) -> None:
@@ -77,22 +110,31 @@ def _io_write(fd: int, buf, n: int, offset: int) -> None:
 
 
 class ShardWriter:
-    """One output ``.safetensors`` file: the header is written at open, data with pwrite.
+    """One output shard: the header is written at open, data with pwrite.
 
     With ``hash``, the bytes are hashed as they are written (they arrive in file order);
-    :meth:`finish` makes the file durable and returns its checksum.
+    :meth:`finish` makes the file durable and returns its checksum. With ``frames``, each
+    tensor's head is written before its data and its tail (with the data's CRC-32, taken as the
+    data arrives) right after its last byte, so a file written in order stays written in order.
 
     Args:
         path: the file to create.
         header: from :func:`safetensors_header`.
-        data_bytes: bytes of the data section.
+        data_bytes: bytes of the data section (the framing included).
         label: how errors name the file (default: ``path``).
         hash: compute the CRC-32 while writing.
+        frames: the bytes around each tensor, for a format that frames them (:class:`Frames`).
     """
 
     def __init__(self, path: Path, header: bytes, data_bytes: int, *, label: str | None = None,
-                 hash: bool = False, direct: bool = True):
+                 hash: bool = False, direct: bool = True, frames: Frames | None = None):
         self.path = path
+        self.frames = frames
+        n = len(frames.starts) if frames else 0
+        self._fcrc = [0] * n  # per framed tensor: CRC-32 of its first _fdone bytes (-1: out of order)
+        self._fdone = [0] * n
+        self._heads = [False] * n  # written yet
+        self._tails = [False] * n
         self.label = label or str(path)
         self.data_start = len(header)
         self.size = self.data_start + data_bytes
@@ -107,7 +149,7 @@ class ShardWriter:
         self._flushed = 0
         self._io: ThreadPoolExecutor | None = None
         self._pending: tuple[Future, mmap.mmap] | None = None  # the background write of a stage
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        flags = (os.O_RDWR if frames else os.O_WRONLY) | os.O_CREAT | os.O_TRUNC
         try:
             self.fd = -1
             if direct and hasattr(os, "O_DIRECT"):
@@ -123,6 +165,57 @@ class ShardWriter:
         except OSError as e:
             raise write_failed(f"creating {self.label}", e) from e
         self.write(header, 0, absolute=True)
+        if n:
+            self._frame_after(-1)
+
+    # -- framing (frames): heads and tails around each tensor's data ----------------------------
+    def _frame(self, mv: memoryview, pos: int) -> int:
+        """Take the CRC of data ``mv`` written at ``pos``; the index of its tensor."""
+        f = self.frames
+        i = bisect.bisect_right(f.starts, pos) - 1
+        if i < 0 or pos + len(mv) > f.starts[i] + f.sizes[i]:
+            raise ValueError(f"internal error: a write at {pos}..{pos + len(mv)} of {self.label} is not "
+                             "inside one tensor's data")
+        if self._fdone[i] >= 0 and pos == f.starts[i] + self._fdone[i]:
+            self._fcrc[i] = zlib.crc32(mv, self._fcrc[i])
+            self._fdone[i] += len(mv)
+        elif len(mv):
+            self._fdone[i] = -1
+        return i
+
+    def _frame_after(self, i: int) -> None:
+        """Tensor ``i``'s data may be complete: if it came in order, write its tail; then, while the
+        tensors before are closed, the next heads (and the tails of empty tensors, which no data
+        write announces)."""
+        f = self.frames
+        if i >= 0 and not self._tails[i] and self._fdone[i] == f.sizes[i]:
+            self._tails[i] = True
+            self.write(f.tail(i, self._fcrc[i]), f.starts[i] + f.sizes[i], absolute=True)
+        while i + 1 < len(f.starts) and (i < 0 or self._tails[i]):
+            i += 1
+            if not self._heads[i]:
+                self._heads[i] = True
+                self.write(f.heads[i], f.starts[i] - len(f.heads[i]), absolute=True)
+            if not f.sizes[i] and not self._tails[i]:
+                self._tails[i] = True
+                self.write(f.tail(i, 0), f.starts[i], absolute=True)
+
+    def _frame_rest(self) -> None:
+        """At close: the heads and tails that out-of-order writes left out, the data's CRC read back."""
+        f = self.frames
+        for i in range(len(f.starts)):
+            if not self._heads[i]:
+                self._heads[i] = True
+                self.write(f.heads[i], f.starts[i] - len(f.heads[i]), absolute=True)
+            if not self._tails[i]:
+                crc, at, end = 0, f.starts[i], f.starts[i] + f.sizes[i]
+                while at < end:
+                    piece = os.pread(self.fd, min(STAGE, end - at), at)
+                    if not piece:
+                        raise OSError(errno.EIO, f"{self.label} is shorter than its data")
+                    crc, at = zlib.crc32(piece, crc), at + len(piece)
+                self._tails[i] = True
+                self.write(f.tail(i, crc), end, absolute=True)
 
     def _checksum(self, mv: memoryview, pos: int) -> None:
         if self._hpos == pos:
@@ -134,17 +227,20 @@ class ShardWriter:
     def write(self, data, offset: int, *, absolute: bool = False) -> None:
         pos = offset if absolute else self.data_start + offset
         mv = memoryview(data).cast("B")
+        framed = self._frame(mv, pos) if self.frames and not absolute and len(mv) else None
         self._checksum(mv, pos)
         try:
             if self._stage is not None and pos == self._flushed + self._staged:
                 self._stage_write(mv, pos)
-                return
-            self._buffered()
-            while len(mv):
-                k = os.pwrite(self.fd, mv, pos)
-                mv, pos = mv[k:], pos + k
+            else:
+                self._buffered()
+                while len(mv):
+                    k = os.pwrite(self.fd, mv, pos)
+                    mv, pos = mv[k:], pos + k
         except OSError as e:
             raise write_failed(f"writing {self.label}", e) from e
+        if framed is not None:
+            self._frame_after(framed)
 
     def write_owned(self, data: memoryview, offset: int, address: int) -> Future | None:
         """Like :meth:`write`, but the whole pages of ``data`` go to the disk straight from it, with
@@ -161,21 +257,25 @@ class ShardWriter:
                 or (address - pos) % DIRECT_ALIGN or len(mv) < 2 * DIRECT_ALIGN):
             self.write(mv, offset)
             return None
+        framed = self._frame(mv, pos) if self.frames else None
         self._checksum(mv, pos)
         head = -pos % DIRECT_ALIGN
         try:
             self._stage_write(mv[:head], pos)  # the stage now ends on a page boundary
             if self._stage is None:  # O_DIRECT refused on the way: page cache from here on
                 _pwrite_all(self.fd, mv[head:], len(mv) - head, pos + head)
-                return None
-            if self._staged:
-                self._flush(self._staged)
-            mid = (len(mv) - head) // DIRECT_ALIGN * DIRECT_ALIGN
-            fut = self._executor().submit(_io_write, self.fd, mv[head: head + mid], mid, pos + head)
-            self._flushed += mid
-            self._stage_write(mv[head + mid:], pos + head + mid)
+                fut = None
+            else:
+                if self._staged:
+                    self._flush(self._staged)
+                mid = (len(mv) - head) // DIRECT_ALIGN * DIRECT_ALIGN
+                fut = self._executor().submit(_io_write, self.fd, mv[head: head + mid], mid, pos + head)
+                self._flushed += mid
+                self._stage_write(mv[head + mid:], pos + head + mid)
         except OSError as e:
             raise write_failed(f"writing {self.label}", e) from e
+        if framed is not None:
+            self._frame_after(framed)
         return fut
 
     def wait(self, fut: Future | None) -> None:
@@ -258,6 +358,9 @@ class ShardWriter:
         """Write what is staged, set the final size and close; idempotent."""
         if self.fd >= 0:
             try:
+                if self.frames and not all(self._tails):
+                    self._buffered()  # read back through the page cache, not O_DIRECT
+                    self._frame_rest()
                 if self._stage is not None:  # the staged tail is written here
                     self._flush(self._staged // DIRECT_ALIGN * DIRECT_ALIGN)
                     self._buffered()
@@ -291,7 +394,10 @@ def file_checksum(path: str | Path, *, chunk: int = 1 << 22) -> str:
 
 
 def write_index(plan: Plan, folder: Path) -> None:
-    """``model.safetensors.index.json``: total size and tensor -> shard file."""
+    """``model.safetensors.index.json``: total size and tensor -> shard file (a format with its own
+    index writes it after the merge: output/convert.py)."""
+    if in_place(plan.output_format):
+        return
     wmap = {t.name: plan.shards[t.shard].filename for t in plan.tensors}
     index = {"metadata": {"total_size": plan.out_bytes}, "weight_map": dict(sorted(wmap.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

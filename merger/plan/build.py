@@ -10,7 +10,7 @@ from merger.device import resolve_device
 from merger.errors import CheckpointFormatError, PlanError, UsageError
 from merger.formats import TensorInfo, of, read_checkpoint
 from merger.formats.inputs import identity
-from merger.output.convert import check_output
+from merger.output.convert import check_output, in_place
 from merger.plan.blocks import block_budget, make_blocks
 from merger.plan.methods import weights_for
 from merger.plan.options import CHUNK, FLOAT_DTYPES, Options, default_max_memory
@@ -58,6 +58,7 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
 
     Raises:
         PlanError: inputs disagree on tensor names, shapes or dtypes.
+        OutputError: a tensor the output format can't hold (e.g. a dtype DCP records can't name).
         UsageError: bad weights for the method, a budget too small, an unusable device.
         CheckpointFormatError: an unreadable input file.
     """
@@ -76,28 +77,38 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     if options.accumulate not in ("auto", "float32", "float64"):
         raise UsageError(f"--accumulate {options.accumulate}: use auto, float32 or float64")
     n = len(sources)
+    fmt = of(sources[-1].path) if sources[-1].path else None
+    output_format = check_output(options.to or (fmt.OUTPUT if fmt else "hf"))
+    if output_format == "hf" and getattr(fmt, "HF_OUTPUT", None):  # e.g. nanoGPT -> GPT2LMHeadModel
+        output_format = fmt.HF_OUTPUT
+    framed = in_place(output_format)  # a format whose files the engine writes itself (DCP records)
     latest = layouts[-1]
     order = sorted(latest.values(), key=lambda t: (t.path, t.offset))
     tensors: list[TensorPlan] = []
     shards: list[list[int]] = [[]]
     shard_bytes = [0]
+    shard_frame = [0]
     for t in order:
         averaged = t.dtype in FLOAT_DTYPES
         out_dtype = options.dtype if (averaged and options.dtype) else t.dtype
         nbytes = math.prod(t.shape) * itemsize(out_dtype)
-        if shards[-1] and shard_bytes[-1] + nbytes > options.max_shard_size:
+        head, tail = framed.span(out_dtype, t.shape, nbytes, name=t.name) if framed else (0, 0)
+        if shards[-1] and shard_bytes[-1] + shard_frame[-1] + head + nbytes + tail > options.max_shard_size:
             shards.append([])
             shard_bytes.append(0)
+            shard_frame.append(0)
         tensors.append(TensorPlan(
             name=t.name, dtype=t.dtype, out_dtype=out_dtype, shape=t.shape, averaged=averaged,
             locs=tuple(lay[t.name].extents for lay in layouts),
-            shard=len(shards) - 1, out_offset=shard_bytes[-1]))
+            shard=len(shards) - 1, out_offset=shard_bytes[-1] + shard_frame[-1] + head))
         shards[-1].append(len(tensors) - 1)
         shard_bytes[-1] += nbytes
+        shard_frame[-1] += head + tail
     k = len(shards)
     shard_plans = tuple(
-        ShardPlan("model.safetensors" if k == 1 else f"model-{i + 1:05d}-of-{k:05d}.safetensors", tuple(idx), b)
-        for i, (idx, b) in enumerate(zip(shards, shard_bytes)))
+        ShardPlan(framed.filename(i, k) if framed else "model.safetensors" if k == 1
+                  else f"model-{i + 1:05d}-of-{k:05d}.safetensors", tuple(idx), b, f)
+        for i, (idx, b, f) in enumerate(zip(shards, shard_bytes, shard_frame)))
 
     max_memory = options.max_memory or default_max_memory()
     biggest_unit = max((slice_cost(t, n, min(t.numel, CHUNK)) for t in tensors), default=0)
@@ -110,11 +121,7 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     warnings = []
     if n == 1:
         warnings.append("only one checkpoint selected: the output is a copy of it")
-    fmt = of(sources[-1].path) if sources[-1].path else None
     copy = fmt.side_files(sources[-1].path) if fmt else ()
-    output_format = check_output(options.to or (fmt.OUTPUT if fmt else "hf"))
-    if output_format == "hf" and getattr(fmt, "HF_OUTPUT", None):  # e.g. nanoGPT -> GPT2LMHeadModel
-        output_format = fmt.HF_OUTPUT
     if sources[-1].path and "config.json" not in copy and output_format == "hf":
         warnings.append(f"{sources[-1].name} has no config.json: the output won't load in transformers")
     return Plan(sources=tuple(sources), weights=tuple(weights), options=options, device=device,

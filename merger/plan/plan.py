@@ -29,7 +29,8 @@ class TensorPlan:
     averaged: bool  # floating: averaged; otherwise must be identical in every input
     locs: tuple[tuple[Extent, ...], ...]  # per input: the byte extents that hold the tensor
     shard: int
-    out_offset: int  # byte offset in the shard's data section
+    out_offset: int  # byte offset in the shard's data section (after the header; past the framing
+    # of the tensors before it and its own, for a format that frames each tensor: output/convert.py)
 
     @property
     def numel(self) -> int:
@@ -62,7 +63,8 @@ class Slice:
 class ShardPlan:
     filename: str
     tensors: tuple[int, ...]  # indices into Plan.tensors, in data order
-    data_bytes: int
+    data_bytes: int  # the tensors' bytes
+    framing: int = 0  # bytes the output format writes around its tensors (a DCP record's zip headers)
 
 
 @dataclass(frozen=True)

@@ -120,12 +120,33 @@ def test_detect_reads_torchrun_and_slurm():
         detect({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"})
 
 
-@pytest.mark.parametrize("fmt,kernel", [("safetensors", "native"), ("bin", "torch")])
+def same_tensors_as_dcp(plan, folder: Path, ref: Path) -> None:
+    """``folder``'s .distcp files, given their ``.metadata``, hold exactly the tensors of the
+    safetensors output ``ref`` of the same merge (read with torch's own DCP reader)."""
+    import warnings
+
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    from merger.output import dcp
+
+    dcp.write(folder, plan)
+    want = {k: v for f in sorted(ref.glob("*.safetensors")) for k, v in load_file(f).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = _load_state_dict_from_keys(checkpoint_id=str(folder))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("fmt,kernel,to", [("safetensors", "native", None), ("bin", "torch", None),
+                                           ("safetensors", "native", "dcp"), ("bin", "torch", "dcp")])
 @pytest.mark.parametrize("size", [2, 3])
-def test_shares_fold_to_the_single_process_bytes(tmp_path, monkeypatch, fmt, kernel, size):
+def test_shares_fold_to_the_single_process_bytes(tmp_path, monkeypatch, fmt, kernel, to, size):
+    """Also for DCP output (``--to dcp``): records framed by the shard writer, several .distcp files."""
     root, _ = make_run(tmp_path / "run", shape=SHAPE, fmt=fmt)
     monkeypatch.setenv("MERGER_KERNEL", kernel)
-    opts = Options(max_shard_size=60_000, max_memory=5 << 20)
+    opts = Options(max_shard_size=60_000, max_memory=5 << 20, to=to)
     plan = build(resolve([str(root)], "step1000..step3000", None), opts)
     assert len(plan.shards) >= 6 and len(plan.blocks) >= 3
     ref = tmp_path / "ref"
@@ -151,13 +172,22 @@ def test_shares_fold_to_the_single_process_bytes(tmp_path, monkeypatch, fmt, ker
         assert p.read_bytes == cost[r]
     assert sorted(done) == list(range(len(plan.shards)))
     assert files_equal(ref, out)
+    if to == "dcp":
+        st = build(plan.sources, replace(opts, to=None))
+        sref = tmp_path / "st"
+        sref.mkdir()
+        pipe = choose(st)(st, sref, None, None)
+        pipe.run()
+        pipe.close()
+        same_tensors_as_dcp(plan, out, sref)
 
 
-@pytest.mark.parametrize("kernel", ["native", "torch"])
-def test_single_file_output_cut_into_parts_and_joined(tmp_path, monkeypatch, kernel):
+@pytest.mark.parametrize("kernel,to", [("native", None), ("torch", None), ("native", "dcp"), ("torch", "dcp")])
+def test_single_file_output_cut_into_parts_and_joined(tmp_path, monkeypatch, kernel, to):
+    """Also a single .distcp file (``--to dcp``), cut between its records."""
     root, _ = make_run(tmp_path / "run", shape=SHAPE)
     monkeypatch.setenv("MERGER_KERNEL", kernel)
-    plan = build(resolve([str(root)], "step1000..step3000", None), Options(max_memory=5 << 20))
+    plan = build(resolve([str(root)], "step1000..step3000", None), Options(max_memory=5 << 20, to=to))
     assert len(plan.shards) == 1
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -174,8 +204,9 @@ def test_single_file_output_cut_into_parts_and_joined(tmp_path, monkeypatch, ker
         p.run()
         p.close()
     join_parts(plan, work, out)
-    assert [f.name for f in out.iterdir()] == ["model.safetensors"]
-    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    name = plan.shards[0].filename
+    assert [f.name for f in out.iterdir()] == [name] == [f.name for f in ref.iterdir()]
+    assert (out / name).read_bytes() == (ref / name).read_bytes()
 
 
 def test_partition_spreads_few_shards_over_nodes(tmp_path):

@@ -179,10 +179,10 @@ def tiny(tmp_path):
     return root, ref, len(plan.blocks)
 
 
-def ctrl_c(root: Path, out: Path, after: int) -> list[str]:
+def ctrl_c(root: Path, out: Path, after: int, options: Options = OPTS) -> list[str]:
     """Interrupt a run after ``after`` blocks; returns the shards its progress.json lists."""
     with pytest.raises(KeyboardInterrupt):
-        average([str(root)], options=OPTS, output=out, progress=Interrupt(after))
+        average([str(root)], options=options, output=out, progress=Interrupt(after))
     assert not out.exists()
     progress = partial_of(out) / "progress.json"
     return sorted(json.loads(progress.read_text())["shards"]) if progress.exists() else []
@@ -196,6 +196,22 @@ def test_ctrl_c_late_keeps_shards_for_resume(tiny, tmp_path):
     _, res = average([str(root)], options=Options(**{**OPTS.__dict__, "resume": True}), output=out)
     assert res.resumed_shards == finished and res.warnings == []
     assert same_model(out, ref) and leftovers(out) == []
+
+
+def test_resume_a_dcp_output(tiny, tmp_path):
+    """``--to dcp``: the finished .distcp files (records framed as they were written) are verified
+    and kept, the rest written, and the folder is the uninterrupted run's, .metadata included."""
+    root, _, n_blocks = tiny
+    opts = Options(**{**OPTS.__dict__, "to": "dcp"})
+    ref = tmp_path / "ref-dcp"
+    average([str(root)], options=opts, output=ref)
+    assert len(list(ref.glob("*.distcp"))) >= 6 and (ref / ".metadata").is_file()
+    out = tmp_path / "out" / "merged"
+    finished = ctrl_c(root, out, after=n_blocks - 2, options=opts)
+    assert finished and all(f.endswith(".distcp") for f in finished)
+    _, res = average([str(root)], options=Options(**{**opts.__dict__, "resume": True}), output=out)
+    assert res.resumed_shards == finished
+    assert files_equal(out, ref, "*.distcp") and files_equal(out, ref, ".metadata") and leftovers(out) == []
 
 
 def test_ctrl_c_before_any_shard_leaves_nothing(tiny, tmp_path):

@@ -132,25 +132,104 @@ def test_chunk_extents_coalesce_whole_trailing_dims():
     assert chunk_extents("f", 8, (4, 6), Chunk((2, 0), (2, 6), "f"), 2) == [Extent("f", 8, 24, 24)]
 
 
-def test_records_are_what_torch_load_reads(tmp_path):
-    """merger's torch-free record writer: a tensor larger than one 4 MB read piece, a bf16 scalar,
-    appended to one stream; torch.load reads each record's byte range back."""
-    from merger.output.dcp_records import write_record
+RECORD_TENSORS = [torch.randn(1100, 1000), torch.tensor(1.5, dtype=torch.bfloat16), torch.arange(7),
+                  torch.zeros(0, 3), torch.randn(3, 5, dtype=torch.float16)]
 
-    tensors = [torch.randn(1100, 1000), torch.tensor(1.5, dtype=torch.bfloat16), torch.arange(7)]
-    spans = []
-    with open(tmp_path / "x.distcp", "wb") as f:
-        f.write(b"junk")
-        for t in tensors:
-            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-            at = f.tell()
-            write_record(f, str(t.dtype).removeprefix("torch."), tuple(t.shape), len(raw),
-                         lambda write, raw=raw: [write(raw[i: i + (1 << 22)]) for i in range(0, len(raw), 1 << 22)])
-            spans.append((at, f.tell() - at))
-    data = (tmp_path / "x.distcp").read_bytes()
-    for t, (at, n) in zip(tensors, spans):
-        back = torch.load(io.BytesIO(data[at: at + n]), weights_only=True)
-        assert back.dtype == t.dtype and torch.equal(back, t)
+
+def _raw(t: torch.Tensor) -> bytes:
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _dt(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def test_records_are_what_torch_load_reads():
+    """merger's torch-free record frames (head + the tensor's bytes + tail with their CRC-32): a
+    tensor larger than one 4 MB piece, a bf16 scalar, int64, an empty tensor, fp16; torch.load reads
+    each back, zipfile verifies every member's CRC, and the storage is 64-byte aligned as torch.save
+    aligns it."""
+    import zipfile
+    import zlib
+
+    from merger.output.dcp_records import record_head, record_tail
+
+    for t in RECORD_TENSORS:
+        raw = _raw(t)
+        head = record_head(_dt(t), tuple(t.shape), len(raw))
+        tail = record_tail(_dt(t), tuple(t.shape), len(raw), zlib.crc32(raw))
+        assert len(head) % 64 == 0 and len(tail) == len(record_tail(_dt(t), tuple(t.shape), len(raw), 0))
+        back = torch.load(io.BytesIO(head + raw + tail), weights_only=True)
+        assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
+        with zipfile.ZipFile(io.BytesIO(head + raw + tail)) as zf:
+            assert zf.testzip() is None and zf.read("archive/data/0") == raw
+        bad = head + raw + record_tail(_dt(t), tuple(t.shape), len(raw), zlib.crc32(raw) ^ 1)
+        with zipfile.ZipFile(io.BytesIO(bad)) as zf:  # the CRC is real: a wrong one is caught
+            assert zf.testzip() == "archive/data/0"
+
+
+def test_a_record_of_more_than_4_gib_is_zip64(tmp_path):
+    """A storage of 2**32 + 64 bytes (a sparse file: no disk): sizes and offsets past 4 GiB go
+    into zip64 fields, and zipfile finds the member, its size and where its bytes start."""
+    import zipfile
+    import zlib
+
+    from merger.output.dcp_records import record_head, record_tail
+
+    n = (1 << 32) + 64
+    crc, zero = 0, bytes(1 << 26)
+    for at in range(0, n, len(zero)):
+        crc = zlib.crc32(zero[: min(len(zero), n - at)], crc)
+    head = record_head("float32", (n // 4,), n)
+    with open(tmp_path / "big.distcp", "wb") as f:
+        f.write(head)
+        f.seek(len(head) + n)
+        f.write(record_tail("float32", (n // 4,), n, crc))
+    with zipfile.ZipFile(tmp_path / "big.distcp") as zf:
+        info = zf.getinfo("archive/data/0")
+        assert info.file_size == n and info.CRC == crc and info.header_offset < len(head)
+        assert zf.read("archive/version") == b"3\n"
+        with zf.open(info) as m:
+            assert m.read(16) == bytes(16) and zf.fp.tell() > 0
+
+
+def test_frames_are_the_same_bytes_whatever_order_the_data_comes_in(tmp_path):
+    """The shard writer puts each record's head before the tensor and its tail (with the CRC it
+    took on the way) after: in order, in reverse, or cut into pieces in any order, the file is
+    the same, and torch.load reads every record at its place."""
+    import random
+    import zlib
+
+    from merger.output.dcp_records import record_head, record_tail
+    from merger.output.shards import Frames, ShardWriter
+
+    heads, starts, sizes, at = [], [], [], 0
+    for t in RECORD_TENSORS:
+        heads.append(record_head(_dt(t), tuple(t.shape), len(_raw(t))))
+        starts.append(at + len(heads[-1]))
+        sizes.append(len(_raw(t)))
+        at = starts[-1] + sizes[-1] + len(record_tail(_dt(t), tuple(t.shape), sizes[-1], 0))
+
+    def tail(i: int, crc: int) -> bytes:
+        t = RECORD_TENSORS[i]
+        return record_tail(_dt(t), tuple(t.shape), sizes[i], crc)
+
+    frames = Frames(tuple(starts), tuple(sizes), tuple(heads), tail)
+    pieces = [(starts[i] + a, _raw(t)[a: a + 1 << 20]) for i, t in enumerate(RECORD_TENSORS)
+              for a in range(0, max(sizes[i], 1), 1 << 20)]
+    orders = {"in order": pieces, "reversed": pieces[::-1], "shuffled": random.Random(0).sample(pieces, len(pieces))}
+    files = {}
+    for name, order in orders.items():
+        w = ShardWriter(tmp_path / name, b"", at, hash=True, frames=frames)
+        for pos, data in order:
+            w.write(data, pos)
+        checksum = w.finish()
+        files[name] = (tmp_path / name).read_bytes()
+        assert checksum == f"crc32:{zlib.crc32(files[name]):08x}"
+    assert files["in order"] == files["reversed"] == files["shuffled"] and len(files["in order"]) == at
+    for i, t in enumerate(RECORD_TENSORS):
+        rec = files["in order"][starts[i] - len(heads[i]): starts[i] + sizes[i] + len(tail(i, 0))]
+        assert torch.equal(torch.load(io.BytesIO(rec), weights_only=True), t)
 
 
 # -- averaging ------------------------------------------------------------------------------------
