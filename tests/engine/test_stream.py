@@ -85,21 +85,26 @@ def test_stream_no_keep_holds_two_revisions(fake_hub, tmp_path):
         (tmp_path / "src" / "step6000" / "config.json").read_bytes()
 
 
-def test_stream_equals_blocks_and_keeps_cache(fake_hub, tmp_path):
+@pytest.mark.parametrize("to", [[], ["--to", "dcp"]])
+def test_stream_equals_blocks_and_keeps_cache(fake_hub, tmp_path, to):
+    """Also as DCP records (``--to dcp``), which the stream's writer frames too."""
     publish(fake_hub, tmp_path, fmt="safetensors")
     r = runner.invoke(app, ["average", "org/wide", "-r", "step2000..step6000", "--every", "2000",
-                            "--method", "ema", "--decay", "0.6", "-o", str(tmp_path / "stream"), "--json"])
+                            "--method", "ema", "--decay", "0.6", "-o", str(tmp_path / "stream"), "--json", *to])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["plan"]["schedule"] == "stream"
     downloads = fake_hub.count("GET", contains=".safetensors")
     assert downloads == 3  # only the selected revisions' weights, once each
     # now everything is cached: the same command plans *blocks*, and gives the same bits
     r = runner.invoke(app, ["average", "org/wide", "-r", "step2000..step6000", "--every", "2000",
-                            "--method", "ema", "--decay", "0.6", "-o", str(tmp_path / "blocks"), "--json"])
+                            "--method", "ema", "--decay", "0.6", "-o", str(tmp_path / "blocks"), "--json", *to])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["plan"]["schedule"] == "blocks"
     assert fake_hub.count("GET", contains=".safetensors") == downloads
-    assert files_equal(tmp_path / "stream", tmp_path / "blocks")
+    pattern = "*.distcp" if to else "*.safetensors"
+    assert list((tmp_path / "stream").glob(pattern)) and files_equal(tmp_path / "stream", tmp_path / "blocks", pattern)
+    if to:
+        assert files_equal(tmp_path / "stream", tmp_path / "blocks", ".metadata")
 
 
 def test_download_dry_run_and_unknown_repo(fake_hub, tmp_path):
