@@ -190,6 +190,11 @@ class ShardWriter:
         f = self.frames
         if i >= 0 and not self._tails[i] and self._fdone[i] == f.sizes[i]:
             self._tails[i] = True
+            if self._hpos == f.starts[i]:  # the file's CRC goes on from the tensor's (its bytes once)
+                self._crc = crc32_combine(self._crc, self._fcrc[i], f.sizes[i])
+                self._hpos += f.sizes[i]
+            else:
+                self._hpos = -1
             self.write(f.tail(i, self._fcrc[i]), f.starts[i] + f.sizes[i], absolute=True)
         while i + 1 < len(f.starts) and (i < 0 or self._tails[i]):
             i += 1
@@ -228,7 +233,8 @@ class ShardWriter:
         pos = offset if absolute else self.data_start + offset
         mv = memoryview(data).cast("B")
         framed = self._frame(mv, pos) if self.frames and not absolute and len(mv) else None
-        self._checksum(mv, pos)
+        if framed is None:
+            self._checksum(mv, pos)
         try:
             if self._stage is not None and pos == self._flushed + self._staged:
                 self._stage_write(mv, pos)
@@ -258,7 +264,8 @@ class ShardWriter:
             self.write(mv, offset)
             return None
         framed = self._frame(mv, pos) if self.frames else None
-        self._checksum(mv, pos)
+        if framed is None:
+            self._checksum(mv, pos)
         head = -pos % DIRECT_ALIGN
         try:
             self._stage_write(mv[:head], pos)  # the stage now ends on a page boundary
@@ -382,6 +389,36 @@ class ShardWriter:
         if self._crc is not None and self._hpos == self.size:
             return f"crc32:{self._crc:08x}"
         return file_checksum(self.path)
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the CRC-32 polynomial (reflected bit order), as zlib's ``multmodp``."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ 0xEDB88320 if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^k) modulo the polynomial
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of A + B from CRC-32(A), CRC-32(B) and len(B), in about 0.1 ms (zlib's
+    ``crc32_combine``, which Python's zlib doesn't expose): a framed shard's checksum from its
+    tensors' CRCs, without a second pass over their bytes."""
+    p, n, k = 1 << 31, len2, 3  # x^(8 * len2)
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ crc2
 
 
 def file_checksum(path: str | Path, *, chunk: int = 1 << 22) -> str:

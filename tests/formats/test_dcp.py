@@ -193,6 +193,18 @@ def test_a_record_of_more_than_4_gib_is_zip64(tmp_path):
             assert m.read(16) == bytes(16) and zf.fp.tell() > 0
 
 
+def test_crc32_combine_is_zlibs():
+    import random
+    import zlib
+
+    from merger.output.shards import crc32_combine
+
+    rng = random.Random(1)
+    for n1, n2 in [(0, 0), (0, 5), (5, 0), (1, 1), (1000, 123457), (3, 1 << 20), (77, 4095)]:
+        a, b = rng.randbytes(n1), rng.randbytes(n2)
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), n2) == zlib.crc32(a + b), (n1, n2)
+
+
 def test_frames_are_the_same_bytes_whatever_order_the_data_comes_in(tmp_path):
     """The shard writer puts each record's head before the tensor and its tail (with the CRC it
     took on the way) after: in order, in reverse, or cut into pieces in any order, the file is
