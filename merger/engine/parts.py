@@ -1,14 +1,15 @@
 """A single-file output folded by several ranks: its tensors cut into parts, joined at the end.
 
-With one output shard (``model.safetensors``) there is nothing to deal out between ranks, so
-for a multi-rank run (``ranked.py``) the shard's tensors, in data order, are cut into contiguous
-*parts* of about ``PART_BYTES`` each. Each part is planned as a shard of its own (a hidden
-``.part-0000i-of-0000k.safetensors`` in the partial folder, a valid safetensors file of its
-tensors; for DCP, ``.part-…distcp``, a run of whole records), so ranks fold, record and resume parts exactly like shards. The number of parts depends
-only on the output's size, never on the world size: a resume with another number of ranks finds
-the same parts. At the end rank 0 writes ``model.safetensors``: the single-shard header, then each
-part's data section in order (``copy_file_range``: the kernel copies, no user-space buffers). The
-tensors' bytes are the same bytes in the same order, so the file is the single-process one.
+With one output shard (``model.safetensors``, ``__0_0.distcp``) there is nothing to deal out
+between ranks, so for a multi-rank run (``ranked.py``) the shard's tensors, in data order, are cut
+into contiguous *parts* of about ``PART_BYTES`` each. Each part is planned as a shard of its own
+(a hidden ``.part-0000i-of-0000k.safetensors`` in the partial folder, a valid safetensors file of
+its tensors; for DCP a ``.distcp`` part, a run of whole records), so ranks fold, record and resume
+parts exactly like shards. The number of parts depends only on the output's size, never on the
+world size: a resume with another number of ranks finds the same parts. At the end rank 0 writes
+the file: the single-shard header (none for DCP), then each part's data section in order
+(``copy_file_range``: the kernel copies, no user-space buffers). The tensors' bytes are the same
+bytes in the same order, so the file is the single-process one.
 """
 
 from __future__ import annotations

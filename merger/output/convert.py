@@ -12,7 +12,8 @@ training can restart from it; ``--to`` chooses another. ``OUTPUTS`` maps the nam
 - **converter** (nanoGPT ``ckpt.pt``, transformers GPT-2): ``write(tmp, plan) -> list[str]`` reads the
   engine's shards in ``tmp`` (``formats.read_checkpoint(tmp)`` gives their extents), writes its own
   files one tensor at a time (memory bounded), removes the shards and the index, and returns the
-  names of the files it wrote.
+  names of the files it wrote. It may define ``check(plan)``, run at planning, before anything is
+  read, to refuse a merge it couldn't write (e.g. ``--to hf`` of a model that isn't GPT-2).
 
 **Add an output format**: a module ``output/<name>.py`` of either kind, its name here, and tests
 that load the result with the format's real reader (``torch.load``, ``dcp.load``, transformers).
@@ -53,6 +54,19 @@ def in_place(name: str):
         return None
     mod = importlib.import_module(module)
     return mod if hasattr(mod, "span") else None
+
+
+def check_plan(plan) -> None:
+    """Let the output format refuse a plan before anything is read (its ``check``, if any).
+
+    Raises:
+        OutputError: the output format can't hold this merge.
+    """
+    module = OUTPUTS.get(plan.output_format)
+    if module is not None:
+        check = getattr(importlib.import_module(module), "check", None)
+        if check is not None:
+            check(plan)
 
 
 def convert(tmp: Path, plan) -> list[str]:

@@ -59,6 +59,37 @@ def config(args: dict, *, tied: bool, dtype: str) -> dict:
             "eos_token_id": args["vocab_size"] - 1}
 
 
+_KNOWN = re.compile(r"^(transformer\.(wte|wpe|ln_f)\.(weight|bias)|lm_head\.weight|transformer\.h\.\d+\."
+                    r"(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias))$")
+
+
+def _names(merged, src) -> dict[str, str]:
+    """GPT-2 name -> the merge's name, for every tensor but the causal-mask buffers.
+
+    Raises:
+        OutputError: tensors nanoGPT's GPT doesn't have, or no ``transformer.wte.weight``.
+    """
+    prefix = plain_prefix(merged)
+    names = {n[len(prefix):]: n for n in merged if not n.endswith(".attn.bias")}
+    odd = [n for n in names if not _KNOWN.match(n)]
+    if odd or "transformer.wte.weight" not in names:
+        raise OutputError(f"--to hf: {src} is not a nanoGPT GPT-2 model (unexpected tensors: "
+                          f"{', '.join(odd[:5]) or 'no transformer.wte.weight'})",
+                          hint="use --to safetensors (keys as in the input) or the default output")
+    return names
+
+
+def check(plan) -> None:
+    """Before anything is read: the merge is of a nanoGPT GPT-2 model (``model_args``, its tensors).
+
+    Raises:
+        OutputError: it isn't.
+    """
+    src = plan.sources[-1].path
+    _model_args(src)
+    _names({t.name: t for t in plan.tensors}, src)
+
+
 def write(tmp: Path, plan) -> list[str]:
     """Rewrite the engine's shards in ``tmp`` as a GPT2LMHeadModel folder.
 
@@ -68,15 +99,7 @@ def write(tmp: Path, plan) -> list[str]:
     src = plan.sources[-1].path
     args = _model_args(src)
     merged = read_checkpoint(tmp)
-    prefix = plain_prefix(merged)
-    names = {n[len(prefix):]: n for n in merged if not n.endswith(".attn.bias")}
-    known = re.compile(r"^(transformer\.(wte|wpe|ln_f)\.(weight|bias)|lm_head\.weight|transformer\.h\.\d+\."
-                       r"(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias))$")
-    odd = [n for n in names if not known.match(n)]
-    if odd or "transformer.wte.weight" not in names:
-        raise OutputError(f"--to hf: {src} is not a nanoGPT GPT-2 model (unexpected tensors: "
-                          f"{', '.join(odd[:5]) or 'no transformer.wte.weight'})",
-                          hint="use --to safetensors (keys as in the input) or the default output")
+    names = _names(merged, src)
     tied = "lm_head.weight" not in names
     wte = merged[names["transformer.wte.weight"]]
     dtype = wte.dtype

@@ -35,6 +35,33 @@ def _shard_files(tmp: Path) -> list[Path]:
     return sorted(tmp.glob("model*.safetensors")) + sorted(tmp.glob("model.safetensors.index.json"))
 
 
+def _source(plan):
+    """The latest input's header, and where its model lies in it.
+
+    Raises:
+        OutputError: the latest input isn't a torch training checkpoint on disk.
+    """
+    src = plan.sources[-1].path
+    if src is None or not Path(src).exists():
+        raise OutputError("--to nanogpt needs the latest input on disk", hint="use --to hf")
+    try:
+        header = read_header(checkpoint_file(src))
+        where, entries = model_entries(header, plan.options.key)
+    except Exception as e:  # noqa: BLE001 - an input of another format
+        raise OutputError(f"--to nanogpt: the latest input {src} is not a torch training checkpoint ({e})",
+                          hint="use --to hf or --to safetensors for other inputs") from None
+    return header, where, entries
+
+
+def check(plan) -> None:
+    """Before anything is read: the latest input is a torch training checkpoint.
+
+    Raises:
+        OutputError: it isn't.
+    """
+    _source(plan)
+
+
 def write(tmp: Path, plan) -> list[str]:
     """Rewrite the engine's shards in ``tmp`` as ``tmp/ckpt.pt`` (see the module docstring).
 
@@ -47,14 +74,7 @@ def write(tmp: Path, plan) -> list[str]:
     from merger.units import dtype_from_name, itemsize
 
     src = plan.sources[-1].path
-    if src is None or not Path(src).exists():
-        raise OutputError("--to nanogpt needs the latest input on disk", hint="use --to hf")
-    try:
-        header = read_header(checkpoint_file(src))
-        where, entries = model_entries(header, plan.options.key)
-    except Exception as e:  # noqa: BLE001 - an input of another format
-        raise OutputError(f"--to nanogpt: the latest input {src} is not a torch training checkpoint ({e})",
-                          hint="use --to hf or --to safetensors for other inputs") from None
+    header, where, entries = _source(plan)
     merged = read_checkpoint(tmp)  # the engine's shards: name -> extents
     made: dict[str, torch.Tensor] = {}
     model = OrderedDict()

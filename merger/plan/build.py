@@ -10,7 +10,7 @@ from merger.device import resolve_device
 from merger.errors import CheckpointFormatError, PlanError, UsageError
 from merger.formats import TensorInfo, of, read_checkpoint
 from merger.formats.inputs import identity
-from merger.output.convert import check_output, in_place
+from merger.output.convert import check_output, check_plan, in_place
 from merger.plan.blocks import block_budget, make_blocks
 from merger.plan.methods import weights_for
 from merger.plan.options import CHUNK, FLOAT_DTYPES, Options, default_max_memory
@@ -124,9 +124,11 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     copy = fmt.side_files(sources[-1].path) if fmt else ()
     if sources[-1].path and "config.json" not in copy and output_format == "hf":
         warnings.append(f"{sources[-1].name} has no config.json: the output won't load in transformers")
-    return Plan(sources=tuple(sources), weights=tuple(weights), options=options, device=device,
+    plan = Plan(sources=tuple(sources), weights=tuple(weights), options=options, device=device,
                 max_memory=max_memory, tensors=tuple(tensors), shards=shard_plans, blocks=tuple(blocks),
                 copy_files=copy, warnings=tuple(warnings), output_format=output_format,
                 identities=ids)
+    check_plan(plan)
+    return plan
 
 

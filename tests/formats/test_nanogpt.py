@@ -358,3 +358,27 @@ def test_same_bits_on_both_kernels_ema_small_budget_and_resume(plain_run, tmp_pa
     _, res = api_average([str(plain_run)], options=Options(**{**opts.__dict__, "resume": True}), output=out)
     assert res.resumed_shards
     assert (out / "ckpt.pt").read_bytes() == (tmp_path / "native" / "ckpt.pt").read_bytes()
+
+
+@pytest.mark.parametrize("to,expected", [("hf", ["is not a nanoGPT GPT-2 model", "encoder.weight"]),
+                                         ("nanogpt", ["is not a torch training checkpoint"])])
+def test_an_output_format_that_cannot_hold_the_merge_is_refused_before_reading(to, expected, tmp_path):
+    """``--to hf`` of a .pt that isn't nanoGPT's GPT-2, ``--to nanogpt`` of a safetensors folder:
+    refused at planning (the progress bar never starts), nothing written, inputs unchanged."""
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    for s in (100, 200):
+        if to == "hf":
+            run.mkdir(exist_ok=True)
+            args = {"n_layer": 1, "n_head": 1, "n_embd": 4, "block_size": 8, "vocab_size": 10}
+            torch.save({"model": {"encoder.weight": torch.randn(4, 4)}, "model_args": args, "iter_num": s},
+                       run / f"ckpt_{s}.pt")
+        else:
+            (run / f"step{s}").mkdir(parents=True)
+            save_file({"w": torch.randn(4, 4)}, run / f"step{s}" / "model.safetensors")
+    before = tree_digest(run)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["average", str(run), "--to", to, "-o", str(out)])
+    err = check_refused(r.exit_code, r.stderr, r.output, expected, out=out, inputs=run, before=before)
+    assert "hint: " in err and "Merging" not in r.stderr
