@@ -4,11 +4,12 @@ Accelerate's FSDP ``SHARDED_STATE_DICT`` save them.
 
 A tensor is saved as chunks (FSDP / tensor-parallel shards) spread over the rank files. Each
 chunk is one ``torch.save`` record (a small zip) at a byte range of its ``.distcp`` file; we read
-that record's zip index and ``data.pkl`` (restricted unpickler, no object built) to find where
-the chunk's storage bytes start, and turn the chunk into byte extents of the global tensor: one
-extent for a chunk cut along dim 0 (FSDP), one per contiguous run for a chunk cut along later
-dims (tensor parallel). Only the model part is read (``--key``, ``model.`` by default when
-present): optimizer, scheduler, dataloader and train-state entries are never touched.
+that record's central directory and ``data.pkl`` (``pt_record``: two reads, restricted unpickler,
+no object built) to find where the chunk's storage bytes start, and turn the chunk into byte
+extents of the global tensor: one extent for a chunk cut along dim 0 (FSDP), one per contiguous
+run for a chunk cut along later dims (tensor parallel). Only the model part is read (``--key``,
+``model.`` by default when present): optimizer, scheduler, dataloader and train-state entries
+are never touched.
 
 The format module (see ``formats/__init__.py``): :func:`detect`, :func:`read`,
 :func:`weight_files`, :func:`side_files`; the output is written back as DCP (``output/dcp.py``).
@@ -16,18 +17,16 @@ The format module (see ``formats/__init__.py``): :func:`detect`, :func:`read`,
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import os
-import struct
-import zipfile
 from pathlib import Path
 
-from merger.errors import CheckpointFormatError, UsageError
+from merger.errors import UsageError
 from merger.formats.base import Extent, TensorInfo, check_extents, fail
 from merger.formats.dcp_metadata import METADATA, RESAVE, Chunk, DcpMetadata, Entry, read_metadata
-from merger.formats.pt_header import StateDictUnpickler, TensorRef, contiguous_strides
+from merger.formats.pt_header import StateDictUnpickler, StorageRef, TensorRef, contiguous_strides
+from merger.formats.pt_record import read_record
 from merger.units import itemsize
 
 NAME = "dcp"
@@ -75,78 +74,38 @@ def model_entries(md: DcpMetadata, key: str | None, where: str | Path) -> list[E
     return picked
 
 
-class _View(io.RawIOBase):
-    """Bytes ``[start, start + length)`` of an open file, as a seekable read-only file (for zipfile)."""
-
-    def __init__(self, fd: int, start: int, length: int):
-        self.fd, self.start, self.length, self.pos = fd, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.length + offset
-        return self.pos
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.length - self.pos if n is None or n < 0 else min(n, self.length - self.pos)
-        data = os.pread(self.fd, max(n, 0), self.start + self.pos) if n > 0 else b""
-        self.pos += len(data)
-        return data
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-
-def _chunk_data(fd: int, path: Path, chunk: Chunk, name: str, dtype: str) -> int:
-    """File offset of the chunk's first storage byte, read from its ``torch.save`` record.
+def _chunk_data(fd: int, path: str, chunk: Chunk, name: str, dtype: str) -> int:
+    """File offset of the chunk's first storage byte, read from its ``torch.save`` record
+    (``pt_record``: its end records, central directory and data.pkl, two reads).
 
     Raises:
-        CheckpointFormatError: not a torch zip record, compressed, another dtype or shape than the
-            metadata says, a non-contiguous chunk, a storage that ends past the record.
+        CheckpointFormatError: not a torch zip record (or one torch would read otherwise: see
+            ``pt_record``), another dtype or shape than the metadata says, a non-contiguous chunk,
+            a storage member of another size than its record says, a chunk that ends past it.
     """
     where = f"{path} (tensor {name!r}, chunk at {list(chunk.offsets)})"
-    try:
-        if os.pread(fd, 4, chunk.offset) != b"PK\x03\x04":  # torch.save's zip starts with a local header
-            raise zipfile.BadZipFile(f"no torch.save record starts at byte {chunk.offset}")
-        zf = zipfile.ZipFile(_View(fd, chunk.offset, chunk.length))
-        pkls = [i for i in zf.infolist() if i.filename.endswith("data.pkl")]
-        if len(pkls) != 1:
-            raise fail(where, "the chunk's record is not a torch.save record (no data.pkl)", RESAVE)
-        ref = StateDictUnpickler(io.BytesIO(zf.read(pkls[0])), where).load()
-        members = {i.filename: i for i in zf.infolist()}
-    except CheckpointFormatError:
-        raise
-    except Exception as e:  # zipfile/pickle on garbage bytes
-        raise fail(where, f"the chunk's record is unreadable ({type(e).__name__}: {e})", RESAVE) from None
-    if not isinstance(ref, TensorRef):
+    ref, offsets, sizes = read_record(fd, chunk.offset, chunk.length, where, what="the chunk's record", hint=RESAVE,
+                                      unpickler=StateDictUnpickler)
+    if not isinstance(ref, TensorRef) or not isinstance(ref.storage, StorageRef):
         raise fail(where, "the chunk's record holds no tensor", RESAVE)
-    info = members.get(f"{pkls[0].filename[: -len('data.pkl')]}data/{ref.storage.key}")
-    if info is None or info.compress_type != zipfile.ZIP_STORED:
-        raise fail(where, "the chunk's storage is missing or compressed inside its record", RESAVE)
+    if ref.storage.key not in offsets:
+        raise fail(where, "the chunk's storage is missing inside its record", RESAVE)
     if ref.storage.dtype != dtype or tuple(ref.shape) != chunk.sizes:
         raise fail(where, f"the record holds a {ref.storage.dtype} {list(ref.shape)}, the metadata says "
                           f"{dtype} {list(chunk.sizes)}", RESAVE)
     if math.prod(ref.shape) > 1 and ref.stride != contiguous_strides(ref.shape):
         raise fail(where, f"the chunk is not contiguous (stride {list(ref.stride)})",
                    "re-save the checkpoint from contiguous tensors")
-    local = os.pread(fd, 30, chunk.offset + info.header_offset)
-    if len(local) < 30 or local[:4] != b"PK\x03\x04":
-        raise fail(where, "corrupt zip entry in the chunk's record", RESAVE)
-    n_name, n_extra = struct.unpack("<HH", local[26:30])
-    data = info.header_offset + 30 + n_name + n_extra + ref.storage_offset * itemsize(dtype)
-    if data + math.prod(chunk.sizes) * itemsize(dtype) > chunk.length \
-            or (ref.storage_offset + math.prod(ref.shape)) * itemsize(dtype) > info.file_size:
+    isize = itemsize(dtype)
+    held = sizes[ref.storage.key]
+    if held != ref.storage.numel * isize:  # torch.load refuses such a record too
+        raise fail(where, f"the chunk's storage holds {held} bytes, its record says {ref.storage.numel * isize}",
+                   RESAVE)
+    data = offsets[ref.storage.key] + ref.storage_offset * isize
+    if (ref.storage_offset + math.prod(chunk.sizes)) * isize > held \
+            or data + math.prod(chunk.sizes) * isize > chunk.offset + chunk.length:
         raise fail(where, "the chunk's bytes run past the end of its record", RESAVE)
-    return chunk.offset + data
+    return data
 
 
 def chunk_extents(path: str, data: int, size: tuple[int, ...], chunk: Chunk, isize: int) -> list[Extent]:
@@ -184,47 +143,51 @@ def _coalesce(extents: list[Extent]) -> tuple[Extent, ...]:
     return tuple(out)
 
 
-def _tensor(folder: Path, e: Entry, fds: dict[str, int], sizes: dict[str, int], ends: dict[str, int]) -> TensorInfo:
-    where = folder / METADATA
+def _open(fpath: Path, name: str) -> tuple[int, int, str]:
+    """(fd, size, path) of a ``.distcp`` file that tensor ``name`` has a chunk in."""
+    try:
+        fd = os.open(fpath, os.O_RDONLY)
+    except FileNotFoundError:
+        raise fail(fpath, f"is missing: tensor {name!r} has a chunk in it (a rank's file was not copied or was "
+                          "deleted)", "copy the whole checkpoint folder, every __<rank>_<i>.distcp file") from None
+    except OSError as err:
+        raise fail(fpath, f"can't be opened ({err.strerror or err})", RESAVE) from None
+    return fd, os.fstat(fd).st_size, str(fpath)
+
+
+def _tensor(folder: Path, e: Entry, files: dict[str, tuple[int, int, str]], ends: dict[str, int]) -> TensorInfo:
     if e.dtype is None:
-        raise fail(where, f"tensor {e.fqn!r} has a dtype merger doesn't know", RESAVE)
+        raise fail(folder / METADATA, f"tensor {e.fqn!r} has a dtype merger doesn't know", RESAVE)
     isize = itemsize(e.dtype)
     extents: list[Extent] = []
     for c in e.chunks:
         if len(c.offsets) != len(e.shape) or len(c.sizes) != len(e.shape) or any(
                 o < 0 or s < 0 or o + s > n for o, s, n in zip(c.offsets, c.sizes, e.shape)):
-            raise fail(where, f"tensor {e.fqn!r}: chunk at {list(c.offsets)} size {list(c.sizes)} lies outside "
-                              f"its shape {list(e.shape)}", RESAVE)
+            raise fail(folder / METADATA, f"tensor {e.fqn!r}: chunk at {list(c.offsets)} size {list(c.sizes)} lies "
+                                          f"outside its shape {list(e.shape)}", RESAVE)
         if math.prod(c.sizes) == 0 and e.shape:
             continue
         if c.file is None:
-            raise fail(where, f"tensor {e.fqn!r}: chunk at {list(c.offsets)} has no storage record", RESAVE)
+            raise fail(folder / METADATA, f"tensor {e.fqn!r}: chunk at {list(c.offsets)} has no storage record",
+                       RESAVE)
         if c.transforms:
             raise fail(folder / c.file, f"tensor {e.fqn!r} is stored with DCP transforms "
                                         f"({', '.join(c.transforms)}, e.g. zstd compression), which merger "
                                         "doesn't decode", "re-save the checkpoint without compression "
                                                           "(FileSystemWriter without _extensions)")
-        fpath = folder / c.file
-        if c.file not in fds:
-            try:
-                fds[c.file] = os.open(fpath, os.O_RDONLY)
-            except FileNotFoundError:
-                raise fail(fpath, f"is missing: tensor {e.fqn!r} has a chunk in it (a rank's file was not "
-                                  "copied or was deleted)", "copy the whole checkpoint folder, every "
-                                                            "__<rank>_<i>.distcp file") from None
-            except OSError as err:
-                raise fail(fpath, f"can't be opened ({err.strerror or err})", RESAVE) from None
-            sizes[c.file] = os.fstat(fds[c.file]).st_size
-        if c.offset < 0 or c.length <= 0 or c.offset + c.length > sizes[c.file]:
+        if c.file not in files:
+            files[c.file] = _open(folder / c.file, e.fqn)
+        fd, size, fpath = files[c.file]
+        if c.offset < 0 or c.length <= 0 or c.offset + c.length > size:
             raise fail(fpath, f"is shorter than the metadata says: tensor {e.fqn!r} has a chunk at bytes "
-                              f"{c.offset}..{c.offset + c.length}, the file has {sizes[c.file]} bytes "
+                              f"{c.offset}..{c.offset + c.length}, the file has {size} bytes "
                               "(truncated, or a partial copy)", "copy the checkpoint again, or re-save it")
-        if sizes[c.file] < ends.get(c.file, 0):  # any record, the optimizer's too: checked, never read
-            raise fail(fpath, f"is shorter than the metadata says: it has {sizes[c.file]} bytes, its records "
+        if size < ends.get(c.file, 0):  # any record, the optimizer's too: checked, never read
+            raise fail(fpath, f"is shorter than the metadata says: it has {size} bytes, its records "
                               f"(tensor {e.fqn!r} has a chunk in it) end at byte {ends[c.file]} (truncated, "
                               "or a partial copy)", "copy the checkpoint again, or re-save it")
-        data = _chunk_data(fds[c.file], fpath, c, e.fqn, e.dtype)
-        extents += chunk_extents(str(fpath), data, e.shape, c, isize)
+        data = _chunk_data(fd, fpath, c, e.fqn, e.dtype)
+        extents += chunk_extents(fpath, data, e.shape, c, isize)
     t = TensorInfo(e.fqn, e.dtype, e.shape, _coalesce(extents))
     check_extents(t, f"{folder} ({', '.join(sorted({c.file for c in e.chunks if c.file}))})")
     return t
@@ -245,12 +208,11 @@ def read(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
     """
     folder = Path(path)
     md = read_metadata(folder)
-    fds: dict[str, int] = {}
-    sizes: dict[str, int] = {}
+    files: dict[str, tuple[int, int, str]] = {}  # .distcp file -> (fd, size, path), each opened once
     try:
-        return {e.fqn: _tensor(folder, e, fds, sizes, md.file_ends) for e in model_entries(md, key, folder)}
+        return {e.fqn: _tensor(folder, e, files, md.file_ends) for e in model_entries(md, key, folder)}
     finally:
-        for fd in fds.values():
+        for fd, _, _ in files.values():
             os.close(fd)
 
 

@@ -33,6 +33,9 @@ class _Record:
     """A DCP metadata object as plain attributes (BUILD sets them from the pickled state)."""
 
     def __setstate__(self, state):
+        if type(state) is dict:  # the common case, first: one call per chunk record
+            self.__dict__.update(state)
+            return
         if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # (dict, slots)
             state = {**(state[0] or {}), **state[1]}
         if not isinstance(state, dict):
@@ -85,10 +88,6 @@ class DType:
     name: str
 
 
-def _size(dims=()):
-    return tuple(int(d) for d in dims)
-
-
 def _path(*parts):
     return "/".join(str(p) for p in parts)
 
@@ -118,7 +117,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo":
             return StorageRecord
         if module == "torch" and name == "Size":
-            return _size
+            return tuple  # its dims become ints below, where shapes and chunks are read
         if module == "torch" and name in _DTYPES:
             return DType(name)
         if module == "torch.serialization" and name == "_get_layout":
@@ -196,11 +195,11 @@ def read_metadata(folder: str | Path) -> DcpMetadata:
     ends: dict[str, int] = {}
     for k, v in (getattr(md, "storage_data", None) or {}).items():
         if isinstance(k, IndexRecord) and isinstance(v, StorageRecord):
-            storage[(k.fqn, tuple(getattr(k, "offset", None) or ()))] = v
             try:
+                storage[(k.fqn, tuple(map(int, getattr(k, "offset", None) or ())))] = v
                 ends[str(v.relative_path)] = max(ends.get(str(v.relative_path), 0), int(v.offset) + int(v.length))
             except (AttributeError, TypeError, ValueError):
-                raise fail(path, f"entry {k.fqn!r}: malformed storage record", RESAVE) from None
+                raise fail(path, f"entry {getattr(k, 'fqn', '?')!r}: malformed storage record", RESAVE) from None
     entries: dict[str, Entry] = {}
     for fqn, item in md.state_dict_metadata.items():
         if isinstance(item, BytesRecord):
@@ -209,10 +208,10 @@ def read_metadata(folder: str | Path) -> DcpMetadata:
         try:
             dt = item.properties.dtype
             dtype = dt.name if isinstance(dt, DType) else None
-            shape = tuple(int(d) for d in item.size)
+            shape = tuple(map(int, item.size))
             chunks = []
             for c in item.chunks:
-                offsets, sizes = tuple(int(x) for x in c.offsets), tuple(int(x) for x in c.sizes)
+                offsets, sizes = tuple(map(int, c.offsets)), tuple(map(int, c.sizes))
                 s = storage.get((fqn, offsets))
                 if s is None:
                     chunks.append(Chunk(offsets, sizes, None))

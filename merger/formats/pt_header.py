@@ -12,6 +12,8 @@ Storage offsets come from the zip's central directory. torch writes its members 
 descriptors (sizes after the data, not in the local headers), so when the central directory is
 missing (a file truncated at its end, e.g. inside the optimizer's storages) we walk the local
 headers, taking each storage's size from the pickle: the storages before the cut stay readable.
+A record lying at a byte range of a larger file (a DCP chunk in a ``.distcp`` file) is read by
+``pt_record.read_record``, by its central directory as torch reads it, with these unpicklers.
 """
 
 from __future__ import annotations
@@ -177,14 +179,15 @@ def storages(tree) -> dict[str, int]:
     return out
 
 
-def _unpickle(data: bytes, path, unpickler: type = None) -> tuple[object, int]:
+def unpickle(data: bytes, path, unpickler: type = None) -> tuple[object, int]:
     """The tree, and how many bytes of ``data`` the pickle used."""
     buf = io.BytesIO(data)
     try:
         tree = (unpickler or TreeUnpickler)(buf, path).load()
     except pickle.UnpicklingError as e:
         raise fail(path, f"corrupt pickle in data.pkl ({e})", RESAVE) from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, OverflowError,
+            RecursionError) as e:  # what a corrupt or crafted pickle makes the unpickler raise
         raise fail(path, f"corrupt pickle in data.pkl ({type(e).__name__}: {e})", RESAVE) from None
     return tree, buf.tell()
 
@@ -224,7 +227,7 @@ def _walk(f, size: int, path, unpickler: type) -> tuple[object, dict[str, int]]:
         f.seek(start)
         data = f.read(n)
         try:
-            tree, used = _unpickle(data, path, unpickler)
+            tree, used = unpickle(data, path, unpickler)
             break
         except Exception:
             if len(data) < n or n >= MAX_PICKLE:
@@ -240,7 +243,7 @@ def _walk(f, size: int, path, unpickler: type) -> tuple[object, dict[str, int]]:
         name, flags, start, csize = _local(f, at, path)
         if name == prefix + "byteorder":
             f.seek(start)
-            _check_byteorder(f.read(16), path)  # the record may be followed by its data descriptor
+            check_byteorder(f.read(16), path)  # the record may be followed by its data descriptor
         key = name[len(prefix) + 5:] if name.startswith(prefix + "data/") else None
         if key in sizes:
             nbytes = sizes[key]
@@ -265,7 +268,7 @@ def _walk(f, size: int, path, unpickler: type) -> tuple[object, dict[str, int]]:
 MAX_PICKLE = 256 << 20  # bytes of data.pkl: a state dict's names and records, even for optimizer state
 
 
-def _check_byteorder(record: bytes, path) -> None:
+def check_byteorder(record: bytes, path) -> None:
     """torch writes ``byteorder`` = ``little`` or ``big``; merger reads little-endian bytes only."""
     if not record.startswith(b"little"):
         raise fail(path, f"was saved with byte order {record[:8]!r} (a big-endian machine?); merger "
@@ -314,8 +317,8 @@ def read_header(path: str | Path, *, unpickler: type | None = None) -> Header:
                 raise fail(path, f"data.pkl is {'compressed' if pkl.compress_type else 'larger than 256 MB'} "
                                  f"({pkl.file_size} bytes): torch.save writes neither", "re-save it with torch.save")
             if prefix + "byteorder" in zf.NameToInfo:
-                _check_byteorder(zf.read(prefix + "byteorder")[:16], path)
-            tree, _ = _unpickle(zf.read(pkl), path, unpickler)
+                check_byteorder(zf.read(prefix + "byteorder")[:16], path)
+            tree, _ = unpickle(zf.read(pkl), path, unpickler)
             offsets, sizes = {}, {}
             for key in storages(tree):
                 info = zf.NameToInfo.get(f"{prefix}data/{key}")
