@@ -24,6 +24,7 @@ from pathlib import Path
 
 from merger.errors import UsageError
 from merger.formats.base import Extent, TensorInfo, check_extents, fail
+from merger.formats.inputs import contained, open_input
 from merger.formats.dcp_metadata import METADATA, RESAVE, Chunk, DcpMetadata, Entry, read_metadata
 from merger.formats.pt_header import StateDictUnpickler, StorageRef, TensorRef, contiguous_strides
 from merger.formats.pt_record import read_record
@@ -143,15 +144,14 @@ def _coalesce(extents: list[Extent]) -> tuple[Extent, ...]:
     return tuple(out)
 
 
-def _open(fpath: Path, name: str) -> tuple[int, int, str]:
-    """(fd, size, path) of a ``.distcp`` file that tensor ``name`` has a chunk in."""
-    try:
-        fd = os.open(fpath, os.O_RDONLY)
-    except FileNotFoundError:
+def _open(folder: Path, file: str, name: str) -> tuple[int, int, str]:
+    """(fd, size, path) of the ``.distcp`` file that tensor ``name`` has a chunk in: a regular file
+    inside the checkpoint (the metadata names it; a name or link that leads elsewhere is refused)."""
+    fpath = contained(folder, file, what="storage file", hint=RESAVE)
+    if not fpath.exists():
         raise fail(fpath, f"is missing: tensor {name!r} has a chunk in it (a rank's file was not copied or was "
-                          "deleted)", "copy the whole checkpoint folder, every __<rank>_<i>.distcp file") from None
-    except OSError as err:
-        raise fail(fpath, f"can't be opened ({err.strerror or err})", RESAVE) from None
+                          "deleted)", "copy the whole checkpoint folder, every __<rank>_<i>.distcp file")
+    fd = open_input(fpath, what="storage file")
     return fd, os.fstat(fd).st_size, str(fpath)
 
 
@@ -176,7 +176,7 @@ def _tensor(folder: Path, e: Entry, files: dict[str, tuple[int, int, str]], ends
                                         "doesn't decode", "re-save the checkpoint without compression "
                                                           "(FileSystemWriter without _extensions)")
         if c.file not in files:
-            files[c.file] = _open(folder / c.file, e.fqn)
+            files[c.file] = _open(folder, c.file, e.fqn)
         fd, size, fpath = files[c.file]
         if c.offset < 0 or c.length <= 0 or c.offset + c.length > size:
             raise fail(fpath, f"is shorter than the metadata says: tensor {e.fqn!r} has a chunk at bytes "

@@ -18,6 +18,7 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from merger.formats.inputs import read_input
 from merger.formats.base import fail
 
 METADATA = ".metadata"
@@ -177,10 +178,7 @@ def read_metadata(folder: str | Path) -> DcpMetadata:
             pickle, or records that don't fit together.
     """
     path = Path(folder) / METADATA
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise fail(path, f"can't be read ({e.strerror or e})", RESAVE) from None
+    data = read_input(path, what="DCP metadata file")  # a regular file: a FIFO or a folder is refused
     try:
         md = _MetadataUnpickler(io.BytesIO(data), path).load()
     except pickle.UnpicklingError as e:

@@ -15,7 +15,7 @@ from merger.errors import CheckpointFormatError, UsageError
 from merger.formats.base import RESAVE as _RESAVE
 from merger.formats.base import TensorInfo
 from merger.formats.base import fail as _fail
-from merger.formats.inputs import check_regular, read_input
+from merger.formats.inputs import check_regular, contained, read_input
 from merger.formats.safetensors import read_safetensors
 from merger.formats.torch_zip import read_torch_zip
 
@@ -34,38 +34,6 @@ def detect(path: str | Path) -> bool:
     """A folder holding one of ``WEIGHT_FILES``."""
     p = Path(path)
     return p.is_dir() and any((p / f).exists() for f in WEIGHT_FILES)
-
-
-def _roots(folder: Path) -> tuple[Path, ...]:
-    """Where a checkpoint's files may really lie: the folder itself, or for a snapshot of the HF
-    cache (``models--org--name/snapshots/<commit>/``, files linked into ``../../blobs``) its repo
-    and the cache-wide Xet blob store (``<cache>/blobs/``, huggingface_hub >= 2.4)."""
-    real = folder.resolve()
-    if real.parent.name == "snapshots":
-        repo = real.parent.parent
-        return repo, repo.parent / "blobs"
-    return (real,)
-
-
-def contained(folder: str | Path, name: str, *, what: str = "file") -> Path:
-    """``folder / name``, checked: a relative name without ``..``, a regular file (links followed)
-    that really lies inside the checkpoint (:func:`_roots`), never somewhere else on the machine.
-
-    Raises:
-        CheckpointFormatError: an absolute or escaping name, a link out of the checkpoint, a folder
-            or a device where a file should be.
-    """
-    folder = Path(folder)
-    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise _fail(folder, f"{what} {name!r} is not a file name inside the checkpoint", _RESAVE)
-    path = folder / name
-    real = path.resolve()
-    if not any(real.is_relative_to(r) for r in _roots(folder)):
-        raise _fail(path, f"is a link to {real}, outside the checkpoint; merger reads and copies only "
-                          "the checkpoint's own files", "replace the link with the file itself")
-    if path.exists():
-        check_regular(path, what=what)  # a FIFO or a folder: refused, never opened
-    return path
 
 
 def weights_files(folder: str | Path) -> tuple[str, list[str]]:

@@ -21,6 +21,7 @@ import stat
 from pathlib import Path
 
 from merger.errors import CheckpointFormatError, MergerError
+from merger.formats.base import RESAVE, fail
 
 Identity = tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
 
@@ -144,3 +145,36 @@ def check_identity(fds: dict[str, int], planned: dict[str, Identity], *, when: s
         want = planned.get(path)
         if want is not None and identity(fd) != tuple(want):
             raise changed_error(path, when)
+
+
+def _roots(folder: Path) -> tuple[Path, ...]:
+    """Where a checkpoint's files may really lie: the folder itself, or for a snapshot of the HF
+    cache (``models--org--name/snapshots/<commit>/``, files linked into ``../../blobs``) its repo
+    and the cache-wide Xet blob store (``<cache>/blobs/``, huggingface_hub >= 2.4)."""
+    real = folder.resolve()
+    for snap in (real, *real.parents):  # a checkpoint may be a subfolder of the snapshot
+        if snap.parent.name == "snapshots":
+            repo = snap.parent.parent
+            return repo, repo.parent / "blobs"
+    return (real,)
+
+
+def contained(folder: str | Path, name: str, *, what: str = "file", hint: str = RESAVE) -> Path:
+    """``folder / name``, checked: a relative name without ``..``, a regular file (links followed)
+    that really lies inside the checkpoint (:func:`_roots`), never somewhere else on the machine.
+
+    Raises:
+        CheckpointFormatError: an absolute or escaping name, a link out of the checkpoint, a folder
+            or a device where a file should be.
+    """
+    folder = Path(folder)
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise fail(folder, f"{what} {name!r} is not a file name inside the checkpoint", hint)
+    path = folder / name
+    real = path.resolve()
+    if not any(real.is_relative_to(r) for r in _roots(folder)):
+        raise fail(path, f"is a link to {real}, outside the checkpoint; merger reads and copies only "
+                          "the checkpoint's own files", "replace the link with the file itself")
+    if path.exists():
+        check_regular(path, what=what)  # a FIFO or a folder: refused, never opened
+    return path
