@@ -61,7 +61,8 @@ def average_command(
                                          "Hub downloads (stream): go on after the last folded revision.")] = False,
     key: Annotated[Optional[str], typer.Option(
         "--key", help="Where the model lies in a training checkpoint (a dict key such as model, or a.b; "
-                      "in a DCP folder, the prefix of the model's entries).",
+                      "in a DCP folder, the prefix of the model's entries, or several: "
+                      "embedding,decoder,output_layer for Megatron).",
         show_default="found by the format")] = None,
     to: Annotated[Optional[str], typer.Option(
         "--to", help="Output format: hf, safetensors, nanogpt (a torch.save ckpt.pt, the default for .pt "

@@ -35,7 +35,8 @@ OUTPUT = "dcp"
 # top-level groups of a training state dict that are not the model (torchtitan, OLMo-core, Megatron, Accelerate)
 NOT_MODEL = ("optim", "optimizer", "optimizers", "lr_scheduler", "lr_schedulers", "scheduler", "schedulers",
              "dataloader", "data_loader", "train_state", "trainer", "rng_state", "rng", "rng_states", "args",
-             "checkpoint_version", "iteration", "num_floating_point_operations_so_far", "opt_param_scheduler")
+             "checkpoint_version", "iteration", "num_floating_point_operations_so_far", "opt_param_scheduler",
+             "common_state", "rerun_state_machine", "rerun_state_machine_state")
 COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
 
@@ -45,30 +46,50 @@ def detect(path: str | Path) -> bool:
     return (Path(path) / METADATA).is_file()
 
 
+def group(fqn: str) -> str:
+    """The top-level group of an entry: ``model`` for ``model.x.weight``; ``rng_state`` for Megatron's
+    ShardedObject ``rng_state/shard_0.0_1.2`` (``<key>/shard_<offsets>_<shape>``)."""
+    return fqn.split("/", 1)[0].split(".", 1)[0]
+
+
+def extra_state(fqn: str) -> bool:
+    """A module's ``_extra_state`` (Transformer Engine, Megatron-Core's linears: ``…._extra_state`` or,
+    as a Megatron ShardedObject, ``…._extra_state/shard_0_2``): an object, not a weight."""
+    return fqn.split("/", 1)[0].endswith("._extra_state")
+
+
+def _under(fqn: str, key: str) -> bool:
+    return fqn == key or fqn.startswith((key + ".", key + "/"))
+
+
 def model_entries(md: DcpMetadata, key: str | None, where: str | Path) -> list[Entry]:
-    """The entries of the model part: under ``key.`` (``--key``), else under ``model.`` when there
-    is such an entry, else every top-level group but the training state (:data:`NOT_MODEL`).
+    """The tensor entries of the model part: under ``key.`` (``--key``; several prefixes separated by
+    commas, e.g. Megatron's ``embedding,decoder,output_layer``), else under ``model.`` when there is
+    such an entry, else every top-level group but the training state (:data:`NOT_MODEL`). Modules'
+    ``_extra_state`` objects in the model part are skipped (there is nothing to average in them).
 
     Raises:
         UsageError: a ``key`` with no entry under it (names the groups there are).
-        CheckpointFormatError: a non-tensor entry inside the model part.
+        CheckpointFormatError: another non-tensor entry inside the model part.
     """
-    groups = list(dict.fromkeys(f.split(".", 1)[0] for f in md.entries))
+    groups = list(dict.fromkeys(group(f) for f in md.entries))
     if key is not None:
-        prefix = key.strip().rstrip(".") + "."
-        picked = [e for f, e in md.entries.items() if f.startswith(prefix)]
-        if not picked:
-            raise UsageError(f"--key {key}: no entry of {where} starts with {prefix!r}",
-                             hint=f"its top-level groups are: {', '.join(groups[:12])}")
+        keys = [k.strip().rstrip(".") for k in key.split(",")]
+        for k in keys:
+            if not k or not any(_under(f, k) for f in md.entries):
+                raise UsageError(f"--key {key}: no entry of {where} starts with {k + '.'!r}",
+                                 hint=f"its top-level groups are: {', '.join(groups[:12])}")
+        picked = [e for f, e in md.entries.items() if any(_under(f, k) for k in keys)]
     elif any(f.startswith("model.") for f in md.entries):
         picked = [e for f, e in md.entries.items() if f.startswith("model.")]
     else:
-        picked = [e for f, e in md.entries.items() if f.split(".", 1)[0] not in NOT_MODEL]
+        picked = [e for f, e in md.entries.items() if group(f) not in NOT_MODEL]
+    picked = [e for e in picked if e.is_tensor or not extra_state(e.fqn)]
     for e in picked:
         if not e.is_tensor:
             raise fail(Path(where) / METADATA, f"entry {e.fqn!r} of the model part is a pickled object, not a "
                                                "tensor; merger averages tensors only",
-                       "choose the part that holds the model's tensors with --key (e.g. --key model)")
+                       f"choose the part that holds the model's tensors with --key (groups: {', '.join(groups[:12])})")
     if not picked:
         raise fail(Path(where) / METADATA, "holds no model tensors",
                    f"choose the part that holds the model with --key (groups: {', '.join(groups[:12])})")

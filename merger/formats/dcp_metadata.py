@@ -6,7 +6,8 @@ and sizes) or a ``BytesStorageMetadata`` (a pickled object); ``storage_data`` ma
 (``MetadataIndex(fqn, offset)``) to a ``_StorageInfo`` (file, byte offset and length of the chunk's
 ``torch.save`` record, transforms such as zstd). :class:`_MetadataUnpickler` maps exactly those
 classes, and the handful of torch globals they hold (``torch.Size``, dtypes, layouts), to the plain
-records below; any other global (``os.system``, ``builtins.eval``, a framework's own class) is
+records below (and the save plans Megatron-Core adds as ``all_local_plans``, to inert records);
+any other global (``os.system``, ``builtins.eval``, a framework's own class) is
 refused when the pickle names it, before anything is called. Read this way, ``.metadata`` builds
 no torch object and needs no torch import.
 """
@@ -72,6 +73,11 @@ class StorageMetaRecord(_Record):
     """``StorageMeta``: checkpoint and save ids."""
 
 
+class PlanRecord(_Record):
+    """``SavePlan``, ``WriteItem``, ``TensorWriteData``, ``BytesIOWriteData``: the ranks' save plans that
+    Megatron-Core keeps in ``Metadata.all_local_plans`` (never used by merger)."""
+
+
 class PropertiesRecord(_Record):
     """``TensorProperties``: pickled as a tuple (dtype, layout, requires_grad, memory format, pinned)."""
 
@@ -98,6 +104,7 @@ _CLASSES = {
     "ChunkStorageMetadata": ChunkRecord, "MetadataIndex": IndexRecord, "TensorProperties": PropertiesRecord,
     "StorageMeta": StorageMetaRecord,
 }
+_PLANS = {"SavePlan", "WriteItem", "TensorWriteData", "BytesIOWriteData"}  # torch.distributed.checkpoint.planner
 _MODULES = ("torch.distributed.checkpoint.metadata",
             "torch.distributed._shard.sharded_tensor.metadata",  # TensorProperties before torch 2.2
             "torch.distributed._shard.metadata")
@@ -117,6 +124,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             return int
         if module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo":
             return StorageRecord
+        if module == "torch.distributed.checkpoint.planner" and name in _PLANS:
+            return PlanRecord
+        if module == "torch.distributed.checkpoint.planner" and name == "WriteItemType":
+            return int  # an enum pickled as WriteItemType(value)
         if module == "torch" and name == "Size":
             return tuple  # its dims become ints below, where shapes and chunks are read
         if module == "torch" and name in _DTYPES:

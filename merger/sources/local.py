@@ -1,7 +1,8 @@
 """Local runs: a folder of revisions, selected with ``--revisions``: subfolders (``step1000/``,
-``checkpoint-1000/``, nanoGPT ``out-*/ckpt.pt`` with its ``iter_num`` inside) or checkpoint files
-(``ckpt_3000.pt``, ``model_000100.pt``, ``iter_500.pt``, ``epoch=1-step=500.ckpt``), or explicit
-checkpoint folders or files merged as given.
+``checkpoint-1000/``, ``iter_0001000/``, nanoGPT ``out-*/ckpt.pt`` with its ``iter_num`` inside) or
+checkpoint files (``ckpt_3000.pt``, ``model_000100.pt``, ``iter_500.pt``, ``epoch=1-step=500.ckpt``), or
+explicit checkpoint folders or files merged as given (a revision folder whose checkpoint lies in a
+subfolder, such as a Trainer's ``checkpoint-1000/pytorch_model_fsdp_0/``, too).
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ def checkpoint_dir(path: Path) -> Path | None:
     subs = [c for c in sorted(path.iterdir()) if c.is_dir() and has_weights(c)]
     subs = [c for c in subs if "model" in c.name] if len(subs) > 1 else subs
     return subs[0] if len(subs) == 1 else None
+
+
+def revision_dir(path: Path) -> Path | None:
+    """The checkpoint of a folder given as one revision: ``path`` if it holds one; for a folder named by
+    step whose checkpoint lies in a subfolder not named by step (HF Trainer's ``checkpoint-1000/`` with
+    Accelerate's ``pytorch_model_fsdp_0/`` beside ``optimizer_0/``, OLMo-core's ``step1000/``), that
+    subfolder; else None (a run folder of revisions)."""
+    if has_weights(path):
+        return path
+    if not path.is_dir() or parse_step(path.name) is None:
+        return None
+    sub = checkpoint_dir(path)
+    return sub if sub is not None and parse_step(sub.name) is None else None
 
 
 def step_of(p: Path) -> int | None:
@@ -71,7 +85,7 @@ def resolve_local(models: list[str], revisions: str | None, every: int | None) -
         if not p.exists():
             raise SourceError(f"{p}: no such folder or file", hint="give a checkpoint folder, a folder of revision "
                               "subfolders (step1000/ ...) or a Hub repo id such as EleutherAI/pythia-70m")
-    if len(paths) == 1 and not has_weights(paths[0]):
+    if len(paths) == 1 and revision_dir(paths[0]) is None:
         root = paths[0].resolve()
         available = local_revisions(root)
         if not available:
@@ -92,13 +106,13 @@ def resolve_local(models: list[str], revisions: str | None, every: int | None) -
         raise UsageError("--revisions/--every select subfolders of one folder; explicit checkpoint folders "
                          "are merged as given", hint="drop --revisions, or give the parent folder")
     for p in paths:
-        if not has_weights(p):
+        if revision_dir(p) is None:
             raise SourceError(f"{p}: no checkpoint inside (no model.safetensors, pytorch_model.bin or their index)",
                               hint="give checkpoint folders, or one folder of revision subfolders")
     resolved = [p.resolve() for p in paths]
     if len(set(resolved)) != len(resolved):
         raise UsageError("the same checkpoint folder is given twice", hint="list each checkpoint once")
-    srcs = [Source(revision_name(p), step_of(p), str(p)) for p in resolved]
+    srcs = [Source(revision_name(p), step_of(p), str(revision_dir(p))) for p in resolved]
     if all(s.step is not None for s in srcs):
         srcs.sort(key=lambda s: s.step)
     return srcs
