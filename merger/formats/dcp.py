@@ -115,7 +115,9 @@ def _chunk_data(fd: int, path: str, chunk: Chunk, name: str, dtype: str) -> int:
     if ref.storage.dtype != dtype or tuple(ref.shape) != chunk.sizes:
         raise fail(where, f"the record holds a {ref.storage.dtype} {list(ref.shape)}, the metadata says "
                           f"{dtype} {list(chunk.sizes)}", RESAVE)
-    if math.prod(ref.shape) > 1 and ref.stride != contiguous_strides(ref.shape):
+    # contiguous as torch says it: a size-1 dim's stride is never used (``x[i:i+1]`` keeps its parent's)
+    if math.prod(ref.shape) > 1 and any(n > 1 and s != c for n, s, c in zip(ref.shape, ref.stride,
+                                                                             contiguous_strides(ref.shape))):
         raise fail(where, f"the chunk is not contiguous (stride {list(ref.stride)})",
                    "re-save the checkpoint from contiguous tensors")
     isize = itemsize(dtype)

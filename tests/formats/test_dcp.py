@@ -193,6 +193,28 @@ def test_a_record_of_more_than_4_gib_is_zip64(tmp_path):
             assert m.read(16) == bytes(16) and zf.fp.tell() > 0
 
 
+def test_a_chunk_whose_size_1_dim_has_any_stride_is_contiguous(tmp_path):
+    """``x[i:i+1]`` or ``y.t()`` of a column keeps a stride on its size-1 dim that torch ignores
+    (``is_contiguous()``); such chunks, saved by torch's own DCP writer, average like any other."""
+    import torch.distributed.checkpoint as dcp
+
+    run, ins = tmp_path / "run", []
+    for s in (1, 2):
+        g = torch.Generator().manual_seed(s)
+        sd = {"a": torch.randn(5, 1, generator=g).t(), "b": torch.randn(3, 4, 6, generator=g)[1:2]}
+        assert sd["a"].stride() == (1, 1) and sd["a"].is_contiguous()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({"model": sd}, checkpoint_id=str(run / f"step-{s}"), no_dist=True)
+        ins.append(sd)
+    out = tmp_path / "avg"
+    average([str(run)], out)
+    got = load_dcp(out)
+    for k in ("a", "b"):
+        want = ((ins[0][k].double() + ins[1][k].double()) / 2).float()
+        assert torch.equal(got[f"model.{k}"], want), k
+
+
 def test_crc32_combine_is_zlibs():
     import random
     import zlib
@@ -398,6 +420,33 @@ def test_metadata_points_past_the_end_of_a_file(runs, tmp_path):
 
     edit_metadata(run / "step-6", past_end)
     refused(run, tmp_path, f"step-6/__1_0.distcp: is shorter than the metadata says: tensor {name[0]!r}")
+
+
+@pytest.mark.parametrize("where, expected", [
+    ("../outside.distcp", "storage file '../outside.distcp' is not a file name inside the checkpoint"),
+    ("link.distcp", "is a link to"),
+    ("fifo.distcp", "not a regular file"),
+])
+def test_metadata_naming_a_file_outside_the_checkpoint(runs, tmp_path, where, expected):
+    """A .distcp the metadata names must be a regular file inside the checkpoint: never read
+    elsewhere on the machine (a name with .., a link out), never waited on (a FIFO)."""
+    run = broken_run(runs, tmp_path)
+    outside = tmp_path / "secret.distcp"
+    shutil.copyfile(run / "step-6/__1_0.distcp", outside)  # the same bytes, so only the place is wrong
+    if where == "../outside.distcp":
+        shutil.copyfile(outside, run / "outside.distcp")
+    elif where == "link.distcp":
+        (run / "step-6" / where).symlink_to(outside)
+    else:
+        os.mkfifo(run / "step-6" / where)
+
+    def elsewhere(md):
+        for v in md.storage_data.values():
+            if v.relative_path == "__1_0.distcp":
+                v.relative_path = where
+
+    edit_metadata(run / "step-6", elsewhere)
+    refused(run, tmp_path, expected)
 
 
 @pytest.mark.parametrize("damage, expected", [
