@@ -9,16 +9,19 @@ state dict ``{"model": ..., "optim": {exp_avg, exp_avg_sq}}`` laid out exactly a
 optimizer's storage bytes are written as holes (a sparse file: the right size and layout, no disk),
 so 9 revisions take ~15 GB of disk, not 44.
 
-Timed, each in its own process (wall, peak RSS from ``/usr/bin/time``):
+Timed, each in its own process (wall, peak RSS from ``/usr/bin/time``), from a cold page cache
+(dropped before each run: the inputs come from the disk, as a run bigger than memory reads them)
+and a warm one (what the floor's read left in it):
   floor     pread of exactly the model records' bytes of every revision, 4 MB reads: the read floor
   merger    ``merger average RUN --revisions ... -o OUT --max-memory M`` (output: a DCP folder)
   baseline  OLMo-core's way: ``dcp.load`` of each revision's model into memory, a float64 sum,
             the mean cast to fp32 and ``dcp.save``\\ d
-Each merger and baseline run comes right after a floor run (``floor_before_s``: the same page-cache
-state), and ``x_floor`` is their ratio; merger runs ``--repeat`` times (the median trial is
-reported, every trial is kept). Then the two outputs are compared (max abs difference).
+Each merger and baseline run comes right after a floor run in the same cache state
+(``floor_before_s``), and ``x_floor`` is their ratio; merger runs ``--repeat`` times (the median
+trial is reported, every trial is kept). Then the two outputs are compared (max abs difference).
 
     python bench/dcp.py --revisions 9 --shape 410m --max-memory 2GB     # data in bench/out/dcp-410m-n9
+    (as root for the cold runs: they write /proc/sys/vm/drop_caches)
 """
 
 from __future__ import annotations
@@ -146,6 +149,23 @@ def baseline(out: str, folders: list[str]) -> None:
     dcp.save({"model": mean}, checkpoint_id=out, no_dist=True)
 
 
+def can_drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        print("cold runs skipped: dropping the page cache needs root", file=sys.stderr)
+        return False
+
+
+def settle(cache: str) -> None:
+    """Before a timed run: written data on disk; for ``cold``, nothing of the inputs in the page cache."""
+    subprocess.run(["sync"], check=True)
+    if cache == "cold":
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def timed(argv: list[str]) -> dict:
     """Run ``argv``; wall time, and peak RSS as ``/usr/bin/time`` measures it (the tool's own: a
     ``wait4`` from this process would count the pages a forked child shares with it)."""
@@ -176,8 +196,10 @@ def main() -> None:
     ap.add_argument("--shape", default="410m")
     ap.add_argument("--revisions", type=int, default=9)
     ap.add_argument("--max-memory", default="2GB")
-    ap.add_argument("--tools", default="floor,merger,baseline")
-    ap.add_argument("--repeat", type=int, default=3, help="trials of floor and merger (the median is reported)")
+    ap.add_argument("--tools", default="merger,baseline")
+    ap.add_argument("--repeat", type=int, default=3, help="trials of merger (the median is reported)")
+    ap.add_argument("--cache", default="cold,warm", help="cold: the page cache dropped before the floor and the "
+                                                         "tool (needs root); warm: the floor's read warms it")
     ap.add_argument("--role", help=argparse.SUPPRESS)
     ap.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -197,27 +219,30 @@ def main() -> None:
     results = {"shape": a.shape, "revisions": a.revisions, "model_bytes_per_revision": model_bytes,
                "file_bytes_per_revision": file_bytes, "max_memory": a.max_memory, "runs": {}}
     me = [sys.executable, __file__]
-    for tool in a.tools.split(","):
-        out = root / f"out-{tool}"
-        trials = []
-        for _ in range(a.repeat if tool != "baseline" else 1):
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-            subprocess.run(["sync"], check=True)
-            argv = {"floor": me + ["--role", "floor", *folders],
-                    "merger": [sys.executable, "-m", "merger", "average", str(root / "run"), "--revisions",
-                               f"{names[0]}..{names[-1]}", "-o", str(out), "--max-memory", a.max_memory, "--force"],
-                    "baseline": me + ["--role", "baseline", str(out), *folders]}[tool]
-            # the floor right before, in the same page-cache state: the ratio is the fair comparison
-            floor_first = timed(me + ["--role", "floor", *folders]) if tool != "floor" else None
-            r = timed(argv)
-            r["read_gb_per_s"] = round(a.revisions * model_bytes / 1e9 / r["wall_s"], 2)
-            if floor_first:
+    caches = [c for c in a.cache.split(",") if c != "cold" or can_drop_caches()]
+    for cache in caches:
+        results["runs"][cache] = {}
+        for tool in a.tools.split(","):
+            out = root / f"out-{tool}"
+            trials = []
+            for _ in range(a.repeat if tool != "baseline" else 1):
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+                argv = {"merger": [sys.executable, "-m", "merger", "average", str(root / "run"), "--revisions",
+                                   f"{names[0]}..{names[-1]}", "-o", str(out), "--max-memory", a.max_memory,
+                                   "--force"],
+                        "baseline": me + ["--role", "baseline", str(out), *folders]}[tool]
+                # the floor right before, in the same page-cache state (cold: both from the disk)
+                settle(cache)
+                floor_first = timed(me + ["--role", "floor", *folders])
+                settle(cache)
+                r = timed(argv)
+                r["read_gb_per_s"] = round(a.revisions * model_bytes / 1e9 / r["wall_s"], 2)
                 r["floor_before_s"] = floor_first["wall_s"]
                 r["x_floor"] = round(r["wall_s"] / floor_first["wall_s"], 2)
-            trials.append(r)
-            print(tool, json.dumps(r), file=sys.stderr)
-        best = sorted(trials, key=lambda r: r.get("x_floor", r["wall_s"]))[len(trials) // 2]  # the median
-        results["runs"][tool] = {**best, "trials": trials} if len(trials) > 1 else best
+                trials.append(r)
+                print(cache, tool, json.dumps(r), file=sys.stderr)
+            mid = sorted(trials, key=lambda r: r["x_floor"])[len(trials) // 2]  # the median trial
+            results["runs"][cache][tool] = {**mid, "trials": trials} if len(trials) > 1 else mid
     if "merger" in results["runs"] and "baseline" in results["runs"]:
         results["max_abs_diff_merger_vs_baseline"] = compare(str(root / "out-merger"), str(root / "out-baseline"))
         mj = json.loads((root / "out-merger" / "merger.json").read_text())

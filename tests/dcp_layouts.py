@@ -233,19 +233,12 @@ def _accelerator():
     return Accelerator(cpu=True), FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
 
 
-def megatron_core(args) -> None:
-    """megatron-core's own GPTModel (TP=2, CPU) and dist_checkpointing.save with a non-distributed
-    optimizer's sharded state (``optim_state_to_sharding_state``), as training/checkpointing.py's
-    ``generate_state_dict`` assembles them: iter_0000010/20/30."""
-    import itertools
-
-    # a CPU-only torch: the saver calls these unconditionally (no CUDA work is involved)
+def _mcore_model():
+    """megatron-core's own GPTModel, TP=2 over the 2 ranks, on CPU."""
+    # a CPU-only torch: the saver and loader call these unconditionally (no CUDA work is involved)
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_device = lambda: "cpu"
-    from megatron.core import dist_checkpointing, parallel_state
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                           optim_state_to_sharding_state)
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
@@ -254,8 +247,42 @@ def megatron_core(args) -> None:
     torch.manual_seed(0)
     cfg = TransformerConfig(num_layers=L, hidden_size=H, num_attention_heads=4, use_cpu_initialization=True,
                             params_dtype=torch.float32, pipeline_dtype=torch.float32)
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=V,
-                     max_sequence_length=S)
+    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=V,
+                    max_sequence_length=S)
+
+
+def megatron_core_load(args) -> None:
+    """megatron-core's own loader (``dist_checkpointing.load``, strict: every key the model has)
+    reads ``RUN`` into a fresh TP=2 GPTModel; each rank saves its ShardedTensors' local tensors
+    with their global offsets to ``OUT.<rank>.pt``."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    model = _mcore_model()
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, args.run,
+                                     strict=StrictHandling.RAISE_ALL)  # training/checkpointing.py's nesting
+    model.load_state_dict(loaded["model"])
+    got: dict[str, list] = {}
+    for sh in model.sharded_state_dict().values():
+        if isinstance(sh, ShardedTensor):
+            lead = sh.global_offset[: sh.prepend_axis_num]  # the layer's index in the stacked tensor
+            got.setdefault(sh.key, []).append((tuple(sh.global_offset), lead, sh.data.detach().clone()))
+    torch.save(got, f"{args.out}.{dist.get_rank()}.pt")
+
+
+def megatron_core(args) -> None:
+    """megatron-core's own GPTModel (TP=2, CPU) and dist_checkpointing.save with a non-distributed
+    optimizer's sharded state (``optim_state_to_sharding_state``), as training/checkpointing.py's
+    ``generate_state_dict`` assembles them: iter_0000010/20/30."""
+    import itertools
+
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                           optim_state_to_sharding_state)
+
+    model = _mcore_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     run = Path(args.run)
     for it in (10, 20, 30):
@@ -281,7 +308,7 @@ def megatron_core(args) -> None:
 
 
 MODES = {"megatron": megatron, "megatron-load": megatron_load, "accelerate": accelerate,
-         "accelerate-load": accelerate_load, "megatron-core": megatron_core}
+         "accelerate-load": accelerate_load, "megatron-core": megatron_core, "megatron-core-load": megatron_core_load}
 
 
 def main() -> None:

@@ -38,7 +38,11 @@ NOT_MODEL = ("optim", "optimizer", "optimizers", "lr_scheduler", "lr_schedulers"
              "checkpoint_version", "iteration", "num_floating_point_operations_so_far", "opt_param_scheduler",
              "common_state", "rerun_state_machine", "rerun_state_machine_state")
 COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
+              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
+              "metadata.json", "common.pt")  # Megatron-Core's: its loader needs them beside .metadata
+# objects (not averaged) a framework's loader needs back: Megatron-Core's common state, in the DCP
+# from 0.14 on (common.pt before)
+CARRIED = ("common_state",)
 
 
 def detect(path: str | Path) -> bool:
@@ -94,6 +98,18 @@ def model_entries(md: DcpMetadata, key: str | None, where: str | Path) -> list[E
         raise fail(Path(where) / METADATA, "holds no model tensors",
                    f"choose the part that holds the model with --key (groups: {', '.join(groups[:12])})")
     return picked
+
+
+def carried_objects(path: str | Path, key: str | None = None) -> list[Entry]:
+    """The entries an output carries over as they are (the latest input's): the model part's
+    ``_extra_state`` objects and :data:`CARRIED` groups, which a framework's loader asks for
+    (Megatron-Core's ``dist_checkpointing.load`` wants every ``_extra_state`` its model has).
+    Pickled bytes with one record each; nothing to average in them."""
+    md = read_metadata(path)
+    model = {e.fqn for e in model_entries(md, key, path)}
+    prefixes = {f.split("/", 1)[0].rsplit(".", 2)[0] for f in model}  # the modules the model part has
+    return [e for f, e in md.entries.items() if not e.is_tensor and len(e.chunks) == 1 and e.chunks[0].file
+            and (group(f) in CARRIED or extra_state(f) and any(f.startswith(p) for p in prefixes))]
 
 
 def _chunk_data(fd: int, path: str, chunk: Chunk, name: str, dtype: str) -> int:

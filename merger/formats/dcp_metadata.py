@@ -211,8 +211,11 @@ def read_metadata(folder: str | Path) -> DcpMetadata:
                 raise fail(path, f"entry {getattr(k, 'fqn', '?')!r}: malformed storage record", RESAVE) from None
     entries: dict[str, Entry] = {}
     for fqn, item in md.state_dict_metadata.items():
-        if isinstance(item, BytesRecord):
-            entries[fqn] = Entry(str(fqn), False)
+        if isinstance(item, BytesRecord):  # pickled bytes (a Megatron ShardedObject, extra state): one record
+            s = storage.get((fqn, ()))
+            chunk = (Chunk((), (), str(s.relative_path), int(s.offset), int(s.length),
+                           tuple(getattr(s, "transform_descriptors", None) or ())),) if s is not None else ()
+            entries[fqn] = Entry(str(fqn), False, chunks=chunk)
             continue
         try:
             dt = item.properties.dtype

@@ -18,6 +18,7 @@ zip and pickles by hand; the tests load them with ``torch.load`` and ``dcp.load`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from merger.errors import OutputError
@@ -61,21 +62,45 @@ def frames(plan, k: int) -> Frames:
 
 
 def write(tmp: Path, plan) -> list[str]:
-    """Add ``.metadata`` to the ``.distcp`` files the engine wrote in ``tmp``.
+    """Add ``.metadata`` to the ``.distcp`` files the engine wrote in ``tmp``, and the latest
+    input's carried objects (``formats.dcp.carried_objects``: Megatron's ``_extra_state`` and
+    common state, copied byte for byte into one more ``.distcp`` file).
 
     Returns:
         The output's files: ``.metadata`` and the ``.distcp`` files.
     """
+    from merger.formats.dcp import carried_objects
     from merger.formats.dcp_metadata import read_metadata
+    from merger.formats.inputs import contained, open_input
 
     latest = plan.sources[-1].path
-    planner = read_metadata(latest).planner_data if latest and (Path(latest) / ".metadata").is_file() else {}
+    is_dcp = bool(latest) and (Path(latest) / ".metadata").is_file()
+    planner = read_metadata(latest).planner_data if is_dcp else {}
     records = []
     for t in plan.tensors:
         nbytes = t.numel * t.out_itemsize
         head, tail = span(t.out_dtype, t.shape, nbytes, name=t.name)
         records.append((t.name, t.out_dtype, t.shape, plan.shards[t.shard].filename, t.out_offset - head,
                         head + nbytes + tail))
-    (tmp / ".metadata").write_bytes(metadata_pickle(records, planner))
-    return [".metadata", *(sp.filename for sp in plan.shards)]
-
+    files = [sp.filename for sp in plan.shards]
+    objects = []
+    carried = carried_objects(latest, plan.options.key) if is_dcp else []
+    if carried:
+        name = filename(len(plan.shards), len(plan.shards) + 1)
+        with open(tmp / name, "wb") as f:
+            for e in carried:
+                c = e.chunks[0]
+                src = contained(latest, c.file, what="storage file")
+                fd = open_input(src, what="storage file")
+                try:
+                    data = os.pread(fd, c.length, c.offset)
+                finally:
+                    os.close(fd)
+                if len(data) != c.length:
+                    raise OutputError(f"{src}: the object {e.fqn!r} runs past the end of the file",
+                                      hint="copy the checkpoint again, or re-save it")
+                objects.append((e.fqn, name, f.tell(), c.length, c.transforms))
+                f.write(data)
+        files.append(name)
+    (tmp / ".metadata").write_bytes(metadata_pickle(records, planner, objects))
+    return [".metadata", *files]

@@ -171,8 +171,10 @@ def _itemsize(dtype: str) -> int:
     return itemsize(dtype)
 
 
-def metadata_pickle(tensors: list[tuple[str, str, tuple[int, ...], str, int, int]], planner: dict) -> bytes:
-    """``.metadata`` for whole-tensor chunks: ``tensors`` are (fqn, dtype, shape, file, offset, length)."""
+def metadata_pickle(tensors: list[tuple[str, str, tuple[int, ...], str, int, int]], planner: dict,
+                    objects: list[tuple[str, str, int, int, tuple[str, ...]]] = ()) -> bytes:
+    """``.metadata`` for whole-tensor chunks: ``tensors`` are (fqn, dtype, shape, file, offset, length);
+    ``objects`` pickled-bytes entries (fqn, file, offset, length, transform descriptors)."""
     layout = Call(Global("torch.serialization", "_get_layout"), ("torch.strided",))
     entries, storage, planner_data = {}, {}, {}
     for fqn, dtype, shape, file, offset, length in tensors:
@@ -184,6 +186,13 @@ def metadata_pickle(tensors: list[tuple[str, str, tuple[int, ...], str, int, int
                            {"properties": props, "size": _size(shape), "chunks": [chunk]})
         index = New(Global(_MD, "MetadataIndex"), {"fqn": fqn, "offset": zeros, "index": 0})
         storage[index] = New(Global(_FS, "_StorageInfo"), {"relative_path": file, "offset": offset, "length": length})
+        planner_data[fqn] = tuple(planner.get(fqn, (fqn,)))
+    for fqn, file, offset, length, transforms in objects:
+        entries[fqn] = New(Global(_MD, "BytesStorageMetadata"), None)
+        index = New(Global(_MD, "MetadataIndex"), {"fqn": fqn, "offset": None, "index": None})
+        info = {"relative_path": file, "offset": offset, "length": length}
+        storage[index] = New(Global(_FS, "_StorageInfo"),
+                             {**info, "transform_descriptors": list(transforms)} if transforms else info)
         planner_data[fqn] = tuple(planner.get(fqn, (fqn,)))
     meta = New(Global(_MD, "StorageMeta"), {"checkpoint_id": None, "save_id": None, "load_id": None, "modules": []})
     md = New(Global(_MD, "Metadata"), {"state_dict_metadata": entries, "planner_data": planner_data,

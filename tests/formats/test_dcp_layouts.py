@@ -89,6 +89,23 @@ def saved_keys(folder: Path) -> list[str]:
     return list(pickle.loads((folder / ".metadata").read_bytes()).state_dict_metadata)
 
 
+def objects(folder: Path) -> dict[str, bytes]:
+    """The pickled-bytes entries Megatron's loader asks for (modules' ``_extra_state``, ``common_state``)
+    and their bytes, read where the metadata says (torch's own classes; a trusted fixture)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    md = pickle.loads((folder / ".metadata").read_bytes())
+    out = {}
+    for k, v in md.storage_data.items():
+        item = md.state_dict_metadata[k.fqn]
+        if isinstance(item, BytesStorageMetadata) and (k.fqn.startswith("common_state")
+                                                       or "._extra_state" in k.fqn):
+            with open(folder / v.relative_path, "rb") as f:
+                f.seek(v.offset)
+                out[k.fqn] = f.read(v.length)
+    return dict(sorted(out.items()))
+
+
 def average(args: list[str], out: Path) -> dict:
     r = runner.invoke(app, ["average", *args, "-o", str(out), "--json"])
     assert r.exit_code == 0, r.output
@@ -136,13 +153,16 @@ def writable_copy(src: Path, dst: Path) -> Path:
 def test_megatron_run_averages_the_model_part(megatron, tmp_path):
     out = tmp_path / "avg"
     res = average([str(megatron), "--revisions", "iter_0000010..iter_0000030"], out)
-    assert sorted(p.name for p in out.iterdir()) == [".metadata", "README.md", "__0_0.distcp", "merger.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".metadata", "README.md", "__0_0.distcp", "__0_1.distcp",
+                                                     "merger.json", "metadata.json"]
     assert [(s["name"], s["step"]) for s in res["sources"]] == [(n, int(n[5:])) for n in ITERS]
     assert [f["file"] for f in res["sources"][0]["files"]] == [
         ".metadata", "__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__1_1.distcp"]
     model = torch_read(megatron / ITERS[0], MODEL)
     assert res["read_bytes"] == 3 * sum(t.numel() * 2 for t in model.values())  # bf16 weights, nothing else
-    assert sorted(saved_keys(out)) == sorted(MODEL)  # keys exactly as in the input
+    carried = objects(megatron / ITERS[-1])  # _extra_state and common_state, Megatron's loader needs them
+    assert carried and sorted(saved_keys(out)) == sorted(MODEL + list(carried))  # keys exactly as in the input
+    assert objects(out) == carried  # byte for byte the latest input's
     merged = torch_read(out)
     assert_mean(merged, [megatron / n for n in ITERS], MODEL)
     assert all(t.dtype == torch.bfloat16 for t in merged.values())
@@ -311,16 +331,32 @@ def test_trainer_checkpoint_folders_given_one_by_one(accelerate, tmp_path):
     assert one.keys() == want.keys() and all(torch.equal(one[k], want[k]) for k in want)
 
 
-# -- megatron-core's own writer (not a dependency: runs where megatron-core is installed) -------------
+# -- megatron-core's own writer and loader (megatron-core is a test dependency) -------------------------
 
-def test_a_run_written_by_megatron_core_itself(tmp_path):
+def test_a_run_written_by_megatron_core_itself_restarts_in_megatron_core(tmp_path):
+    """megatron-core 0.16's GPTModel and ``dist_checkpointing.save`` write the run (TP=2, AdamW
+    state, rng_state, ``_extra_state``); merger averages its model part, and megatron-core's own
+    ``dist_checkpointing.load`` (strict: every key the model asks for) reads the average into a
+    fresh TP=2 model: each rank's shards are the merged tensors' slices."""
     pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install megatron-core)")
     run = tmp_path / "run"
     _run("megatron-core", str(run))
     out = tmp_path / "avg"
     res = average([str(run), "--revisions", "iter_0000010..iter_0000030"], out)
-    keys = saved_keys(out)
+    keys = [k for k in saved_keys(out) if "._extra_state" not in k]
     assert set(keys) == set(MODEL)  # the same GPT keys as the fixture's, nothing of the optimizer
     model = torch_read(run / "iter_0000010", keys)
     assert res["read_bytes"] == 3 * sum(t.numel() * 4 for t in model.values())
-    assert_mean(torch_read(out), [run / n for n in ITERS], keys)
+    merged = torch_read(out)
+    assert_mean(merged, [run / n for n in ITERS], keys)
+    assert (out / "common.pt").read_bytes() == (run / ITERS[-1] / "common.pt").read_bytes()
+    _run("megatron-core-load", str(out), str(tmp_path / "loaded"))
+    seen = 0
+    for rank in (0, 1):
+        for key, pieces in torch.load(tmp_path / f"loaded.{rank}.pt").items():
+            for offset, lead, t in pieces:
+                full = merged[key][tuple(lead)] if lead else merged[key]
+                want = full[tuple(slice(o, o + n) for o, n in zip(offset[len(lead):], t.shape))]
+                assert torch.equal(t, want), (rank, key, offset)
+                seen += t.numel()
+    assert seen >= sum(t.numel() for t in merged.values())  # every element reached some rank
