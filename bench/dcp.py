@@ -12,12 +12,15 @@ so 9 revisions take ~15 GB of disk, not 44.
 Timed, each in its own process (wall, peak RSS from ``/usr/bin/time``), from a cold page cache
 (dropped before each run: the inputs come from the disk, as a run bigger than memory reads them)
 and a warm one (what the floor's read left in it):
-  floor     pread of exactly the model records' bytes of every revision, 4 MB reads: the read floor
+  floor     pread of exactly the model records' bytes of every revision, 4 MB reads on merger's number
+            of threads: the read floor; and the I/O floor: that, with the output's bytes written
+            beside it (O_DIRECT, 8 MB pieces), as any merge must write them
   merger    ``merger average RUN --revisions ... -o OUT --max-memory M`` (output: a DCP folder)
   baseline  OLMo-core's way: ``dcp.load`` of each revision's model into memory, a float64 sum,
             the mean cast to fp32 and ``dcp.save``\\ d
-Each merger and baseline run comes right after a floor run in the same cache state
-(``floor_before_s``), and ``x_floor`` is their ratio; merger runs ``--repeat`` times (the median
+Each merger and baseline run comes right after the floor runs in the same cache state
+(``read_floor_s``, ``io_floor_s``), and ``x_floor`` is the ratio to the I/O floor (``x_read_floor``
+to the read floor); merger runs ``--repeat`` times (the median
 trial is reported, every trial is kept). Then the two outputs are compared (max abs difference).
 
     python bench/dcp.py --revisions 9 --shape 410m --max-memory 2GB     # data in bench/out/dcp-410m-n9
@@ -105,24 +108,53 @@ def make_run(root: Path, shape: str, n: int) -> list[str]:
     return names
 
 
-def floor(folders: list[str]) -> None:
-    """Read exactly the model records of every revision (what any reader must read)."""
+def floor(folders: list[str], write: int = 0, out: str | None = None) -> None:
+    """Read exactly the model records of every revision (what any reader must read), on as many
+    threads as merger folds on, each a share of the records; with ``write``, write that many bytes
+    (the output's size) into ``out`` beside, with O_DIRECT in 8 MB pieces as merger writes: the I/O
+    floor of the merge."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from merger.device import usable_cpus
     from merger.formats.dcp_metadata import read_metadata
 
-    buf = memoryview(bytearray(4 << 20))
+    spans = []
     for folder in folders:
         md = read_metadata(folder)
-        fds = {}
         for e in md.entries.values():
-            if not e.fqn.startswith("model."):
-                continue
-            for c in e.chunks:
-                fd = fds.setdefault(c.file, os.open(Path(folder) / c.file, os.O_RDONLY))
-                at, end = c.offset, c.offset + c.length
-                while at < end:
-                    at += os.preadv(fd, [buf[: min(len(buf), end - at)]], at)
+            if e.fqn.startswith("model."):
+                spans += [(str(Path(folder) / c.file), c.offset, c.length) for c in e.chunks]
+    threads = max(1, min(usable_cpus(), 16))
+
+    def reader(share) -> None:
+        buf, fds = memoryview(bytearray(4 << 20)), {}
+        for path, at, n in share:
+            fd = fds.setdefault(path, os.open(path, os.O_RDONLY))
+            end = at + n
+            while at < end:
+                at += os.preadv(fd, [buf[: min(len(buf), end - at)]], at)
         for fd in fds.values():
             os.close(fd)
+
+    def writer() -> None:
+        import mmap
+
+        piece = mmap.mmap(-1, 8 << 20)  # page-aligned, as O_DIRECT wants
+        fd = os.open(Path(out) / "floor.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0))
+        try:
+            for at in range(0, write, len(piece)):
+                os.pwrite(fd, piece, at)
+        finally:
+            os.close(fd)
+            os.unlink(Path(out) / "floor.bin")
+
+    with ThreadPoolExecutor(threads + 1) as pool:
+        jobs = [pool.submit(reader, spans[i::threads]) for i in range(threads)]
+        if write:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            jobs.append(pool.submit(writer))
+        for j in jobs:
+            j.result()
 
 
 def baseline(out: str, folders: list[str]) -> None:
@@ -205,6 +237,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.role == "floor":
         return floor(a.args)
+    if a.role == "io-floor":
+        return floor(a.args[2:], int(a.args[0]), a.args[1])
     if a.role == "baseline":
         return baseline(a.args[0], a.args[1:])
     root = HERE / "out" / f"dcp-{a.shape}-n{a.revisions}"
@@ -215,6 +249,7 @@ def main() -> None:
     from merger.formats.dcp import read as read_dcp
 
     model_bytes = sum(t.nbytes for t in read_dcp(folders[0]).values())
+    out_bytes = model_bytes  # fp32 in, fp32 out
     file_bytes = sum(os.path.getsize(Path(folders[0]) / f) for f in os.listdir(folders[0]))
     results = {"shape": a.shape, "revisions": a.revisions, "model_bytes_per_revision": model_bytes,
                "file_bytes_per_revision": file_bytes, "max_memory": a.max_memory, "runs": {}}
@@ -231,19 +266,25 @@ def main() -> None:
                                    f"{names[0]}..{names[-1]}", "-o", str(out), "--max-memory", a.max_memory,
                                    "--force"],
                         "baseline": me + ["--role", "baseline", str(out), *folders]}[tool]
-                # the floor right before, in the same page-cache state (cold: both from the disk)
+                # the floors right before, in the same page-cache state (cold: all from the disk): the
+                # read floor (the model records on merger's number of threads) and the I/O floor (that,
+                # with the output's bytes written beside it, as a merge must)
                 settle(cache)
-                floor_first = timed(me + ["--role", "floor", *folders])
+                read_first = timed(me + ["--role", "floor", *folders])
+                settle(cache)
+                io_first = timed(me + ["--role", "io-floor", str(out_bytes), str(root / "out-floor"), *folders])
                 settle(cache)
                 r = timed(argv)
                 r["read_gb_per_s"] = round(a.revisions * model_bytes / 1e9 / r["wall_s"], 2)
-                r["floor_before_s"] = floor_first["wall_s"]
-                r["x_floor"] = round(r["wall_s"] / floor_first["wall_s"], 2)
+                r["read_floor_s"], r["io_floor_s"] = read_first["wall_s"], io_first["wall_s"]
+                r["x_read_floor"] = round(r["wall_s"] / read_first["wall_s"], 2)
+                r["x_floor"] = round(r["wall_s"] / io_first["wall_s"], 2)
                 trials.append(r)
                 print(cache, tool, json.dumps(r), file=sys.stderr)
             mid = sorted(trials, key=lambda r: r["x_floor"])[len(trials) // 2]  # the median trial
             results["runs"][cache][tool] = {**mid, "trials": trials} if len(trials) > 1 else mid
-    if "merger" in results["runs"] and "baseline" in results["runs"]:
+    last = results["runs"][caches[-1]] if caches else {}
+    if "merger" in last and "baseline" in last:
         results["max_abs_diff_merger_vs_baseline"] = compare(str(root / "out-merger"), str(root / "out-baseline"))
         mj = json.loads((root / "out-merger" / "merger.json").read_text())
         results["merger_read_bytes"] = mj["read_bytes"]

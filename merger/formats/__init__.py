@@ -9,7 +9,9 @@ A *format* is a module with ``NAME`` and four functions:
 - ``OUTPUT``: the output format (a name in ``output.convert.OUTPUTS``) that writes this format
   back, so that training can restart from a merge;
 - ``weight_files(path) -> list[str]``: the files those extents lie in (for provenance);
-- ``side_files(path) -> tuple[str, ...]``: files copied into the output byte for byte.
+- ``side_files(path) -> tuple[str, ...]``: files copied into the output byte for byte (optional
+  ``OWN_FILES``: those of them copied only when the output is the format's own, e.g. Megatron's
+  ``common.pt`` beside a DCP output, not beside ``--to safetensors``).
 
 **Add a format**: write ``formats/<name>.py`` with those four, add ``"<name>": "merger.formats.<name>"``
 to :data:`REGISTRY` (detection tries them in order, so put specific formats before general ones),

@@ -27,7 +27,7 @@ from merger.formats.base import Extent, TensorInfo, check_extents, fail
 from merger.formats.inputs import contained, open_input
 from merger.formats.dcp_metadata import METADATA, RESAVE, Chunk, DcpMetadata, Entry, read_metadata
 from merger.formats.pt_header import StateDictUnpickler, StorageRef, TensorRef, contiguous_strides
-from merger.formats.pt_record import read_record
+from merger.formats.pt_record import HEAD, TAIL, read_record
 from merger.units import itemsize
 
 NAME = "dcp"
@@ -37,9 +37,9 @@ NOT_MODEL = ("optim", "optimizer", "optimizers", "lr_scheduler", "lr_schedulers"
              "dataloader", "data_loader", "train_state", "trainer", "rng_state", "rng", "rng_states", "args",
              "checkpoint_version", "iteration", "num_floating_point_operations_so_far", "opt_param_scheduler",
              "common_state", "rerun_state_machine", "rerun_state_machine_state")
+OWN_FILES = ("metadata.json", "common.pt")  # Megatron-Core's: its loader needs them beside .metadata (DCP output only)
 COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
-              "metadata.json", "common.pt")  # Megatron-Core's: its loader needs them beside .metadata
+              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", *OWN_FILES)
 # objects (not averaged) a framework's loader needs back: Megatron-Core's common state, in the DCP
 # from 0.14 on (common.pt before)
 CARRIED = ("common_state",)
@@ -232,6 +232,23 @@ def _tensor(folder: Path, e: Entry, files: dict[str, tuple[int, int, str]], ends
     return t
 
 
+def _prefetch(folder: Path, entries: list[Entry], files: dict[str, tuple[int, int, str]]) -> None:
+    """Ask the kernel for every chunk record's head and tail at once (``POSIX_FADV_WILLNEED``), before
+    they are read one by one: from a cold disk the reads overlap instead of each waiting its turn."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for e in entries:
+        for c in e.chunks:
+            if not c.file or c.length <= 0 or c.offset < 0:
+                continue
+            if c.file not in files:
+                files[c.file] = _open(folder, c.file, e.fqn)
+            fd = files[c.file][0]
+            os.posix_fadvise(fd, c.offset, min(c.length, HEAD), os.POSIX_FADV_WILLNEED)
+            if c.length > HEAD:
+                os.posix_fadvise(fd, c.offset + c.length - TAIL, TAIL, os.POSIX_FADV_WILLNEED)
+
+
 def read(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
     """The model part of a DCP folder, each tensor as the extents of its chunks.
 
@@ -249,7 +266,9 @@ def read(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
     md = read_metadata(folder)
     files: dict[str, tuple[int, int, str]] = {}  # .distcp file -> (fd, size, path), each opened once
     try:
-        return {e.fqn: _tensor(folder, e, files, md.file_ends) for e in model_entries(md, key, folder)}
+        entries = model_entries(md, key, folder)
+        _prefetch(folder, entries, files)
+        return {e.fqn: _tensor(folder, e, files, md.file_ends) for e in entries}
     finally:
         for fd, _, _ in files.values():
             os.close(fd)

@@ -122,6 +122,8 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     if n == 1:
         warnings.append("only one checkpoint selected: the output is a copy of it")
     copy = fmt.side_files(sources[-1].path) if fmt else ()
+    if fmt and output_format != fmt.OUTPUT:  # files only the format's own output has (Megatron's common.pt)
+        copy = tuple(f for f in copy if f not in getattr(fmt, "OWN_FILES", ()))
     if sources[-1].path and "config.json" not in copy and output_format == "hf":
         warnings.append(f"{sources[-1].name} has no config.json: the output won't load in transformers")
     plan = Plan(sources=tuple(sources), weights=tuple(weights), options=options, device=device,

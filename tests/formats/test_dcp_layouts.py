@@ -360,3 +360,11 @@ def test_a_run_written_by_megatron_core_itself_restarts_in_megatron_core(tmp_pat
                 assert torch.equal(t, want), (rank, key, offset)
                 seen += t.numel()
     assert seen >= sum(t.numel() for t in merged.values())  # every element reached some rank
+
+
+def test_megatron_files_only_beside_a_dcp_output(megatron, tmp_path):
+    """``--to safetensors`` of a Megatron run: the same tensors, without Megatron's ``metadata.json``
+    (which would call the folder a torch_dist checkpoint) or ``common.pt``."""
+    out = tmp_path / "st"
+    average([str(megatron), "--revisions", "iter_0000010..iter_0000020", "--to", "safetensors"], out)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "merger.json", "model.safetensors"]
