@@ -382,3 +382,22 @@ def test_an_output_format_that_cannot_hold_the_merge_is_refused_before_reading(t
     r = runner.invoke(app, ["average", str(run), "--to", to, "-o", str(out)])
     err = check_refused(r.exit_code, r.stderr, r.output, expected, out=out, inputs=run, before=before)
     assert "hint: " in err and "Merging" not in r.stderr
+
+
+def test_to_safetensors_stores_a_tied_tensor_once_as_safetensors_does(plain_run, tmp_path):
+    """``--to safetensors``: keys as in the input, the tied head stored once (as
+    ``safetensors.torch.save_model`` stores shared tensors), and ``safetensors.torch.load_model``
+    ties it back: the model's logits are the merged ckpt.pt's."""
+    from safetensors.torch import load_file, load_model
+
+    average([str(plain_run), "-r", "400..500", "--to", "safetensors", "-o", str(tmp_path / "st")])
+    average([str(plain_run), "-r", "400..500", "-o", str(tmp_path / "pt")])
+    flat = load_file(tmp_path / "st" / "model.safetensors")
+    assert "transformer.wte.weight" in flat and "lm_head.weight" not in flat
+    model, ref = GPT(GPTConfig(**ARGS)), GPT(GPTConfig(**ARGS))
+    missing, unexpected = load_model(model, tmp_path / "st" / "model.safetensors", strict=True)
+    assert not missing and not unexpected
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # still tied
+    ref.load_state_dict(torch.load(tmp_path / "pt" / "ckpt.pt", weights_only=True)["model"])
+    x = torch.randint(0, ARGS["vocab_size"], (2, ARGS["block_size"]))
+    assert torch.equal(model.eval()(x)[0], ref.eval()(x)[0])
