@@ -351,6 +351,14 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
             except torch.cuda.OutOfMemoryError as e:
                 raise EvalError(f"{src.spec}: out of GPU memory during evaluation",
                                 hint="use a smaller --batch-size or --dtype bfloat16") from e
+            except AssertionError as e:
+                if not _context_too_short(e):
+                    raise
+                raise EvalError(f"{src.spec}: a request of {', '.join(tasks)} is longer than the model's "
+                                f"context of {getattr(lm, 'max_length', '?')} tokens (lm-eval scores an answer "
+                                "only whole, inside one context window)",
+                                hint="evaluate it on tasks with shorter answers (--tasks), or a model with a "
+                                     "longer context (max_position_embeddings / n_positions)") from None
             finally:
                 del lm
                 gc.collect()
@@ -372,6 +380,16 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
         summary = json.dumps(report.to_dict(), indent=2) + "\n"
         write_atomic(out / "summary.json", lambda p: p.write_text(summary))
     return report
+
+
+def _context_too_short(e: AssertionError) -> bool:
+    """Whether lm-eval's HFLM stopped on an answer (continuation) longer than the model's context:
+    its ``assert len(continuation_enc) <= self.max_length`` in ``_loglikelihood_tokens``."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "_loglikelihood_tokens" \
+        and "lm_eval" in tb.tb_frame.f_code.co_filename
 
 
 def _load(HFLM: Any, src: ModelSource, *, device: str, dtype: str, batch_size: int,

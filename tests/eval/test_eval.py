@@ -242,3 +242,19 @@ def test_bad_options_and_missing_lm_eval(models, monkeypatch):
     with pytest.raises(EvalError, match="lm-eval") as e:
         evaluate([str(models["trained"])], limit=1)
     assert re.search(r"pip install .lm-eval\[hf\]", e.value.hint)
+
+
+def test_a_model_whose_context_is_shorter_than_an_answer_is_a_clear_error(tmp_path):
+    """lm-eval asserts that an answer fits the model's context; a 64-token model on the built-in
+    pack gets merger's error (what, which tasks, how to fix), exit 1, no traceback."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from evalfixtures import save, tiny_neox
+    from merger.cli import app
+
+    cfg = tiny_neox(0).config.to_dict()
+    cfg["max_position_embeddings"] = 64
+    save(GPTNeoXForCausalLM(GPTNeoXConfig(**cfg)), tmp_path / "m64")
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "m64"), "--limit", "3"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "is longer than the model's context of 64 tokens" in r.stderr and "hint: " in r.stderr, r.stderr
