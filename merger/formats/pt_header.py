@@ -1,157 +1,44 @@
-"""The header of a ``torch.save`` training checkpoint: its pickle, read without building an object,
-and where each storage's bytes lie in the zip, even when the file is cut short.
+"""The header of a ``torch.save`` file (a training checkpoint, a ``pytorch_model.bin``): its
+pickle, read without building an object, and where each storage's bytes lie in the zip, even when
+the file is cut short; and its tensors as byte extents.
 
 A training checkpoint (nanoGPT's ``ckpt.pt``, Lightning's ``.ckpt``, ...) is a zip whose
 ``data.pkl`` holds a tree of plain containers (dicts, lists, numbers, strings) whose leaves name
-storages ``data/<key>``. We unpickle it with :class:`TreeUnpickler`, a generalisation of
-``torch_zip``'s header unpickler: the torch globals become the same inert records
-(``torch_zip.TensorRef`` / ``StorageRef``), a short list of plain types is allowed, and every
-other global is refused: no class is imported and no code runs.
+storages ``data/<key>``. It is unpickled by ``pt_record``'s restricted unpicklers
+(:class:`TreeUnpickler`; :class:`StateDictUnpickler` for a ``pytorch_model.bin``): the torch
+globals become inert records (:class:`TensorRef` / :class:`StorageRef`), a short list of plain
+types is allowed, and every other global is refused: no class is imported and no code runs.
 
-Storage offsets come from the zip's central directory. torch writes its members with data
-descriptors (sizes after the data, not in the local headers), so when the central directory is
-missing (a file truncated at its end, e.g. inside the optimizer's storages) we walk the local
-headers, taking each storage's size from the pickle: the storages before the cut stay readable.
-A record lying at a byte range of a larger file (a DCP chunk in a ``.distcp`` file) is read by
-``pt_record.read_record``, by its central directory as torch reads it, with these unpicklers.
+A complete file is read by ``pt_record.read_record`` over the whole file, the one way merger finds
+a torch zip's members, the way torch (miniz) finds them: by the central directory, names ignoring
+ASCII case, the small records checked as torch checks them (a DCP chunk is read by the same
+reader at its byte range). torch writes its members with data descriptors (sizes after the data,
+not in the local headers), so when the file has no zip end record (truncated at its end, e.g.
+inside the optimizer's storages; torch.load refuses it) we walk the local headers, taking each
+storage's size from the pickle: the storages before the cut stay readable.
 """
 
 from __future__ import annotations
 
-import codecs
-import io
 import math
-import pickle
+import os
 import struct
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from merger.formats.base import RESAVE, Extent, TensorInfo, fail
+from merger.formats.pt_record import (MAX_PICKLE, STORAGE_DTYPES, NoEndRecord, StateDictUnpickler, StorageRef,
+                                      TensorRef, TreeUnpickler, check_byteorder, read_record, storages, unpickle)
 from merger.units import itemsize
 
-RESAVE_PLAIN = ("re-save it with plain values, e.g. torch.save({'model': model.state_dict(), "
-                "'model_args': dict(...), 'iter_num': step}, path), or save model.state_dict() alone")
+__all__ = ["STORAGE_DTYPES", "Header", "StateDictUnpickler", "StorageRef", "TensorRef", "TreeUnpickler",
+           "contiguous_strides", "plain", "read_header", "signature", "tensor_extents", "to_plain"]
+
 LEGACY = ("it was saved in torch's legacy format: the legacy (non-zip) format of PyTorch < 1.6, or of "
           "_use_new_zipfile_serialization=False")
 LEGACY_HINT = ("convert it once where you trust the file: torch.save(torch.load(old, weights_only=False), new) "
                "with PyTorch >= 1.6")
-_TORCH_DTYPES = ("float16", "float32", "float64", "bfloat16", "half", "float", "double", "int8", "int16",
-                 "int32", "int64", "uint8", "bool", "long", "int")
-
-
-STORAGE_DTYPES = {  # torch's storage classes (as the pickle names them) -> canonical dtype names
-    "HalfStorage": "float16", "FloatStorage": "float32", "DoubleStorage": "float64",
-    "BFloat16Storage": "bfloat16", "ByteStorage": "uint8", "CharStorage": "int8",
-    "ShortStorage": "int16", "IntStorage": "int32", "LongStorage": "int64",
-    "BoolStorage": "bool",
-}
-
-
-@dataclass(frozen=True)
-class _StorageType:
-    dtype: str
-
-
-@dataclass(frozen=True)
-class StorageRef:
-    key: str
-    dtype: str
-    numel: int
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    storage: StorageRef
-    storage_offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-
-
-def _count(x) -> bool:
-    """A non-negative int (not a bool, float or anything else a crafted pickle could hold)."""
-    return type(x) is int and x >= 0
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, *args):
-    if not (_count(storage_offset) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
-            and all(_count(d) for d in size) and all(_count(s) for s in stride) and len(size) == len(stride)):
-        raise pickle.UnpicklingError(f"a tensor record with offset {storage_offset!r:.40}, shape {size!r:.80} "
-                                     f"and stride {stride!r:.80} (negative, non-integer or mismatched)")
-    return TensorRef(storage, storage_offset, tuple(size), tuple(stride))
-
-
-def _rebuild_parameter(data, *args):
-    return data
-
-
-class StateDictUnpickler(pickle.Unpickler):
-    """Resolves only the globals a state dict needs; everything else is refused."""
-
-    def __init__(self, file, path):
-        super().__init__(file)
-        self.path = path
-
-    def find_class(self, module, name):
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
-        if module == "torch" and name in STORAGE_DTYPES:
-            return _StorageType(STORAGE_DTYPES[name])
-        raise fail(self.path, f"holds a non-tensor object ({module}.{name}); merger never unpickles "
-                               "arbitrary objects", "save a plain state dict, or convert it to safetensors")
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and _count(pid[4])):
-            raise fail(self.path, f"malformed storage record in data.pkl: {pid!r:.80}", RESAVE)
-        return StorageRef(str(pid[2]), pid[1].dtype, int(pid[4]))
-
-
-class _PlainDict(dict):
-    """A dict that accepts attributes (Lightning's ``AttributeDict`` and friends land here)."""
-
-
-def _rebuild_parameter_with_state(data, requires_grad, hooks, state):
-    return data
-
-
-_PLAIN_GLOBALS = {
-    ("torch", "Size"): tuple,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
-    ("_codecs", "encode"): codecs.encode,  # bytes, in pickle protocol 2
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
-    ("builtins", "slice"): slice, ("builtins", "complex"): complex,
-    ("lightning.fabric.utilities.data", "AttributeDict"): _PlainDict,
-    ("lightning_fabric.utilities.data", "AttributeDict"): _PlainDict,
-    ("pytorch_lightning.utilities.parsing", "AttributeDict"): _PlainDict,
-}
-
-
-class TreeUnpickler(StateDictUnpickler):
-    """``torch_zip``'s header unpickler, widened to the plain values a training checkpoint holds."""
-
-    def find_class(self, module, name):
-        if (module, name) in _PLAIN_GLOBALS:
-            return _PLAIN_GLOBALS[(module, name)]
-        if module == "torch" and name in _TORCH_DTYPES:
-            return f"torch.{name}"  # a dtype in a config: kept as its name
-        if module == "torch" and name == "device":
-            return lambda *a: ":".join(map(str, a))
-        if module in ("collections", "torch", "torch._utils"):
-            try:
-                return super().find_class(module, name)
-            except Exception:  # noqa: BLE001 - refused below with our own words
-                pass
-        raise fail(self.path, f"its pickle needs the class or function {module}.{name}; merger reads only "
-                              "tensors and plain Python values (it imports no class and runs no code)",
-                   RESAVE_PLAIN)
-
-
 @dataclass
 class Header:
     """A checkpoint's pickle tree and the byte offset of each storage's data in the file."""
@@ -162,34 +49,6 @@ class Header:
     size: int  # file size
     complete: bool  # the central directory was there (False: walked the local headers of a cut file)
     sizes: dict[str, int] | None = None  # storage key -> bytes of its zip member (None: walked, unknown)
-
-
-def storages(tree) -> dict[str, int]:
-    """Every storage the tree refers to: key -> bytes."""
-    out: dict[str, int] = {}
-    stack = [tree]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, TensorRef) and isinstance(x.storage, StorageRef):
-            out[x.storage.key] = x.storage.numel * itemsize(x.storage.dtype)
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple, set, frozenset)):
-            stack.extend(x)
-    return out
-
-
-def unpickle(data: bytes, path, unpickler: type = None) -> tuple[object, int]:
-    """The tree, and how many bytes of ``data`` the pickle used."""
-    buf = io.BytesIO(data)
-    try:
-        tree = (unpickler or TreeUnpickler)(buf, path).load()
-    except pickle.UnpicklingError as e:
-        raise fail(path, f"corrupt pickle in data.pkl ({e})", RESAVE) from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, OverflowError,
-            RecursionError) as e:  # what a corrupt or crafted pickle makes the unpickler raise
-        raise fail(path, f"corrupt pickle in data.pkl ({type(e).__name__}: {e})", RESAVE) from None
-    return tree, buf.tell()
 
 
 def _local(f, at: int, path) -> tuple[str, int, int, int]:
@@ -265,32 +124,26 @@ def _walk(f, size: int, path, unpickler: type) -> tuple[object, dict[str, int]]:
     return tree, offsets
 
 
-MAX_PICKLE = 256 << 20  # bytes of data.pkl: a state dict's names and records, even for optimizer state
-
-
-def check_byteorder(record: bytes, path) -> None:
-    """torch writes ``byteorder`` = ``little`` or ``big``; merger reads little-endian bytes only."""
-    if not record.startswith(b"little"):
-        raise fail(path, f"was saved with byte order {record[:8]!r} (a big-endian machine?); merger "
-                         "reads little-endian checkpoints only", "load and re-save it with torch.save on a "
-                                                                 "little-endian machine (x86, ARM)")
-
-
 def read_header(path: str | Path, *, unpickler: type | None = None) -> Header:
     """The pickle tree of a ``torch.save`` file and where its storages lie.
 
     ``unpickler``: the restricted unpickler (default :class:`TreeUnpickler`; a ``pytorch_model.bin``
     uses the narrower :class:`StateDictUnpickler`).
 
+    Returns:
+        A :class:`Header`: ``complete`` when the file has its zip end record (read by
+        ``pt_record.read_record``), else the storages its local headers reach before the cut.
+
     Raises:
-        CheckpointFormatError: the legacy format, not a torch zip, duplicate member names, a
-            big-endian file, a compressed or oversized data.pkl, a pickle that needs a class, a
-            corrupt pickle.
+        CheckpointFormatError: the legacy format, not a torch zip, anything ``read_record``
+            refuses in a file with an end record (duplicate or compressed members, names equal
+            ignoring case, a big-endian file, an oversized data.pkl, no version record, ...), a
+            pickle that needs a class, a corrupt pickle.
     """
     unpickler = unpickler or TreeUnpickler
     path = Path(path)
-    size = path.stat().st_size
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         magic = f.read(4)
         if magic[:1] == b"\x80":
             raise fail(path, LEGACY, LEGACY_HINT)
@@ -298,33 +151,10 @@ def read_header(path: str | Path, *, unpickler: type | None = None) -> Header:
             raise fail(path, "is not a torch zip checkpoint (not a zip file: truncated, corrupt, or garbage)",
                        "give a file written by torch.save (PyTorch >= 1.6), or convert it to safetensors")
         try:
-            zf = zipfile.ZipFile(f)
-        except (zipfile.BadZipFile, OSError):
-            tree, offsets = _walk(f, size, path, unpickler)  # cut short: no central directory
+            tree, offsets, sizes = read_record(f.fileno(), 0, size, path, what="the file", unpickler=unpickler)
+        except NoEndRecord:  # cut short: no central directory; any other refusal stands
+            tree, offsets = _walk(f, size, path, unpickler)
             return Header(str(path), tree, offsets, size, complete=False)
-        with zf:
-            pkls = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
-            if len(pkls) != 1:
-                raise fail(path, "zip file has no single data.pkl: not a torch checkpoint", RESAVE)
-            prefix = pkls[0].filename[: -len("data.pkl")]
-            names = [i.filename for i in zf.infolist()]
-            if len(names) != len(set(names)):
-                dup = next(n for n in names if names.count(n) > 1)
-                raise fail(path, f"holds the zip member {dup!r} twice: which one a reader takes is undefined",
-                           "re-save it with torch.save")
-            pkl = pkls[0]
-            if pkl.compress_type != zipfile.ZIP_STORED or pkl.file_size > MAX_PICKLE:
-                raise fail(path, f"data.pkl is {'compressed' if pkl.compress_type else 'larger than 256 MB'} "
-                                 f"({pkl.file_size} bytes): torch.save writes neither", "re-save it with torch.save")
-            if prefix + "byteorder" in zf.NameToInfo:
-                check_byteorder(zf.read(prefix + "byteorder")[:16], path)
-            tree, _ = unpickle(zf.read(pkl), path, unpickler)
-            offsets, sizes = {}, {}
-            for key in storages(tree):
-                info = zf.NameToInfo.get(f"{prefix}data/{key}")
-                if info is not None:
-                    offsets[key] = _local(f, info.header_offset, path)[2]
-                    sizes[key] = info.file_size
     return Header(str(path), tree, offsets, size, complete=True, sizes=sizes)
 
 

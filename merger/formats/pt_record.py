@@ -23,17 +23,28 @@ member as torch's zip reader (miniz) finds it:
 
 Anything torch would read differently, or that only another zip reader would accept (compressed
 members, encrypted or multi-disk zips, folder entries, members or a directory outside the
-record), is refused. The pickle is read by ``pt_header``'s restricted unpicklers: no object is built.
+record), is refused. A whole ``torch.save`` file is one record over all its bytes
+(``pt_header.read_header``); a file without an end record (cut short) is refused with
+:class:`NoEndRecord`, which ``read_header`` alone turns into a walk of the local headers.
+
+The pickle is read by the restricted unpicklers defined here (:class:`StateDictUnpickler`,
+:class:`TreeUnpickler`): torch's globals become inert records, no class is imported, no code runs.
 """
 
 from __future__ import annotations
 
+import codecs
+import io
 import os
+import pickle
 import re
 import struct
+from collections import OrderedDict
+from dataclasses import dataclass
 
-from merger.formats.base import fail
-from merger.formats.pt_header import MAX_PICKLE, TreeUnpickler, check_byteorder, storages, unpickle
+from merger.errors import CheckpointFormatError
+from merger.formats.base import RESAVE, fail
+from merger.units import itemsize
 
 HEAD = 4096  # bytes read at a record's start: data.pkl, byteorder and the storage's local header
 TAIL = 1024  # bytes read at its end: central directory (~470 bytes for torch's 7 members), end records
@@ -52,6 +63,171 @@ _SMALL = (b"version", b".data/version", b".format_version", b".storage_alignment
           b"byteorder")  # the records torch.load reads besides data.pkl and the storages
 _VERSION = re.compile(rb"\s*\+?0*[1-9]")  # what C++'s stoull reads as a number >= 1
 _NUMBER = re.compile(rb"\s*[+-]?\d+(_\d+)*\s*")  # what Python's int() reads
+
+
+# -- the pickle: restricted unpicklers that build inert records, never an object -----------
+
+RESAVE_PLAIN = ("re-save it with plain values, e.g. torch.save({'model': model.state_dict(), "
+                "'model_args': dict(...), 'iter_num': step}, path), or save model.state_dict() alone")
+_TORCH_DTYPES = ("float16", "float32", "float64", "bfloat16", "half", "float", "double", "int8", "int16",
+                 "int32", "int64", "uint8", "bool", "long", "int")
+
+
+STORAGE_DTYPES = {  # torch's storage classes (as the pickle names them) -> canonical dtype names
+    "HalfStorage": "float16", "FloatStorage": "float32", "DoubleStorage": "float64",
+    "BFloat16Storage": "bfloat16", "ByteStorage": "uint8", "CharStorage": "int8",
+    "ShortStorage": "int16", "IntStorage": "int32", "LongStorage": "int64",
+    "BoolStorage": "bool",
+}
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: str
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    key: str
+    dtype: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    storage: StorageRef
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _count(x) -> bool:
+    """A non-negative int (not a bool, float or anything else a crafted pickle could hold)."""
+    return type(x) is int and x >= 0
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *args):
+    if not (_count(storage_offset) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
+            and all(_count(d) for d in size) and all(_count(s) for s in stride) and len(size) == len(stride)):
+        raise pickle.UnpicklingError(f"a tensor record with offset {storage_offset!r:.40}, shape {size!r:.80} "
+                                     f"and stride {stride!r:.80} (negative, non-integer or mismatched)")
+    return TensorRef(storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data, *args):
+    return data
+
+
+class StateDictUnpickler(pickle.Unpickler):
+    """Resolves only the globals a state dict needs; everything else is refused."""
+
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module, name):
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(STORAGE_DTYPES[name])
+        raise fail(self.path, f"holds a non-tensor object ({module}.{name}); merger never unpickles "
+                               "arbitrary objects", "save a plain state dict, or convert it to safetensors")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and _count(pid[4])):
+            raise fail(self.path, f"malformed storage record in data.pkl: {pid!r:.80}", RESAVE)
+        return StorageRef(str(pid[2]), pid[1].dtype, int(pid[4]))
+
+
+class _PlainDict(dict):
+    """A dict that accepts attributes (Lightning's ``AttributeDict`` and friends land here)."""
+
+
+def _rebuild_parameter_with_state(data, requires_grad, hooks, state):
+    return data
+
+
+_PLAIN_GLOBALS = {
+    ("torch", "Size"): tuple,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+    ("_codecs", "encode"): codecs.encode,  # bytes, in pickle protocol 2
+    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice, ("builtins", "complex"): complex,
+    ("lightning.fabric.utilities.data", "AttributeDict"): _PlainDict,
+    ("lightning_fabric.utilities.data", "AttributeDict"): _PlainDict,
+    ("pytorch_lightning.utilities.parsing", "AttributeDict"): _PlainDict,
+}
+
+
+class TreeUnpickler(StateDictUnpickler):
+    """``torch_zip``'s header unpickler, widened to the plain values a training checkpoint holds."""
+
+    def find_class(self, module, name):
+        if (module, name) in _PLAIN_GLOBALS:
+            return _PLAIN_GLOBALS[(module, name)]
+        if module == "torch" and name in _TORCH_DTYPES:
+            return f"torch.{name}"  # a dtype in a config: kept as its name
+        if module == "torch" and name == "device":
+            return lambda *a: ":".join(map(str, a))
+        if module in ("collections", "torch", "torch._utils"):
+            try:
+                return super().find_class(module, name)
+            except Exception:  # noqa: BLE001 - refused below with our own words
+                pass
+        raise fail(self.path, f"its pickle needs the class or function {module}.{name}; merger reads only "
+                              "tensors and plain Python values (it imports no class and runs no code)",
+                   RESAVE_PLAIN)
+
+
+def storages(tree) -> dict[str, int]:
+    """Every storage the tree refers to: key -> bytes."""
+    out: dict[str, int] = {}
+    stack = [tree]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, TensorRef) and isinstance(x.storage, StorageRef):
+            out[x.storage.key] = x.storage.numel * itemsize(x.storage.dtype)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack.extend(x)
+    return out
+
+
+def unpickle(data: bytes, path, unpickler: type = None) -> tuple[object, int]:
+    """The tree, and how many bytes of ``data`` the pickle used."""
+    buf = io.BytesIO(data)
+    try:
+        tree = (unpickler or TreeUnpickler)(buf, path).load()
+    except pickle.UnpicklingError as e:
+        raise fail(path, f"corrupt pickle in data.pkl ({e})", RESAVE) from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, OverflowError,
+            RecursionError) as e:  # what a corrupt or crafted pickle makes the unpickler raise
+        raise fail(path, f"corrupt pickle in data.pkl ({type(e).__name__}: {e})", RESAVE) from None
+    return tree, buf.tell()
+
+
+MAX_PICKLE = 256 << 20  # bytes of data.pkl: a state dict's names and records, even for optimizer state
+
+
+def check_byteorder(record: bytes, path) -> None:
+    """torch writes ``byteorder`` = ``little`` or ``big``; merger reads little-endian bytes only."""
+    if not record.startswith(b"little"):
+        raise fail(path, f"was saved with byte order {record[:8]!r} (a big-endian machine?); merger "
+                         "reads little-endian checkpoints only", "load and re-save it with torch.save on a "
+                                                                 "little-endian machine (x86, ARM)")
+
+
+# -- the zip, as torch reads it -------------------------------------------------------------------
+
+class NoEndRecord(CheckpointFormatError):
+    """The record has no zip end record (no end signature in its last 64 KiB, or too short for
+    one): a zip cut short, whose central directory never got written (or not a zip at all)."""
 
 
 def _zip64_extra(extra: bytes, usize: int, csize: int, local: int, bad) -> tuple[int, int, int]:
@@ -88,13 +264,14 @@ def read_record(fd: int, start: int, length: int, path, *, what: str = "the reco
         path: where errors say they are (the file, and what the record is).
         what: how errors name the record (``"the chunk's record"``).
         hint: how errors about the zip say to fix it.
-        unpickler: ``pt_header``'s restricted unpickler (default :class:`TreeUnpickler`).
+        unpickler: the restricted unpickler (default :class:`TreeUnpickler`).
 
     Returns:
         ``(tree, offsets, sizes)``: the unpickled tree (inert records), and for each storage it
         names that the record holds: the absolute file offset of its first byte, its member's bytes.
 
     Raises:
+        NoEndRecord: no zip end record (cut short), or too short to hold one.
         CheckpointFormatError: not a zip record, end records or a directory outside the record,
             compressed, encrypted or duplicate members, a member past the record's end, no
             ``data.pkl`` or ``version``, a member outside the archive folder, a big-endian
@@ -109,8 +286,11 @@ def read_record(fd: int, start: int, length: int, path, *, what: str = "the reco
             raise bad(f"the file ends inside it, at byte {start + at + len(data)}")
         return data
 
+    def no_end(reason: str):
+        return NoEndRecord(f"{path}: {what} is unreadable ({reason})", path=str(path), hint=hint)
+
     if length < _EOCD.size + 30:
-        raise bad(f"{length} bytes is too short for a torch.save record")
+        raise no_end(f"{length} bytes is too short for a torch.save record")
     if length <= HEAD + TAIL:  # small: one read
         head = tail = pread(0, length)
     else:
@@ -134,7 +314,7 @@ def read_record(fd: int, start: int, length: int, path, *, what: str = "the reco
         tail, tail_at = pread(length - n, n), length - n
         i = tail.rfind(b"PK\x05\x06", 0, len(tail) - _EOCD.size + 4)
     if i < 0:
-        raise bad("no zip end record at its end: cut short, or not a torch.save record")
+        raise no_end("no zip end record at its end: cut short, or not a torch.save record")
     eocd = tail_at + i
     _, disk, cd_disk, n_here, n_files, cd_size, cd_at, _ = _EOCD.unpack_from(tail, i)
     if eocd >= _LOCATOR.size + _EOCD64.size:
@@ -240,7 +420,8 @@ def read_record(fd: int, start: int, length: int, path, *, what: str = "the reco
         raise bad(f"byteorder record {order[:16]!r} (torch writes 'little' or 'big')")
     at, size = member(b"data.pkl")
     if size > MAX_PICKLE:
-        raise bad(f"a data.pkl of {size} bytes")
+        raise bad(f"its data.pkl holds {size} bytes, more than the {MAX_PICKLE >> 20} MB merger reads: "
+                  "torch.save writes a state dict's names and records in far less")
     tree, _ = unpickle(get(at, size), path, unpickler or TreeUnpickler)
     offsets: dict[str, int] = {}
     sizes: dict[str, int] = {}

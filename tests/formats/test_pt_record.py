@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties,
                                                    TensorStorageMetadata)
 
+from crafted import build, members
 from merger.errors import CheckpointFormatError
 from merger.formats import pt_record
 from merger.formats.dcp import read
@@ -40,43 +41,6 @@ def saved(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
-
-
-def members(record: bytes) -> list[dict]:
-    """The members of a record, in order, as :func:`build` takes them."""
-    z = zipfile.ZipFile(io.BytesIO(record))
-    return [{"name": i.filename.encode(), "data": z.read(i)} for i in z.infolist()]
-
-
-def build(ms: list[dict], *, cd_at: int | None = None, comment: bytes = b"", zip64_end: bool = True) -> bytes:
-    """A stored zip written by hand. Each member: ``name``, ``data``; optional ``lname``/``lextra``
-    (its local header's name and extra field), ``lsize`` (the local header's size fields), ``flags``,
-    ``method``, ``cdata`` (the stored bytes, when ``method`` says compressed), ``local_at`` (the
-    directory's offset for it), ``zip64`` (sizes and offset in a zip64 extra field), ``attrs``."""
-    out, cd = bytearray(), bytearray()
-    for m in ms:
-        at, data = len(out), m["data"]
-        stored, crc, flags = m.get("cdata", data), zlib.crc32(data), m.get("flags", 0)
-        lname, lextra = m.get("lname", m["name"]), m.get("lextra", b"")
-        lsize = m.get("lsize", 0 if flags & 8 else len(stored))
-        out += struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, flags, m.get("method", 0), 0, 0, 0 if flags & 8 else crc,
-                           lsize, lsize, len(lname), len(lextra)) + lname + lextra + stored
-        if flags & 8:
-            out += struct.pack("<4s3L", b"PK\x07\x08", crc, len(stored), len(data))
-        csize, usize, local, extra = len(stored), len(data), m.get("local_at", at), b""
-        if m.get("zip64"):
-            extra = struct.pack("<HHQQQ", 1, 24, usize, csize, local)
-            csize = usize = local = 0xFFFFFFFF
-        cd += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 45, 20, flags, m.get("method", 0), 0, 0, crc, csize, usize,
-                          len(m["name"]), len(extra), 0, 0, 0, m.get("attrs", 0), local) + m["name"] + extra
-    cd_off = len(out) if cd_at is None else cd_at
-    out += cd
-    if zip64_end:
-        at64 = len(out)
-        out += struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, len(ms), len(ms), len(cd), cd_off)
-        out += struct.pack("<4sLQL", b"PK\x06\x07", 0, at64, 1)
-    out += struct.pack("<4s4HLLH", b"PK\x05\x06", 0, 0, len(ms), len(ms), len(cd), cd_off, len(comment)) + comment
-    return bytes(out)
 
 
 def edit(ms: list[dict], member: bytes, **change) -> list[dict]:
@@ -284,6 +248,25 @@ def test_records_torch_would_read_otherwise_are_refused(tmp_path, make, expected
     err = refusal(tmp_path, rec)
     assert "__0_0.distcp (tensor 'model.w', chunk at [0, 0]): " in err and expected in err, err
     assert isinstance(torch_reads(rec), torch.Tensor) == torch_loads_it
+
+
+def test_only_a_record_without_end_record_raises_no_end_record(tmp_path):
+    """``NoEndRecord`` (the one refusal ``pt_header.read_header`` turns into a walk of a cut file's
+    local headers) is raised for a record cut before its end record, and for no other refusal."""
+    rec = build(members(saved(T)))
+    f = tmp_path / "records"
+    f.write_bytes(rec + build(members(saved(T)), cd_at=100))
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        for length in (len(rec) - 60, 40):
+            with pytest.raises(pt_record.NoEndRecord, match="no zip end record|too short"):
+                read_record(fd, 0, length, f)
+        with pytest.raises(CheckpointFormatError, match="a corrupt central directory entry") as e:
+            read_record(fd, len(rec), f.stat().st_size - len(rec), f)
+        assert not isinstance(e.value, pt_record.NoEndRecord)
+        assert read_record(fd, 0, len(rec), f)[1] == {"0": rec.index(T.numpy().tobytes())}
+    finally:
+        os.close(fd)
 
 
 def test_a_member_past_the_end_of_the_record_is_refused(tmp_path):

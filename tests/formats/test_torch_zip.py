@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_run
+from conftest import check_against_reference, make_run
 from crafted import Storage as _Storage
 from crafted import Tensor as _Tensor
-from crafted import write_torch_zip
+from crafted import build, members, write_torch_zip
 from merger.cli import app
 
 runner = CliRunner()
@@ -48,9 +48,13 @@ def digest(root: Path) -> dict:
 
 
 @pytest.fixture
-def run(tmp_path):
-    root, sds = make_run(tmp_path / "run", fmt="bin")
-    return root
+def run_sds(tmp_path):
+    return make_run(tmp_path / "run", fmt="bin")
+
+
+@pytest.fixture
+def run(run_sds):
+    return run_sds[0]
 
 
 def refused(run: Path, tmp_path: Path, *expected: str) -> None:
@@ -105,7 +109,7 @@ def test_malformed_tensor_records_are_refused(run, tmp_path, offset, size, strid
 def test_compressed_pickle_is_refused(run, tmp_path):
     """A zip bomb: a data.pkl that would inflate to far more than the file; torch never compresses it."""
     rewrite(run / "step2000" / "pytorch_model.bin", compress_pkl=True)
-    refused(run, tmp_path, "data.pkl is compressed")
+    refused(run, tmp_path, "holds the compressed zip member 'pytorch_model/data.pkl'")
 
 
 def test_size_one_dims_with_any_stride_are_contiguous(run, tmp_path):
@@ -122,3 +126,58 @@ def test_size_one_dims_with_any_stride_are_contiguous(run, tmp_path):
     blob = f.read_bytes()
     got = b"".join(blob[e.offset: e.offset + e.nbytes] for e in info.extents)
     assert got == want.numpy().tobytes() and len(info.extents) == 1
+
+
+# -- whole files are read by their central directory, as torch (miniz) reads them ----------------
+
+def reads_like_torch(f: Path) -> None:
+    """merger's extents of every tensor of ``f`` hold exactly the bytes ``torch.load`` reads."""
+    from merger.formats.torch_zip import read_torch_zip
+
+    want, got, blob = torch.load(f, weights_only=True), read_torch_zip(f), f.read_bytes()
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert (got[k].dtype, got[k].shape) == (str(v.dtype).removeprefix("torch."), tuple(v.shape)), k
+        data = b"".join(blob[e.offset: e.offset + e.nbytes] for e in got[k].extents)
+        assert data == v.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), k
+
+
+@pytest.mark.parametrize("kind", ["directory names in another case", "local header names differ"])
+def test_member_names_are_found_as_torch_finds_them(run_sds, tmp_path, kind):
+    """A pytorch_model.bin rewritten by hand: its central directory names each storage
+    ``pytorch_model/DATA/<key>`` while the pickle asks for ``data/<key>`` (miniz looks names up
+    ignoring ASCII case: torch finds them; Python's zipfile does not), or its local headers carry
+    other (longer) names than its directory (torch takes the directory's; zipfile refuses to read
+    the member). merger reads what torch.load reads, and averages it."""
+    run, sds = run_sds
+    f = run / "step2000" / "pytorch_model.bin"
+    ms = members(f.read_bytes())
+    if kind == "directory names in another case":
+        ms = [{**m, "name": m["name"].replace(b"/data/", b"/DATA/")} for m in ms]
+    else:
+        ms = [{**m, "lname": m["name"] + b"-another-name"} if m["name"].endswith((b"data.pkl", b"/0", b"/1")) else m
+              for m in ms]
+    f.write_bytes(build(ms))
+    with zipfile.ZipFile(f) as z:  # what the old reader (Python's zipfile) saw
+        if kind == "directory names in another case":
+            assert "pytorch_model/data/0" not in z.NameToInfo and "pytorch_model/DATA/0" in z.NameToInfo
+        else:
+            with pytest.raises(zipfile.BadZipFile, match="differ"):
+                z.read("pytorch_model/data.pkl")
+    loaded = torch.load(f, weights_only=True)
+    assert set(loaded) == set(sds[1]) and all(torch.equal(loaded[k], v) for k, v in sds[1].items())
+    reads_like_torch(f)
+    r = runner.invoke(app, ["average", str(run), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    check_against_reference(tmp_path / "out", sds, [1 / 3] * 3)
+
+
+def test_a_file_with_an_end_record_is_never_walked(run, tmp_path):
+    """Only a file with no zip end record (cut short) is read by walking its local headers; a
+    complete file that torch refuses (here: its central directory offset points into data.pkl) is
+    refused, not walked."""
+    f = run / "step2000" / "pytorch_model.bin"
+    f.write_bytes(build(members(f.read_bytes()), cd_at=100))
+    with pytest.raises(Exception):  # noqa: B017 - torch refuses it, with whatever it raises
+        torch.load(f, weights_only=True)
+    refused(run, tmp_path, "a corrupt central directory entry")
