@@ -26,7 +26,7 @@ from merger.errors import UsageError
 from merger.formats.base import Extent, TensorInfo, check_extents, fail
 from merger.formats.inputs import contained, open_input
 from merger.formats.dcp_metadata import METADATA, RESAVE, Chunk, DcpMetadata, Entry, read_metadata
-from merger.formats.pt_header import StateDictUnpickler, StorageRef, TensorRef, contiguous_strides
+from merger.formats.pt_header import StateDictUnpickler, StorageRef, TensorRef, is_contiguous
 from merger.formats.pt_record import HEAD, TAIL, read_record
 from merger.units import itemsize
 
@@ -100,13 +100,12 @@ def model_entries(md: DcpMetadata, key: str | None, where: str | Path) -> list[E
     return picked
 
 
-def carried_objects(path: str | Path, key: str | None = None) -> list[Entry]:
-    """The entries an output carries over as they are (the latest input's): the model part's
-    ``_extra_state`` objects and :data:`CARRIED` groups, which a framework's loader asks for
-    (Megatron-Core's ``dist_checkpointing.load`` wants every ``_extra_state`` its model has).
-    Pickled bytes with one record each; nothing to average in them."""
-    md = read_metadata(path)
-    model = {e.fqn for e in model_entries(md, key, path)}
+def carried_objects(md: DcpMetadata, key: str | None, where: str | Path) -> list[Entry]:
+    """The entries an output carries over as they are (from ``md``, the latest input's metadata,
+    read from ``where``): the model part's ``_extra_state`` objects and :data:`CARRIED` groups,
+    which a framework's loader asks for (Megatron-Core's ``dist_checkpointing.load`` wants every
+    ``_extra_state`` its model has). Pickled bytes with one record each; nothing to average in them."""
+    model = {e.fqn for e in model_entries(md, key, where)}
     prefixes = {f.split("/", 1)[0].rsplit(".", 2)[0] for f in model}  # the modules the model part has
     return [e for f, e in md.entries.items() if not e.is_tensor and len(e.chunks) == 1 and e.chunks[0].file
             and (group(f) in CARRIED or extra_state(f) and any(f.startswith(p) for p in prefixes))]
@@ -131,9 +130,7 @@ def _chunk_data(fd: int, path: str, chunk: Chunk, name: str, dtype: str) -> int:
     if ref.storage.dtype != dtype or tuple(ref.shape) != chunk.sizes:
         raise fail(where, f"the record holds a {ref.storage.dtype} {list(ref.shape)}, the metadata says "
                           f"{dtype} {list(chunk.sizes)}", RESAVE)
-    # contiguous as torch says it: a size-1 dim's stride is never used (``x[i:i+1]`` keeps its parent's)
-    if math.prod(ref.shape) > 1 and any(n > 1 and s != c for n, s, c in zip(ref.shape, ref.stride,
-                                                                             contiguous_strides(ref.shape))):
+    if math.prod(ref.shape) > 1 and not is_contiguous(ref.shape, ref.stride):
         raise fail(where, f"the chunk is not contiguous (stride {list(ref.stride)})",
                    "re-save the checkpoint from contiguous tensors")
     isize = itemsize(dtype)

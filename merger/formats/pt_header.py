@@ -33,7 +33,8 @@ from merger.formats.pt_record import (MAX_PICKLE, STORAGE_DTYPES, NoEndRecord, S
 from merger.units import itemsize
 
 __all__ = ["STORAGE_DTYPES", "Header", "StateDictUnpickler", "StorageRef", "TensorRef", "TreeUnpickler",
-           "contiguous_strides", "plain", "read_header", "signature", "tensor_extents", "to_plain"]
+           "contiguous_strides", "is_contiguous", "plain", "read_header", "signature", "tensor_extents",
+           "to_plain"]
 
 LEGACY = ("it was saved in torch's legacy format: the legacy (non-zip) format of PyTorch < 1.6, or of "
           "_use_new_zipfile_serialization=False")
@@ -193,6 +194,12 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
         strides.append(acc)
         acc *= max(d, 1)
     return tuple(reversed(strides))
+
+
+def is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """C-contiguous as torch's ``is_contiguous()`` decides it: a size-1 dim's stride is never used
+    (``x[i:i+1]`` and a column's transpose keep other strides there)."""
+    return all(n == 1 or s == c for n, s, c in zip(shape, stride, contiguous_strides(shape)))
 
 
 def signature(t: TensorRef) -> tuple:

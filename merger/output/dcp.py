@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from merger.errors import OutputError
-from merger.output.dcp_records import STORAGES, metadata_pickle, record_head, record_tail
+from merger.output.dcp_records import STORAGES, metadata_pickle, record_head, record_tail, tail_length
 from merger.output.shards import Frames
 
 
@@ -40,7 +40,7 @@ def span(dtype: str, shape: tuple[int, ...], nbytes: int, *, name: str = "") -> 
     """
     _check(name, dtype)
     head = len(record_head(dtype, shape, nbytes))
-    return head, len(record_tail(dtype, shape, nbytes, 0, head=head))
+    return head, tail_length(dtype, shape, nbytes, head=head)
 
 
 def filename(i: int, k: int) -> str:
@@ -74,8 +74,7 @@ def write(tmp: Path, plan) -> list[str]:
     from merger.formats.inputs import contained, open_input
 
     latest = plan.sources[-1].path
-    is_dcp = bool(latest) and (Path(latest) / ".metadata").is_file()
-    planner = read_metadata(latest).planner_data if is_dcp else {}
+    md = read_metadata(latest) if latest and (Path(latest) / ".metadata").is_file() else None
     records = []
     for t in plan.tensors:
         nbytes = t.numel * t.out_itemsize
@@ -84,23 +83,27 @@ def write(tmp: Path, plan) -> list[str]:
                         head + nbytes + tail))
     files = [sp.filename for sp in plan.shards]
     objects = []
-    carried = carried_objects(latest, plan.options.key) if is_dcp else []
+    carried = carried_objects(md, plan.options.key, latest) if md else []
     if carried:
         name = filename(len(plan.shards), len(plan.shards) + 1)
-        with open(tmp / name, "wb") as f:
-            for e in carried:
-                c = e.chunks[0]
-                src = contained(latest, c.file, what="storage file")
-                fd = open_input(src, what="storage file")
-                try:
+        fds: dict[str, tuple[int, Path]] = {}  # each input file opened once
+        try:
+            with open(tmp / name, "wb") as f:
+                for e in carried:
+                    c = e.chunks[0]
+                    if c.file not in fds:
+                        src = contained(latest, c.file, what="storage file")
+                        fds[c.file] = (open_input(src, what="storage file"), src)
+                    fd, src = fds[c.file]
                     data = os.pread(fd, c.length, c.offset)
-                finally:
-                    os.close(fd)
-                if len(data) != c.length:
-                    raise OutputError(f"{src}: the object {e.fqn!r} runs past the end of the file",
-                                      hint="copy the checkpoint again, or re-save it")
-                objects.append((e.fqn, name, f.tell(), c.length, c.transforms))
-                f.write(data)
+                    if len(data) != c.length:
+                        raise OutputError(f"{src}: the object {e.fqn!r} runs past the end of the file",
+                                          hint="copy the checkpoint again, or re-save it")
+                    objects.append((e.fqn, name, f.tell(), c.length, c.transforms))
+                    f.write(data)
+        finally:
+            for fd, _ in fds.values():
+                os.close(fd)
         files.append(name)
-    (tmp / ".metadata").write_bytes(metadata_pickle(records, planner, objects))
+    (tmp / ".metadata").write_bytes(metadata_pickle(records, md.planner_data if md else {}, objects))
     return [".metadata", *files]

@@ -131,8 +131,8 @@ class ShardWriter:
         self.path = path
         self.frames = frames
         n = len(frames.starts) if frames else 0
-        self._fcrc = [0] * n  # per framed tensor: CRC-32 of its first _fdone bytes (-1: out of order)
-        self._fdone = [0] * n
+        self._fcrc = [0] * n  # per framed tensor: CRC-32 of its first _fdone bytes
+        self._fdone = [0] * n  # bytes of it written in order so far (-1: a write came out of order)
         self._heads = [False] * n  # written yet
         self._tails = [False] * n
         self.label = label or str(path)
