@@ -6,10 +6,15 @@ temporary ``HF_HUB_CACHE`` (see ``test_hub.py``), set here before huggingface_hu
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
+# The session's HF cache holds ~1.6 GB of Pythia-shaped revisions (test_hub.py): removed when the
+# test process exits, so repeated runs do not fill the disk.
 _CACHE = tempfile.mkdtemp(prefix="merger-test-hfcache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.update({
     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_CACHE": _CACHE, "HF_HOME": os.path.join(_CACHE, "home"), "HF_HUB_DISABLE_TELEMETRY": "1",
