@@ -111,7 +111,7 @@ def carried_objects(md: DcpMetadata, key: str | None, where: str | Path) -> list
             and (group(f) in CARRIED or extra_state(f) and any(f.startswith(p) for p in prefixes))]
 
 
-def _chunk_data(fd: int, path: str, chunk: Chunk, name: str, dtype: str) -> int:
+def _chunk_data(fd: int, path: str, chunk: Chunk, name: str, dtype: str, memo: dict[bytes, object]) -> int:
     """File offset of the chunk's first storage byte, read from its ``torch.save`` record
     (``pt_record``: its end records, central directory and data.pkl, two reads).
 
@@ -122,7 +122,7 @@ def _chunk_data(fd: int, path: str, chunk: Chunk, name: str, dtype: str) -> int:
     """
     where = f"{path} (tensor {name!r}, chunk at {list(chunk.offsets)})"
     ref, offsets, sizes = read_record(fd, chunk.offset, chunk.length, where, what="the chunk's record", hint=RESAVE,
-                                      unpickler=StateDictUnpickler)
+                                      unpickler=StateDictUnpickler, memo=memo)
     if not isinstance(ref, TensorRef) or not isinstance(ref.storage, StorageRef):
         raise fail(where, "the chunk's record holds no tensor", RESAVE)
     if ref.storage.key not in offsets:
@@ -191,7 +191,8 @@ def _open(folder: Path, file: str, name: str) -> tuple[int, int, str]:
     return fd, os.fstat(fd).st_size, str(fpath)
 
 
-def _tensor(folder: Path, e: Entry, files: dict[str, tuple[int, int, str]], ends: dict[str, int]) -> TensorInfo:
+def _tensor(folder: Path, e: Entry, files: dict[str, tuple[int, int, str]], ends: dict[str, int],
+            memo: dict[bytes, object]) -> TensorInfo:
     if e.dtype is None:
         raise fail(folder / METADATA, f"tensor {e.fqn!r} has a dtype merger doesn't know", RESAVE)
     isize = itemsize(e.dtype)
@@ -222,7 +223,7 @@ def _tensor(folder: Path, e: Entry, files: dict[str, tuple[int, int, str]], ends
             raise fail(fpath, f"is shorter than the metadata says: it has {size} bytes, its records "
                               f"(tensor {e.fqn!r} has a chunk in it) end at byte {ends[c.file]} (truncated, "
                               "or a partial copy)", "copy the checkpoint again, or re-save it")
-        data = _chunk_data(fd, fpath, c, e.fqn, e.dtype)
+        data = _chunk_data(fd, fpath, c, e.fqn, e.dtype, memo)
         extents += chunk_extents(fpath, data, e.shape, c, isize)
     t = TensorInfo(e.fqn, e.dtype, e.shape, _coalesce(extents))
     check_extents(t, f"{folder} ({', '.join(sorted({c.file for c in e.chunks if c.file}))})")
@@ -265,14 +266,32 @@ def read(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
     try:
         entries = model_entries(md, key, folder)
         _prefetch(folder, entries, files)
-        return {e.fqn: _tensor(folder, e, files, md.file_ends) for e in entries}
+        memo: dict[bytes, object] = {}
+        out = {e.fqn: _tensor(folder, e, files, md.file_ends, memo) for e in entries}
     finally:
         for fd, _, _ in files.values():
             os.close(fd)
+    _READ_FILES[_identity(folder)] = [METADATA, *sorted({c.file for e in entries for c in e.chunks if c.file})]
+    return out
+
+
+# folder's .metadata identity -> the files its last read() took chunks from: weight_files() answers
+# from it instead of parsing .metadata again (0.02 s a revision at 410m with AdamW state)
+_READ_FILES: dict[tuple, list[str]] = {}
+
+
+def _identity(folder: Path) -> tuple:
+    st = os.stat(folder / METADATA)
+    return os.path.realpath(folder), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def weight_files(path: str | Path) -> list[str]:
-    """``.metadata`` and the ``.distcp`` files that hold model chunks, relative to ``path``."""
+    """``.metadata`` and the ``.distcp`` files that hold model chunks, relative to ``path``: those
+    :func:`read` took chunks from (its ``key``) when it read this ``.metadata``, else those of the
+    default model part."""
+    known = _READ_FILES.get(_identity(Path(path)))
+    if known is not None:
+        return list(known)
     md = read_metadata(path)
     files = {c.file for e in model_entries(md, None, path) for c in e.chunks if c.file}
     return [METADATA, *sorted(files)]

@@ -254,7 +254,8 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, local: int, bad) -> tuple
 
 
 def read_record(fd: int, start: int, length: int, path, *, what: str = "the record", hint: str = RESAVE_RECORD,
-                unpickler: type | None = None) -> tuple[object, dict[str, int], dict[str, int]]:
+                unpickler: type | None = None, memo: dict[bytes, object] | None = None
+                ) -> tuple[object, dict[str, int], dict[str, int]]:
     """The pickle tree of the ``torch.save`` record at bytes ``[start, start + length)`` of ``fd``,
     and where its storages lie.
 
@@ -265,6 +266,9 @@ def read_record(fd: int, start: int, length: int, path, *, what: str = "the reco
         what: how errors name the record (``"the chunk's record"``).
         hint: how errors about the zip say to fix it.
         unpickler: the restricted unpickler (default :class:`TreeUnpickler`).
+        memo: trees already unpickled, by their data.pkl bytes, for a caller that reads many records
+            with one unpickler and changes no tree (DCP: a chunk's pickle names no tensor, so the
+            same-shaped chunks of every layer and revision share one).
 
     Returns:
         ``(tree, offsets, sizes)``: the unpickled tree (inert records), and for each storage it
@@ -422,7 +426,12 @@ def read_record(fd: int, start: int, length: int, path, *, what: str = "the reco
     if size > MAX_PICKLE:
         raise bad(f"its data.pkl holds {size} bytes, more than the {MAX_PICKLE >> 20} MB merger reads: "
                   "torch.save writes a state dict's names and records in far less")
-    tree, _ = unpickle(get(at, size), path, unpickler or TreeUnpickler)
+    pkl = get(at, size)
+    tree = memo.get(pkl) if memo is not None else None
+    if tree is None:
+        tree, _ = unpickle(pkl, path, unpickler or TreeUnpickler)
+        if memo is not None:
+            memo[pkl] = tree
     offsets: dict[str, int] = {}
     sizes: dict[str, int] = {}
     for key in storages(tree):

@@ -16,6 +16,7 @@ Both pickles name torch's globals (``torch._utils._rebuild_tensor_v2``, ``torch.
 from __future__ import annotations
 
 import copyreg
+import functools
 import io
 import pickle
 import struct
@@ -119,6 +120,11 @@ def _end(count: int, cd_at: int, cd_len: int) -> bytes:
 
 
 def _pickle(dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
+    return _pickle_of(dtype, tuple(shape), nbytes)
+
+
+@functools.lru_cache(maxsize=1024)  # a model has a few dozen shapes; the pure-Python pickler is slow
+def _pickle_of(dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
     numel = nbytes // max(1, _itemsize(dtype))
     return dumps(Call(Global("torch._utils", "_rebuild_tensor_v2"),
                       (_Storage(dtype, numel), 0, tuple(shape), contiguous_strides(tuple(shape)), False,
@@ -128,6 +134,11 @@ def _pickle(dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
 def record_head(dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
     """The bytes of a ``torch.save`` record of a contiguous ``dtype`` tensor of ``shape`` (``nbytes``
     bytes) that come before its storage: the storage starts right after them."""
+    return _head_of(dtype, tuple(shape), nbytes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _head_of(dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
     pkl = _pickle(dtype, shape, nbytes)
     head = _local(_MEMBERS[0], zlib.crc32(pkl), len(pkl)) + pkl + _local(_MEMBERS[1], _LITTLE_CRC, 6) + b"little"
     zip64 = struct.pack("<HHQQ", 1, 16, 0, 0) if nbytes >= _NO else b""
