@@ -10,8 +10,9 @@ nanoGPT / the LAWA code save: ``ckpt_<step>.pt`` with the model, the AdamW state
    ``merger average RUN -r ckpt_A..ckpt_B --every S`` into a nanoGPT ``ckpt.pt`` (checked
    against lawa.py's way, ``torch.load`` of every file and a mean) and into a Hugging Face
    folder (``--to hf``), scored on held-out text against the block's last checkpoint;
-2. every checkpoint converted with ``--to hf``, and ``merger sweep -k 5``: the gain table and
-   figure (raw vs the average of the 5 checkpoints ending at each step).
+2. ``merger sweep RUN -k 5 --tokenizer TOK`` on the ``.pt`` files themselves: the gain table
+   and figure (raw vs the average of the 5 checkpoints ending at each step), each model scored as
+   the GPT-2 that ``--to hf`` writes, converted in memory.
 
 About 3 minutes on 2 CPU cores; everything goes under ``nanogpt-lawa/`` (git-ignored).
 
@@ -111,10 +112,10 @@ def main() -> None:
 
     steps = list(range(a.save_every, a.steps + 1, a.save_every))
     hf = a.out / "hf"
-    for s in steps:  # every checkpoint as a HF folder: what `merger sweep` reads
+    for s in steps[K - 1::K]:  # each block's last checkpoint as a HF folder, for the table
         if not (hf / f"step{s}" / "config.json").exists():
             to_hf(run / f"ckpt_{s}.pt", hf / f"step{s}")
-    scorer = HeldoutScorer(hf / f"step{steps[-1]}", limit=a.limit)
+    scorer = HeldoutScorer(hf / f"step{steps[K - 1::K][-1]}", limit=a.limit)
     rows = []
     for i in range(0, len(steps) - K + 1, K):  # lawa.py: non-overlapping blocks of K
         lo, hi = steps[i], steps[i + K - 1]
@@ -136,8 +137,9 @@ def main() -> None:
     for lo, hi, last, avg, diff, rb, fb in rows:
         print(f"| ckpt_{lo}..{hi} | {last:.4f} | {avg:.4f} | {last - avg:+.4f} | {diff:.1e} | {rb / fb:.2f} |")
     sweep_dir = a.out / "sweep"
-    subprocess.run([sys.executable, "-m", "merger", "sweep", str(hf), "-k", str(K), "--limit", str(a.limit),
-                    "-o", str(sweep_dir)], check=True)
+    save_byte_tokenizer(a.out / "tokenizer")  # the run's tokenizer: training checkpoints carry none
+    subprocess.run([sys.executable, "-m", "merger", "sweep", str(run), "-k", str(K), "--limit", str(a.limit),
+                    "--tokenizer", str(a.out / "tokenizer"), "-o", str(sweep_dir)], check=True)
     print(f"\nfigure: {sweep_dir / 'sweep.png'}; total {time.time() - t0:.0f} s")
 
 

@@ -57,6 +57,10 @@ OutputOpt = Annotated[Path | None, typer.Option(
     help="Where sweep.csv, sweep.json and sweep.png are written (replacing earlier ones).")]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", help="Where models are evaluated: auto, cpu, cuda or cuda:N.")]
+TokenizerOpt = Annotated[str | None, typer.Option(
+    "--tokenizer", metavar="NAME_OR_PATH", show_default="the latest revision's own",
+    help="Tokenizer folder or Hub name: needed for nanoGPT .pt runs (training checkpoints carry none), "
+         "or to replace a run's own.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
 
@@ -64,7 +68,7 @@ def sweep_command(model: ModelArg = None, revisions: RevisionsOpt = None,
                   window: WindowOpt = ..., every: EveryOpt = None, methods: MethodsOpt = "uniform",
                   decay: DecayOpt = None, shape: ShapeOpt = None, tasks: TasksOpt = None, metric: MetricOpt = None,
                   limit: LimitOpt = None, output_dir: OutputOpt = None, device: DeviceOpt = "auto",
-                  json_out: JsonOpt = False) -> None:
+                  tokenizer: TokenizerOpt = None, json_out: JsonOpt = False) -> None:
     """Compare each checkpoint with the average of the K checkpoints ending at it (the LAWA figure).
 
     Each checkpoint is read at most twice: a float64 sliding sum adds the newest checkpoint and
@@ -80,6 +84,8 @@ def sweep_command(model: ModelArg = None, revisions: RevisionsOpt = None,
         merger sweep runs/tiny -r ..step9000 -k 4 --tasks merger_pydocs_mc --limit 100 --json
 
         merger sweep runs/wsd -r step4000..step6000 --every 200 -k 6 -m uniform,decay --shape cosine
+
+        merger sweep out/ -r 1000..20000 --every 1000 -k 5 --tokenizer gpt2   # nanoGPT ckpt_<step>.pt
     """
     from merger.eval.sweep import SweepOptions, sweep  # imports torch: not at `merger --help`
 
@@ -88,7 +94,7 @@ def sweep_command(model: ModelArg = None, revisions: RevisionsOpt = None,
 
     n = parse_limit(limit)
     opts = SweepOptions(window=window, methods=items(methods), decay=decay, shape=shape, metric=metric,
-                        tasks=items(tasks) if tasks else None, limit=n, device=device)
+                        tasks=items(tasks) if tasks else None, limit=n, device=device, tokenizer=tokenizer)
     name = (model or "EleutherAI/pythia-70m").rstrip("/").split("/")[-1] or "model"
     out = output_dir or Path("sweeps") / f"{name}-k{window}"
     result = sweep(model, revisions=revisions, every=every, options=opts, output_dir=out,

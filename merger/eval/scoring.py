@@ -19,7 +19,6 @@ import torch
 from merger.errors import EvalError
 from merger.units import apply_limit, parse_limit
 from merger.formats.hf_folder import COPY_FILES
-from merger.sources import Source
 
 HELDOUT = ("bits_per_byte", "byte_perplexity", "word_perplexity")  # in-process; lower is better
 StateDict = dict[str, torch.Tensor]
@@ -76,7 +75,8 @@ class HeldoutScorer:
         except (OSError, ValueError, KeyError) as e:
             raise EvalError(f"{folder}: transformers can't load a causal LM config and tokenizer "
                             f"from it: {type(e).__name__}: {e}",
-                            hint="the latest revision needs config.json and tokenizer files") from e
+                            hint="the latest revision needs config.json and tokenizer files (or pass "
+                                 "--tokenizer NAME_OR_PATH)") from e
         prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         if prefix is None:
             raise EvalError(f"{folder}: the tokenizer has no BOS or EOS token to start with")
@@ -160,9 +160,9 @@ class LmEvalScorer:
     def describe(self) -> dict:
         return {"kind": "lm-eval", "tasks": self.tasks, "limit": self.limit, "device": self.device}
 
-    def score_many(self, models: list[str | StateDict], like: Source) -> list[dict[str, float]]:
+    def score_many(self, models: list[str | StateDict], like: Path) -> list[dict[str, float]]:
         """Scores of each model: a folder, or a state dict saved (as ``merger average`` would)
-        with ``like``'s config and tokenizer files."""
+        with the config and tokenizer files of the folder ``like``."""
         from safetensors.torch import save_file
 
         from merger.eval.harness import evaluate
@@ -175,8 +175,8 @@ class LmEvalScorer:
                     folder.mkdir()
                     save_file(m, folder / "model.safetensors", metadata={"format": "pt"})
                     for f in COPY_FILES:
-                        if (Path(like.path) / f).is_file():
-                            shutil.copyfile(Path(like.path) / f, folder / f)
+                        if (Path(like) / f).is_file():
+                            shutil.copyfile(Path(like) / f, folder / f)
                     m = str(folder)
                 paths.append(m)
             report = evaluate(paths, tasks=self.tasks, limit=self.limit, device=self.device)

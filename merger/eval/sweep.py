@@ -52,6 +52,7 @@ from merger.sources import Source
 from merger.eval.scoring import HELDOUT, HeldoutScorer, LmEvalScorer, StateDict
 from merger.eval.state import read_tensors
 from merger.eval.sweep_decay import decay_state
+from merger.eval.view import ModelView, model_view
 
 SERIES = ("raw", "uniform", "ema", "decay")  # uniform: the LAWA window average; decay: sweep_decay.py
 LABELS = {"raw": "raw checkpoint", "uniform": "LAWA (uniform window)", "ema": "EMA",
@@ -85,6 +86,7 @@ class SweepOptions:
     device: str = "auto"
     batch_tokens: int | None = None
     shape: str | None = None
+    tokenizer: str | None = None
 
 
 @dataclass
@@ -308,14 +310,27 @@ def sweep(model: str | None, *, revisions: str | None = None, every: int | None 
     layouts = [read_checkpoint(s.path) for s in sources]
     check_layouts(sources, layouts)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with model_view(sources[-1], list(layouts[-1]), options.tokenizer) as view:  # refuses before any output
+        out.mkdir(parents=True, exist_ok=True)
+        scorer, points, metric, read, timings = _score_all(sources, layouts, options, device, view, out, note)
+    hib = scorer.higher_is_better.get(metric)
+    result = SweepResult(model=model, revisions=revisions, every=every, options=options,
+                         metric=metric, higher_is_better=hib, evaluation=scorer.describe(),
+                         points=points, read_bytes=read, timings=timings,
+                         seconds=time.perf_counter() - t0)
+    write_outputs(result, out)
+    return result
+
+
+def _score_all(sources, layouts, options: SweepOptions, device: str, view: ModelView, out: Path, note):
+    """Every selected step's scores (the sweep's loop): the scorer, points, metric, bytes read, timings."""
     if options.tasks:
         scorer = LmEvalScorer(options.tasks, limit=options.limit, device=device, workdir=out)
     else:
-        note(f"tokenizing the held-out passages with {sources[-1].name}'s tokenizer")
-        scorer = HeldoutScorer(sources[-1].path, limit=options.limit, device=device,
+        note(f"tokenizing the held-out passages with {sources[-1].name}'s tokenizer"
+             if view.native else f"tokenizing the held-out passages with {options.tokenizer}")
+        scorer = HeldoutScorer(view.folder, limit=options.limit, device=device,
                                batch_tokens=options.batch_tokens)
-
     read, timings, points = [0], {"average": 0.0, "eval": 0.0}, []  # seconds: read + fold; eval
     states = sliding_states(sources, options.window if "uniform" in options.methods else None,
                             decay=options.decay if "ema" in options.methods else None,
@@ -334,13 +349,14 @@ def sweep(model: str | None, *, revisions: str | None = None, every: int | None 
             if window and "decay" in options.methods else None
         t1, t2 = t2, time.perf_counter()
         timings["average"] += t2 - t1
-        todo = {k: v for k, v in (("raw", st.raw), ("uniform", st.uniform), ("ema", st.ema),
-                                  ("decay", dec)) if v is not None}
+        todo = {k: view.convert(v) for k, v in (("raw", st.raw), ("uniform", st.uniform), ("ema", st.ema),
+                                                ("decay", dec)) if v is not None}
         if isinstance(scorer, HeldoutScorer):
             scores = {k: scorer.score(v) for k, v in todo.items()}
-        else:  # the raw checkpoint is evaluated from its own folder
-            models = [st.source.path if k == "raw" else v for k, v in todo.items()]
-            scores = dict(zip(todo, scorer.score_many(models, like=st.source)))
+        else:  # the raw checkpoint is evaluated from its own folder where it loads as it is
+            models = [st.source.path if k == "raw" and view.native else v for k, v in todo.items()]
+            scores = dict(zip(todo, scorer.score_many(models, like=Path(st.source.path) if view.native
+                                                      else view.folder)))
         timings["eval"] += time.perf_counter() - t2
         points.append(SweepPoint(st.source.step if st.source.step is not None else st.index,
                                  st.source.name, [s.name for s in window] if window else None,
@@ -348,13 +364,7 @@ def sweep(model: str | None, *, revisions: str | None = None, every: int | None 
         metric = _pick_metric(points, options.metric)  # an unknown --metric fails at step one
         note(f"[{st.index + 1}/{len(sources)}] {st.source.name}: {metric} "
              + ", ".join(f"{k} {s[metric]:.4f}" for k, s in scores.items() if metric in s))
-    hib = scorer.higher_is_better.get(metric)
-    result = SweepResult(model=model, revisions=revisions, every=every, options=options,
-                         metric=metric, higher_is_better=hib, evaluation=scorer.describe(),
-                         points=points, read_bytes=read[0], timings=timings,
-                         seconds=time.perf_counter() - t0)
-    write_outputs(result, out)
-    return result
+    return scorer, points, metric, read[0], timings
 
 
 # -- outputs ------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,42 @@ def _names(merged, src) -> dict[str, str]:
     return names
 
 
+def layout(names: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, str | None, tuple, bool]]:
+    """The GPT-2 tensors, in order, as ``(hf name, source name or None, shape, transpose)``: None
+    is a zero bias (``bias=False``); ``names`` from :func:`_names`, ``shapes`` by source name."""
+    out: list[tuple[str, str | None, tuple, bool]] = []
+    for name, full in names.items():
+        shape = tuple(shapes[full])
+        t = bool(_TRANSPOSED.match(name))
+        out.append((name, full, shape[::-1] if t else shape, t))
+        if _BIASED.match(name) and name[: -len("weight")] + "bias" not in names:
+            out.append((name[: -len("weight")] + "bias", None, (shape[0],), False))
+    return out
+
+
+def hf_model(src: str, names: list[str]) -> tuple[dict, Callable[[dict], dict]]:
+    """For scoring a nanoGPT run in memory (``merger sweep``): the GPT2Config dict of ``src`` (its
+    ``model_args``) and a function from a state dict with the run's ``names`` (torch tensors) to
+    GPT2LMHeadModel's, renamed and transposed as :func:`write` writes them.
+
+    Raises:
+        OutputError: ``src`` is not a nanoGPT GPT-2 model (no ``model_args``, unknown tensors).
+    """
+    args = _model_args(src)
+    hf = _names(dict.fromkeys(names), src)
+
+    def convert(state: dict) -> dict:
+        out = {}
+        for name, full, shape, transpose in layout(hf, {n: state[n].shape for n in hf.values()}):
+            if full is None:
+                out[name] = state[hf[name[: -len("bias")] + "weight"]].new_zeros(shape)
+            else:
+                out[name] = state[full].t().contiguous() if transpose else state[full]
+        return out
+
+    return config(args, tied="lm_head.weight" not in hf, dtype="float32"), convert
+
+
 def check(plan) -> None:
     """Before anything is read: the merge is of a nanoGPT GPT-2 model (``model_args``, its tensors).
 
@@ -103,13 +140,7 @@ def write(tmp: Path, plan) -> list[str]:
     tied = "lm_head.weight" not in names
     wte = merged[names["transformer.wte.weight"]]
     dtype = wte.dtype
-    plan_out: list[tuple[str, str | None, tuple[int, ...], bool]] = []  # (hf name, source, shape, transpose)
-    for name, full in names.items():
-        shape = merged[full].shape
-        t = bool(_TRANSPOSED.match(name))
-        plan_out.append((name, full, shape[::-1] if t else shape, t))
-        if _BIASED.match(name) and name[: -len("weight")] + "bias" not in names:
-            plan_out.append((name[: -len("weight")] + "bias", None, (shape[0],), False))  # zeros: bias=False
+    plan_out = layout(names, {n: t.shape for n, t in merged.items()})
     header, at = {}, 0
     for name, full, shape, _ in plan_out:
         dt = merged[full].dtype if full else dtype

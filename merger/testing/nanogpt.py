@@ -139,3 +139,28 @@ def load_nanogpt(path) -> GPT:
             sd[k[len(unwanted_prefix):]] = sd.pop(k)
     model.load_state_dict(sd)
     return model
+
+
+def nanogpt_run(folder, args: dict, *, steps=(100, 200, 300, 400, 500), compiled: bool = False, seed: int = 0,
+                name: str = "ckpt_{step}.pt", lr: float = 3e-3):
+    """A nanoGPT-style run of ``GPT(GPTConfig(**args))``: AdamW on random tokens, two steps per 100
+    iterations, a ``torch.save`` checkpoint at each of ``steps`` (multiples of 100). Returns ``folder``."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = GPT(GPTConfig(**args))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    config = {"out_dir": str(folder), "learning_rate": lr, "dataset": "pydocs", "compile": compiled}
+    for it in range(1, steps[-1] // 100 * 2 + 1):
+        x = torch.randint(0, args["vocab_size"], (4, args["block_size"]))
+        _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if it % 2 == 0 and it // 2 * 100 in steps:
+            step = it // 2 * 100
+            save_ckpt(folder / name.format(step=step), model, opt, args, iter_num=step,
+                      best_val_loss=float(loss.detach()), config=config, compiled=compiled)
+    return folder

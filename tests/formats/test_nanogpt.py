@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from conftest import assert_close_ulp, reference
 from merger.cli import app
-from merger.testing.nanogpt import GPT, GPTConfig, load_nanogpt, save_ckpt
+from merger.testing.nanogpt import GPT, GPTConfig, load_nanogpt, nanogpt_run
 from checks import check_refused, leftovers, tree_digest
 
 runner = CliRunner()
@@ -30,23 +30,7 @@ STEPS = (100, 200, 300, 400, 500)
 
 
 def train_run(folder: Path, *, compiled: bool = False, seed: int = 0, name="ckpt_{step}.pt") -> Path:
-    """A nanoGPT-style run: AdamW steps, a ``torch.save`` checkpoint every 100 iterations."""
-    torch.manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    model = GPT(GPTConfig(**ARGS))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    config = {"out_dir": str(folder), "learning_rate": 3e-3, "dataset": "pydocs", "compile": compiled}
-    for it in range(1, STEPS[-1] // 100 * 2 + 1):
-        x = torch.randint(0, ARGS["vocab_size"], (4, ARGS["block_size"]))
-        _, loss = model(x, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if it % 2 == 0:
-            step = it // 2 * 100
-            save_ckpt(folder / name.format(step=step), model, opt, ARGS, iter_num=step,
-                      best_val_loss=float(loss.detach()), config=config, compiled=compiled)
-    return folder
+    return nanogpt_run(folder, ARGS, steps=STEPS, compiled=compiled, seed=seed, name=name)
 
 
 def models(paths) -> list[OrderedDict]:
