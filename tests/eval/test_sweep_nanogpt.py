@@ -116,3 +116,10 @@ def test_bad_inputs_exit_1_before_any_output(run, tmp_path):
     r = runner.invoke(app, ["sweep", str(other), "-k", "2", "-o", str(out), "--tokenizer", str(tok)])
     assert r.exit_code == 1 and "nanoGPT" in r.stderr and "Traceback" not in r.output, r.output
     assert not out.exists()
+    import torch.distributed.checkpoint as dcp
+
+    for step in (1, 2):  # a DCP run: no model transformers can build from it
+        dcp.save({"model": {"w": torch.randn(4, 4)}}, checkpoint_id=tmp_path / "dcp" / f"step-{step}", no_dist=True)
+    r = runner.invoke(app, ["sweep", str(tmp_path / "dcp"), "-k", "2", "-o", str(out), "--tokenizer", str(tok)])
+    assert r.exit_code == 1 and "a dcp checkpoint" in r.stderr and "Traceback" not in r.output, r.output
+    assert not out.exists()
