@@ -8,6 +8,7 @@ A tiny GPT-NeoX, sharded with FSDP2 ``fully_shard`` on CPU/gloo, trained with Ad
     torchrun --standalone --nproc-per-node 2 tests/dcp_train.py train RUN --steps 6 --every 2 [--tp DIR]
     torchrun --standalone --nproc-per-node 3 tests/dcp_train.py train RUN --steps 4 --every 2 --resume RUN/step-6
     python tests/dcp_train.py train RUN --no-dist --layout olmo
+    torchrun --standalone --nproc-per-node 2 tests/dcp_train.py train RUN --hf   # sharded safetensors, model only
     torchrun --standalone --nproc-per-node 2 tests/dcp_train.py load MERGED OUT.pt   # round trip
 """
 
@@ -66,10 +67,19 @@ def train(args, distributed: bool) -> None:
         if step % args.every == 0:
             msd, osd = get_state_dict(model, opt)
             name = f"step{step}/model_and_optim" if args.layout == "olmo" else f"step-{step}"
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(Path(args.run) / name),
-                     no_dist=not distributed)
+            if args.hf:  # the model alone, as sharded safetensors (NeMo AutoModel, torchtitan's sharded/)
+                dcp.save(msd, storage_writer=_hf_writer(Path(args.run) / name), no_dist=not distributed)
+            else:
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(Path(args.run) / name),
+                         no_dist=not distributed)
     if args.tp:
-        tp(args.tp)
+        tp(args.tp, hf=args.hf)
+
+
+def _hf_writer(path: Path):
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    return HuggingFaceStorageWriter(str(path), save_distributed=True)
 
 
 def load(args, distributed: bool) -> None:
@@ -79,7 +89,12 @@ def load(args, distributed: bool) -> None:
         shard(model, dist.get_world_size())
     msd = get_model_state_dict(model)
     sd = {"model": msd}
-    dcp.load(sd, checkpoint_id=args.run, no_dist=not distributed)
+    if args.hf:  # a flat safetensors folder (merger's output of a sharded-safetensors run)
+        from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+        dcp.load(msd, storage_reader=HuggingFaceStorageReader(args.run), no_dist=not distributed)
+    else:
+        dcp.load(sd, checkpoint_id=args.run, no_dist=not distributed)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, sd["model"])
@@ -88,7 +103,7 @@ def load(args, distributed: bool) -> None:
         torch.save({k: v.clone() for k, v in full.items()}, args.out)
 
 
-def tp(folder: str) -> None:
+def tp(folder: str, *, hf: bool = False) -> None:
     """Tensors cut along dim 1 and dim 2 (tensor-parallel style) plus one cut along dim 0."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -99,7 +114,10 @@ def tp(folder: str) -> None:
             "w_row": torch.randn(5, 4, generator=g).to(torch.bfloat16)}
     placements = {"w_col": Shard(1), "w_3d": Shard(2), "w_row": Shard(0)}
     sd = {k: distribute_tensor(v, mesh, [placements[k]]) for k, v in full.items()}
-    dcp.save({"model": sd, "optim": {"lr": torch.tensor(0.1)}}, checkpoint_id=folder)
+    if hf:
+        dcp.save(sd, storage_writer=_hf_writer(Path(folder)))
+    else:
+        dcp.save({"model": sd, "optim": {"lr": torch.tensor(0.1)}}, checkpoint_id=folder)
     if dist.get_rank() == 0:
         torch.save(full, Path(folder) / "expected.pt")
 
@@ -116,6 +134,8 @@ def main() -> None:
     ap.add_argument("--layout", choices=("titan", "olmo"), default="titan")
     ap.add_argument("--no-dist", action="store_true")
     ap.add_argument("--tp", help="also save tensors cut along dim 1 and 2 (tensor-parallel style) here")
+    ap.add_argument("--hf", action="store_true", help="save (load) the model alone with HuggingFaceStorageWriter "
+                                                      "(save_distributed=True; Reader): sharded safetensors")
     args = ap.parse_args()
     torch.set_num_threads(1)
     distributed = not args.no_dist and "RANK" in os.environ

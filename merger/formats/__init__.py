@@ -33,6 +33,7 @@ from merger.formats.base import Extent, TensorInfo, check_extents, clip
 
 REGISTRY: dict[str, str] = {
     "dcp": "merger.formats.dcp",
+    "dcp_safetensors": "merger.formats.dcp_safetensors",  # HuggingFaceStorageWriter(save_distributed=True)
     "torch_pt": "merger.formats.torch_pt",  # training files (ckpt_<step>.pt, .ckpt) and nanoGPT out/ckpt.pt
     "hf": "merger.formats.hf_folder",
 }

@@ -169,7 +169,7 @@ def chunk_extents(path: str, data: int, size: tuple[int, ...], chunk: Chunk, isi
     return out
 
 
-def _coalesce(extents: list[Extent]) -> tuple[Extent, ...]:
+def coalesce(extents: list[Extent]) -> tuple[Extent, ...]:
     out: list[Extent] = []
     for e in sorted(extents, key=lambda e: (e.start, e.nbytes)):
         p = out[-1] if out else None
@@ -225,7 +225,7 @@ def _tensor(folder: Path, e: Entry, files: dict[str, tuple[int, int, str]], ends
                               "or a partial copy)", "copy the checkpoint again, or re-save it")
         data = _chunk_data(fd, fpath, c, e.fqn, e.dtype, memo)
         extents += chunk_extents(fpath, data, e.shape, c, isize)
-    t = TensorInfo(e.fqn, e.dtype, e.shape, _coalesce(extents))
+    t = TensorInfo(e.fqn, e.dtype, e.shape, coalesce(extents))
     check_extents(t, f"{folder} ({', '.join(sorted({c.file for c in e.chunks if c.file}))})")
     return t
 

@@ -63,11 +63,16 @@ def _entry(path, name: str, e) -> tuple[str, tuple[int, ...], int, int]:
 
 
 def read_safetensors(path: str | Path) -> dict[str, TensorInfo]:
-    """Tensor layout of a ``.safetensors`` file, validated as strictly as the safetensors library
-    validates it: a UTF-8 JSON object of at most ``MAX_HEADER`` bytes; ``__metadata__`` a map of
-    strings; each tensor a known dtype, a shape of non-negative integers whose byte size fits 64
-    bits and equals its ``data_offsets`` span; the spans tiling the data section exactly (no gap,
-    no overlap or alias, no trailing bytes); and no name twice.
+    """Tensor layout of a ``.safetensors`` file (see :func:`read_safetensors_header`)."""
+    return read_safetensors_header(path)[0]
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensor layout of a ``.safetensors`` file and its ``__metadata__``, validated as strictly as
+    the safetensors library validates them: a UTF-8 JSON object of at most ``MAX_HEADER`` bytes;
+    ``__metadata__`` a map of strings; each tensor a known dtype, a shape of non-negative integers
+    whose byte size fits 64 bits and equals its ``data_offsets`` span; the spans tiling the data
+    section exactly (no gap, no overlap or alias, no trailing bytes); and no name twice.
 
     Raises:
         CheckpointFormatError: truncated file, corrupt header, unknown dtype, bad offsets.
@@ -122,4 +127,4 @@ def read_safetensors(path: str | Path) -> dict[str, TensorInfo]:
     if base + at < size:
         raise _fail(path, f"{size - base - at} bytes after the last tensor that the header doesn't describe "
                           "(safetensors refuses such files too)", _RESAVE)
-    return out
+    return out, meta
