@@ -61,6 +61,15 @@ def revision_name(p: Path) -> str:
     return p.stem if p.is_file() else p.name
 
 
+def _explicit(p: Path) -> Source:
+    """A checkpoint folder given by path. One not named by step inside a folder that is (OLMo-core's
+    ``step1000/model_and_optim``, torchtitan's ``step-1000/sharded``, Accelerate's
+    ``checkpoint-10/pytorch_model_fsdp_0``) takes its parent's name and step."""
+    if p.is_dir() and step_of(p) is None and parse_step(p.parent.name) is not None:
+        return Source(p.parent.name, parse_step(p.parent.name), str(revision_dir(p)))
+    return Source(revision_name(p), step_of(p), str(revision_dir(p)))
+
+
 def revision_paths(root: Path) -> dict[str, Path]:
     """Subfolders and files of ``root`` that hold a checkpoint (a folder: in itself or in one
     subfolder, see :func:`checkpoint_dir`), by revision name."""
@@ -112,7 +121,7 @@ def resolve_local(models: list[str], revisions: str | None, every: int | None) -
     resolved = [p.resolve() for p in paths]
     if len(set(resolved)) != len(resolved):
         raise UsageError("the same checkpoint folder is given twice", hint="list each checkpoint once")
-    srcs = [Source(revision_name(p), step_of(p), str(revision_dir(p))) for p in resolved]
+    srcs = [_explicit(p) for p in resolved]
     if all(s.step is not None for s in srcs):
         srcs.sort(key=lambda s: s.step)
     return srcs

@@ -164,3 +164,14 @@ def test_bad_shards_are_refused(runs, tmp_path, kind, expected):
     out = tmp_path / "out"
     r = runner.invoke(app, ["average", str(run), "-o", str(out)])
     check_refused(r.exit_code, r.stderr, r.output, expected, out=out, inputs=run, before=before)
+
+
+def test_explicit_sharded_folders_take_their_step_folders_names(runs, tmp_path):
+    """torchtitan's ``step-N/sharded`` given by path: named and ordered as ``step-N``."""
+    for src, step in (("step-2", 20), ("step-4", 10)):
+        shutil.copytree(runs / "run" / src, tmp_path / f"step-{step}" / "sharded")
+    r = runner.invoke(app, ["average", str(tmp_path / "step-20" / "sharded"), str(tmp_path / "step-10" / "sharded"),
+                            "-o", str(tmp_path / "o"), "--json"])
+    assert r.exit_code == 0, r.output
+    inputs = json.loads(r.stdout)["plan"]["inputs"]
+    assert [(i["name"], i["step"]) for i in inputs] == [("step-10", 10), ("step-20", 20)]
