@@ -72,6 +72,9 @@ def average_command(
                                            "input revision (lm-eval, offline task pack by default).")] = False,
     tasks: Annotated[Optional[str], typer.Option(help="With --eval: lm-eval tasks, comma-separated.")] = None,
     limit: Annotated[Optional[float], typer.Option(help="With --eval: documents per task.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(
+        "--tokenizer", metavar="NAME_OR_PATH", help="With --eval: the tokenizer, for models that carry none "
+                                                     "(nanoGPT .pt runs).")] = None,
     debug: Debug = False,
 ) -> None:
     """Average checkpoints of one run into a merged checkpoint (HF folder, or the input's own format).
@@ -136,7 +139,8 @@ def average_command(
         if run_eval:  # before the merge: an evaluation that can't run must not cost a merge first
             from merger.eval.precheck import check_eval_ready
 
-            check_eval_ready(prep.sources, prep.plan.copy_files if prep.plan else None)
+            check_eval_ready(prep.sources, prep.plan.copy_files if prep.plan else None, plan=prep.plan,
+                             tokenizer=tokenizer)
         if not json_out and not quiet:
             ui.err.print(ui.plan_view(prep))
         total = prep.plan.read_bytes if prep.plan else sum(sz for s in prep.sources for _, sz, _ in s.files)
@@ -154,7 +158,8 @@ def average_command(
             latest = plan_.sources[-1]
             baseline = f"{latest.repo_id}@{latest.revision}" if latest.repo_id else str(latest.path)
             report = evaluate([baseline, result.output], tasks=tasks.split(",") if tasks else None, limit=eval_limit,
-                              device=device, output_dir=Path(result.output) / "eval", progress=ui.info)
+                              device=device, output_dir=Path(result.output) / "eval", progress=ui.info,
+                              tokenizer=tokenizer)
         if quiet:
             return
         if json_out:

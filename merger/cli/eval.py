@@ -27,8 +27,8 @@ if TYPE_CHECKING:  # merger.eval (lm-eval glue) is imported when `merger eval` r
 
 ModelsArg = Annotated[list[str], typer.Argument(
     metavar="MODEL", show_default=False,
-    help="Model folders or REPO_ID@REVISION (Hub, pinned to its commit); the first one is the "
-         "baseline of the deltas.")]
+    help="Model folders, REPO_ID@REVISION (Hub, pinned to its commit) or nanoGPT .pt checkpoints (as "
+         "GPT-2, with --tokenizer); the first one is the baseline of the deltas.")]
 TasksOpt = Annotated[str | None, typer.Option(
     "--tasks", "-t", metavar="T1,T2", show_default=",".join(DEFAULT_TASKS),
     help="lm-eval task names or YAML files, comma-separated.")]
@@ -49,8 +49,8 @@ IncludeOpt = Annotated[list[Path] | None, typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 TokenizerOpt = Annotated[str | None, typer.Option(
     "--tokenizer", metavar="NAME_OR_PATH", show_default="each model's own",
-    help="Tokenizer folder or Hub name, for models without tokenizer files (e.g. nanoGPT runs "
-         "converted with `merger average --to hf`).")]
+    help="Tokenizer folder or Hub name, for models without tokenizer files (nanoGPT .pt checkpoints, "
+         "or their `merger average --to hf` folders).")]
 
 
 def eval_command(models: ModelsArg, tasks: TasksOpt = None, limit: LimitOpt = None,
@@ -68,7 +68,7 @@ def eval_command(models: ModelsArg, tasks: TasksOpt = None, limit: LimitOpt = No
 
         merger eval merged/ --tasks merger_pydocs_ppl,lambada_openai --json > scores.json
 
-        merger eval nanogpt-avg-hf/ --tokenizer gpt2
+        merger eval out/ckpt_20000.pt merged/ --tokenizer gpt2     # a nanoGPT run and its merge (ckpt.pt)
     """
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     n = parse_limit(limit)

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,7 @@ class ModelSource:
     repo_id: str | None = None
     revision: str | None = None
     commit: str | None = None
+    loaded_as: str | None = None  # a nanoGPT .pt: the temporary GPT-2 folder it is evaluated as
 
 
 @dataclass(frozen=True)
@@ -154,17 +156,34 @@ def check_model_folder(path: Path, spec: str, *, tokenizer: str | None = None) -
                              "from into it")
 
 
-def resolve_model(spec: str, *, tokenizer: str | None = None) -> ModelSource:
-    """Turn a local folder or ``REPO_ID[@REVISION]`` into a :class:`ModelSource`.
+def resolve_model(spec: str, *, tokenizer: str | None = None, scratch: Path | None = None) -> ModelSource:
+    """Turn a local folder, a nanoGPT ``.pt`` checkpoint or ``REPO_ID[@REVISION]`` into a
+    :class:`ModelSource`.
 
     Hub models are fetched with ``snapshot_download`` (only the cache is read when
-    ``HF_HUB_OFFLINE=1``; ``HF_HUB_CACHE`` is read at call time) and pinned to the commit sha.
+    ``HF_HUB_OFFLINE=1``; ``HF_HUB_CACHE`` is read at call time) and pinned to the commit sha. A
+    ``.pt`` (or nanoGPT's ``out/`` with ``ckpt.pt``, ``merger average``'s default output for such
+    runs) is written into ``scratch`` as the GPT-2 folder ``--to hf`` would write
+    (:func:`merger.eval.view.gpt2_folder`); it needs ``tokenizer``.
 
     Raises:
-        EvalError: no such folder or cached Hub revision, or the folder isn't a model.
+        EvalError: no such folder or cached Hub revision, the folder isn't a model, a ``.pt`` without
+            a tokenizer or that isn't nanoGPT's GPT-2.
     """
     path = Path(spec).expanduser()
     if path.exists():
+        from merger.eval.view import gpt2_folder, is_training_checkpoint
+
+        if is_training_checkpoint(path):
+            if tokenizer is None:
+                raise EvalError(f"{spec} is a training checkpoint (torch.save): it carries no tokenizer",
+                                hint="pass --tokenizer NAME_OR_PATH, the tokenizer the run was trained with "
+                                     "(e.g. --tokenizer gpt2 for nanoGPT's GPT-2 BPE)")
+            if scratch is None:
+                raise EvalError(f"{spec}: a .pt checkpoint is evaluated through a temporary folder; call "
+                                "merger.eval.harness.evaluate")
+            folder = gpt2_folder(path, Path(tempfile.mkdtemp(prefix="gpt2-", dir=scratch)))
+            return ModelSource(spec=spec, path=str(path.resolve()), loaded_as=str(folder))
         check_model_folder(path, spec, tokenizer=tokenizer)
         return ModelSource(spec=spec, path=str(path.resolve()))
     repo_id, _, revision = spec.partition("@")
@@ -269,7 +288,8 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
     """Evaluate each model on ``tasks`` with lm-eval-harness; the first model is the baseline.
 
     Args:
-        models: local model folders or ``REPO_ID@REVISION``; at least one.
+        models: local model folders, nanoGPT ``.pt`` checkpoints (with ``tokenizer``) or
+            ``REPO_ID@REVISION``; at least one.
         tasks: lm-eval task names or YAML paths; default: merger's offline pack
             (``merger_pydocs_ppl``, ``merger_pydocs_mc``).
         limit: documents per task (an int), or a fraction of them (a float below 1).
@@ -282,8 +302,8 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
             ``summary.json``; None writes nothing.
         include_path: extra folders or files of lm-eval task YAML.
         seed: python, numpy, torch and few-shot seeds.
-        tokenizer: a tokenizer folder or Hub name for models that carry none (training checkpoints
-            converted with ``merger average --to hf``); None: each model's own.
+        tokenizer: a tokenizer folder or Hub name for models that carry none (``.pt`` training
+            checkpoints, or their ``merger average --to hf`` folders); None: each model's own.
         progress: called with a short status line before each step.
 
     Returns:
@@ -293,6 +313,14 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
         UsageError: bad option values.
         EvalError: a model or task can't be found or loaded, or lm-eval isn't installed.
     """
+    with tempfile.TemporaryDirectory(prefix="merger-eval-") as scratch:  # .pt models as GPT-2 folders
+        return _evaluate(models, tasks=tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                         device=device, dtype=dtype, output_dir=output_dir, include_path=include_path, seed=seed,
+                         tokenizer=tokenizer, progress=progress, scratch=Path(scratch))
+
+
+def _evaluate(models, *, tasks, limit, num_fewshot, batch_size, device, dtype, output_dir, include_path, seed,
+              tokenizer, progress, scratch: Path) -> EvalReport:
     if not models:
         raise UsageError("no model to evaluate",
                          hint="pass one or more model folders or REPO_ID@REVISION")
@@ -319,7 +347,7 @@ def evaluate(models: list[str], *, tasks: list[str] | None = None, limit: int | 
     sources = []
     for spec in models:  # resolve every model before the slow part
         note(f"resolving {spec}")
-        sources.append(resolve_model(spec, tokenizer=tokenizer))
+        sources.append(resolve_model(spec, tokenizer=tokenizer, scratch=scratch))
     for p in include_path or []:
         if not Path(p).exists():
             raise EvalError(f"--include-path {p}: no such file or folder")
@@ -396,7 +424,7 @@ def _load(HFLM: Any, src: ModelSource, *, device: str, dtype: str, batch_size: i
           tokenizer: str | None = None) -> Any:
     """One ``HFLM`` with an explicit device (never HFLM's default ``cuda``)."""
     try:
-        return HFLM(pretrained=src.path, device=device, dtype=dtype, batch_size=batch_size,
+        return HFLM(pretrained=src.loaded_as or src.path, device=device, dtype=dtype, batch_size=batch_size,
                     **({"tokenizer": tokenizer} if tokenizer else {}))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise EvalError(f"{src.spec}: transformers can't load it: {type(e).__name__}: {e}",

@@ -31,32 +31,54 @@ def check_output_dir(output_dir: str | Path | None, *, option: str = "--output-d
             return
 
 
-def check_eval_ready(sources, copy_files: tuple[str, ...] | None) -> None:
+def check_eval_ready(sources, copy_files: tuple[str, ...] | None, *, plan=None, tokenizer: str | None = None) -> None:
     """The merged model will be loadable by the evaluation: the latest source provides a
-    ``config.json`` and tokenizer files, and lm-eval imports.
+    ``config.json`` and tokenizer files (or ``tokenizer`` is given), and lm-eval imports. A nanoGPT
+    ``.pt`` run is evaluated as GPT-2 (its ``ckpt.pt``, or the ``--to hf`` folder): it needs
+    ``tokenizer`` and nanoGPT's GPT-2.
 
     Args:
         sources: the merge's sources, oldest first.
         copy_files: the side files the merge copies (``Plan.copy_files``); None when the plan isn't
             known yet (Hub revisions not downloaded): then the file list the Hub gave is used.
+        plan: the merge's plan, when known (its output format and tensors).
+        tokenizer: ``--tokenizer``, for models that carry none.
 
     Raises:
         EvalError: naming the revision and what it lacks.
     """
     latest = sources[-1]
-    if copy_files is None:
-        if not latest.files:  # nothing known before the download: the evaluation checks it
-            return
-        copy_files = tuple(Path(f).name for f, _, _ in latest.files)
     where = f"{latest.name} ({latest.path or latest.repo_id})"
-    if "config.json" not in copy_files:
-        raise EvalError(f"--eval: the merged model would have no config.json: {where} has none",
-                        hint="add the model's config.json to that revision, or run without --eval")
-    if not any(f in copy_files for f in TOKENIZER_FILES):
-        raise EvalError(f"--eval: the merged model would have no tokenizer: {where} holds none of "
-                        f"{', '.join(TOKENIZER_FILES)}",
-                        hint="copy the tokenizer files of the model into the latest revision, or merge without "
-                             "--eval and run `merger eval` on a folder that has them")
+    fmt = plan.output_format if plan is not None else "hf"
+    if fmt in ("nanogpt", "gpt2"):  # a .pt run: config.json from model_args, the tokenizer given
+        if tokenizer is None:
+            raise EvalError(f"--eval: {where} is a training checkpoint: it carries no tokenizer",
+                            hint="pass --tokenizer NAME_OR_PATH, the tokenizer the run was trained with "
+                                 "(e.g. --tokenizer gpt2 for nanoGPT's GPT-2 BPE)")
+        from merger.errors import OutputError
+        from merger.output import gpt2
+
+        try:
+            gpt2.check(plan)
+        except OutputError as e:
+            raise EvalError(f"--eval evaluates .pt runs as nanoGPT's GPT-2: {e}".replace("--to hf: ", ""),
+                            hint="merge without --eval") from None
+    elif fmt not in ("hf", "safetensors"):
+        raise EvalError(f"--eval: a {fmt} output is not a model lm-eval loads",
+                        hint="merge with --to safetensors (with the model's config.json), or without --eval")
+    else:
+        if copy_files is None:
+            if not latest.files:  # nothing known before the download: the evaluation checks it
+                return
+            copy_files = tuple(Path(f).name for f, _, _ in latest.files)
+        if "config.json" not in copy_files:
+            raise EvalError(f"--eval: the merged model would have no config.json: {where} has none",
+                            hint="add the model's config.json to that revision, or run without --eval")
+        if tokenizer is None and not any(f in copy_files for f in TOKENIZER_FILES):
+            raise EvalError(f"--eval: the merged model would have no tokenizer: {where} holds none of "
+                            f"{', '.join(TOKENIZER_FILES)}",
+                            hint="pass --tokenizer NAME_OR_PATH, copy the tokenizer files of the model into "
+                                 "the latest revision, or merge without --eval")
     import importlib.util
 
     if importlib.util.find_spec("lm_eval") is None:

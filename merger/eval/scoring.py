@@ -19,9 +19,9 @@ import torch
 from merger.errors import EvalError
 from merger.units import apply_limit, parse_limit
 from merger.formats.hf_folder import COPY_FILES
+from merger.eval.state import StateDict
 
 HELDOUT = ("bits_per_byte", "byte_perplexity", "word_perplexity")  # in-process; lower is better
-StateDict = dict[str, torch.Tensor]
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[tuple[list, list]]:

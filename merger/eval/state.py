@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 
 from merger.formats.inputs import open_input
-from merger.eval.scoring import StateDict
 from merger.formats import TensorInfo, read_checkpoint
 from merger.formats.reading import read_extents
 from merger.units import dtype_from_name
+
+StateDict = dict[str, torch.Tensor]
 
 
 def read_tensors(layout: dict[str, TensorInfo], names=None) -> tuple[StateDict, int]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from merger.formats import TensorInfo
-from merger.eval.scoring import StateDict
+from merger.eval.state import StateDict
 from merger.eval.state import read_tensors
 from merger.sources import Source
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger.errors import EvalError, OutputError
-from merger.eval.scoring import StateDict
+from merger.eval.state import StateDict
 from merger.formats import of
 from merger.sources import Source
 
@@ -97,3 +97,39 @@ def _save_tokenizer(name: str, folder: Path) -> None:
                              "local cache (offline: HF_HUB_OFFLINE=1)") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """A ``torch.save`` training checkpoint (a ``.pt`` file, or nanoGPT's ``out/`` with ``ckpt.pt``)."""
+    from merger.formats import detect
+
+    fmt = detect(path)
+    return fmt is not None and fmt.NAME == "torch_pt"
+
+
+def gpt2_folder(src: str | Path, dest: Path) -> Path:
+    """Write into ``dest`` the transformers GPT-2 folder (``config.json``, ``model.safetensors``)
+    that ``merger average --to hf`` writes for the nanoGPT checkpoint ``src``: what ``merger eval``
+    loads a ``.pt`` as. Memory: the model once, as stored, and converted.
+
+    Raises:
+        EvalError: ``src`` is not a nanoGPT GPT-2 model.
+    """
+    from safetensors.torch import save_file
+
+    from merger.eval.state import read_tensors
+    from merger.formats import read_checkpoint
+    from merger.output.gpt2 import hf_model
+
+    layout = read_checkpoint(src)
+    try:
+        config, convert = hf_model(str(src), list(layout))
+    except OutputError as e:
+        raise EvalError(f"merger evaluates .pt checkpoints as nanoGPT's GPT-2: {e}".replace("--to hf: ", ""),
+                        hint="evaluate a Hugging Face folder (merger average --to safetensors writes the "
+                             "tensors under their own names, for the framework's own converter)") from None
+    state = convert(read_tensors(layout)[0])
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, dest / "model.safetensors", metadata={"format": "pt"})
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dest

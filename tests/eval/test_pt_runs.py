@@ -1,4 +1,8 @@
-"""`merger sweep` on a nanoGPT / LAWA run of ``ckpt_<step>.pt`` files, with ``--tokenizer``.
+"""`merger sweep`, `merger eval` and `merger average --eval` on a nanoGPT / LAWA run of
+``ckpt_<step>.pt`` files, with ``--tokenizer``.
+
+`merger eval` of a ``.pt`` (a raw checkpoint, or the ``ckpt.pt`` a merge writes) gives exactly the
+numbers of the `--to hf` folder of the same weights; `merger average --eval` the same again.
 
 Each point's metric is checked against the `merger average --to hf` folder of the same window
 (whose logits equal nanoGPT's own: tests/formats/test_nanogpt.py), scored by the held-out scorer
@@ -123,3 +127,40 @@ def test_bad_inputs_exit_1_before_any_output(run, tmp_path):
     r = runner.invoke(app, ["sweep", str(tmp_path / "dcp"), "-k", "2", "-o", str(out), "--tokenizer", str(tok)])
     assert r.exit_code == 1 and "a dcp checkpoint" in r.stderr and "Traceback" not in r.output, r.output
     assert not out.exists()
+
+
+def _eval(args: list[str]) -> dict:
+    r = runner.invoke(app, ["eval", *args, "--tasks", "merger_pydocs_ppl", "--limit", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    models = json.loads(r.stdout)["models"]
+    return {m["model"]: m["scores"]["merger_pydocs_ppl"]["bits_per_byte"]["value"] for m in models}
+
+
+def test_eval_of_pt_files_equals_eval_of_their_hf_folders(run, tmp_path):
+    run_dir, tok = run
+    merged = tmp_path / "merged"  # the default output of a .pt merge: merged/ckpt.pt
+    r = runner.invoke(app, ["average", str(run_dir), "-r", "400..500", "-o", str(merged)])
+    assert r.exit_code == 0 and (merged / "ckpt.pt").is_file(), r.output
+    raw_hf, lawa_hf = _hf(run_dir, tok, "500", tmp_path / "raw"), _hf(run_dir, tok, "400..500", tmp_path / "lawa")
+    pt = _eval([str(run_dir / "ckpt_500.pt"), str(merged), "--tokenizer", str(tok)])
+    hf = _eval([str(raw_hf), str(lawa_hf)])
+    assert list(pt.values()) == list(hf.values()) and len(set(hf.values())) == 2, (pt, hf)
+    out = tmp_path / "with-eval"
+    r = runner.invoke(app, ["average", str(run_dir), "-r", "400..500", "-o", str(out), "--eval", "--tokenizer",
+                            str(tok), "--tasks", "merger_pydocs_ppl", "--limit", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    models = json.loads(r.stdout)["eval"]["models"]
+    assert [m["scores"]["merger_pydocs_ppl"]["bits_per_byte"]["value"] for m in models] == list(hf.values())
+    assert models[0]["path"] == str(run_dir / "ckpt_500.pt") and (out / "eval" / "summary.json").is_file()
+
+
+def test_eval_of_a_pt_needs_a_tokenizer_and_a_gpt2(run, tmp_path):
+    run_dir, tok = run
+    r = runner.invoke(app, ["eval", str(run_dir / "ckpt_500.pt"), "--limit", "2"])
+    assert r.exit_code == 1 and "carries no tokenizer" in r.stderr and "--tokenizer" in r.stderr, r.output
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["average", str(run_dir), "-r", "400..500", "-o", str(out), "--eval"])
+    assert r.exit_code == 1 and "carries no tokenizer" in r.stderr and not out.exists(), r.output
+    torch.save({"model": {"encoder.weight": torch.randn(4, 4)}, "model_args": {"n_layer": 1}}, tmp_path / "x.pt")
+    r = runner.invoke(app, ["eval", str(tmp_path / "x.pt"), "--tokenizer", str(tok), "--limit", "2"])
+    assert r.exit_code == 1 and "nanoGPT" in r.stderr and "Traceback" not in r.output, r.output
