@@ -122,8 +122,9 @@ def gpt2_folder(src: str | Path, dest: Path) -> Path:
     from merger.output.gpt2 import hf_model
 
     layout = read_checkpoint(src)
+    dtype = next((t.dtype for n, t in layout.items() if n.endswith("transformer.wte.weight")), "float32")
     try:
-        config, convert = hf_model(str(src), list(layout))
+        config, convert = hf_model(str(src), list(layout), dtype=dtype)
     except OutputError as e:
         raise EvalError(f"merger evaluates .pt checkpoints as nanoGPT's GPT-2: {e}".replace("--to hf: ", ""),
                         hint="evaluate a Hugging Face folder (merger average --to safetensors writes the "

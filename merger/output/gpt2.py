@@ -93,10 +93,11 @@ def layout(names: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> list[tu
     return out
 
 
-def hf_model(src: str, names: list[str]) -> tuple[dict, Callable[[dict], dict]]:
+def hf_model(src: str, names: list[str], *, dtype: str = "float32") -> tuple[dict, Callable[[dict], dict]]:
     """For scoring a nanoGPT run in memory (``merger sweep``): the GPT2Config dict of ``src`` (its
     ``model_args``) and a function from a state dict with the run's ``names`` (torch tensors) to
-    GPT2LMHeadModel's, renamed and transposed as :func:`write` writes them.
+    GPT2LMHeadModel's, renamed and transposed as :func:`write` writes them; ``dtype`` goes into the
+    config (``torch_dtype``: what ``from_pretrained(dtype="auto")`` loads as).
 
     Raises:
         OutputError: ``src`` is not a nanoGPT GPT-2 model (no ``model_args``, unknown tensors).
@@ -113,7 +114,7 @@ def hf_model(src: str, names: list[str]) -> tuple[dict, Callable[[dict], dict]]:
                 out[name] = state[full].t().contiguous() if transpose else state[full]
         return out
 
-    return config(args, tied="lm_head.weight" not in hf, dtype="float32"), convert
+    return config(args, tied="lm_head.weight" not in hf, dtype=dtype), convert
 
 
 def check(plan) -> None:
