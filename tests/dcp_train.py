@@ -73,7 +73,7 @@ def train(args, distributed: bool) -> None:
                 dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(Path(args.run) / name),
                          no_dist=not distributed)
     if args.tp:
-        tp(args.tp, hf=args.hf)
+        tp(args.tp, hf=args.hf, seed=args.tp_seed)
 
 
 def _hf_writer(path: Path):
@@ -103,13 +103,13 @@ def load(args, distributed: bool) -> None:
         torch.save({k: v.clone() for k, v in full.items()}, args.out)
 
 
-def tp(folder: str, *, hf: bool = False) -> None:
+def tp(folder: str, *, hf: bool = False, seed: int = 7) -> None:
     """Tensors cut along dim 1 and dim 2 (tensor-parallel style) plus one cut along dim 0."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     full = {"w_col": torch.randn(6, 8, generator=g), "w_3d": torch.randn(2, 3, 5, generator=g),
             "w_row": torch.randn(5, 4, generator=g).to(torch.bfloat16)}
     placements = {"w_col": Shard(1), "w_3d": Shard(2), "w_row": Shard(0)}
@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--layout", choices=("titan", "olmo"), default="titan")
     ap.add_argument("--no-dist", action="store_true")
     ap.add_argument("--tp", help="also save tensors cut along dim 1 and 2 (tensor-parallel style) here")
+    ap.add_argument("--tp-seed", type=int, default=7, help="their values' seed")
     ap.add_argument("--hf", action="store_true", help="save (load) the model alone with HuggingFaceStorageWriter "
                                                       "(save_distributed=True; Reader): sharded safetensors")
     args = ap.parse_args()

@@ -86,14 +86,17 @@ def of(path: str | Path) -> Format:
     return fmt
 
 
-def read_checkpoint(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
-    """Every tensor of the model in the checkpoint at ``path``, whatever its format.
+def read_checkpoint(path: str | Path, *, key: str | None = None, split: frozenset[str] = frozenset()
+                    ) -> dict[str, TensorInfo]:
+    """Every tensor of the model in the checkpoint at ``path``, whatever its format; ``split``: the
+    tensors a DCP folder gives chunk by chunk (``formats/dcp.read``).
 
     Raises:
         CheckpointFormatError: unrecognised, unreadable, truncated or unsafe input.
         UsageError: a ``key`` the format can't use.
     """
-    return of(path).read(path, key=key)
+    fmt = of(path)
+    return fmt.read(path, key=key, split=split) if split else fmt.read(path, key=key)
 
 
 __all__ = ["REGISTRY", "Extent", "Format", "TensorInfo", "check_extents", "clip", "detect", "get", "of",

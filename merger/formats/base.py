@@ -36,6 +36,9 @@ class TensorInfo:
     dtype: str  # canonical dtype name, e.g. "float16" (see units.py)
     shape: tuple[int, ...]
     extents: tuple[Extent, ...]
+    # one saved chunk of a bigger tensor, merged on its own (DCP in and out: formats/dcp.py
+    # ``split``): (the tensor's name, the chunk's offsets in it, the tensor's shape); None: whole
+    chunk: tuple[str, tuple[int, ...], tuple[int, ...]] | None = None
 
     @classmethod
     def contiguous(cls, name: str, dtype: str, shape: tuple[int, ...], path: str, offset: int) -> TensorInfo:

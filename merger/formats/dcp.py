@@ -191,6 +191,37 @@ def _open(folder: Path, file: str, name: str) -> tuple[int, int, str]:
     return fd, os.fstat(fd).st_size, str(fpath)
 
 
+def _chunk_at(folder: Path, e: Entry, c: Chunk, files: dict[str, tuple[int, int, str]], ends: dict[str, int],
+              memo: dict[bytes, object]) -> tuple[str, int] | None:
+    """(file, offset of its first byte) of chunk ``c`` of tensor ``e``, checked; None for an empty chunk."""
+    if len(c.offsets) != len(e.shape) or len(c.sizes) != len(e.shape) or any(
+            o < 0 or s < 0 or o + s > n for o, s, n in zip(c.offsets, c.sizes, e.shape)):
+        raise fail(folder / METADATA, f"tensor {e.fqn!r}: chunk at {list(c.offsets)} size {list(c.sizes)} lies "
+                                      f"outside its shape {list(e.shape)}", RESAVE)
+    if math.prod(c.sizes) == 0 and e.shape:
+        return None
+    if c.file is None:
+        raise fail(folder / METADATA, f"tensor {e.fqn!r}: chunk at {list(c.offsets)} has no storage record",
+                   RESAVE)
+    if c.transforms:
+        raise fail(folder / c.file, f"tensor {e.fqn!r} is stored with DCP transforms "
+                                    f"({', '.join(c.transforms)}, e.g. zstd compression), which merger "
+                                    "doesn't decode", "re-save the checkpoint without compression "
+                                                      "(FileSystemWriter without _extensions)")
+    if c.file not in files:
+        files[c.file] = _open(folder, c.file, e.fqn)
+    fd, size, fpath = files[c.file]
+    if c.offset < 0 or c.length <= 0 or c.offset + c.length > size:
+        raise fail(fpath, f"is shorter than the metadata says: tensor {e.fqn!r} has a chunk at bytes "
+                          f"{c.offset}..{c.offset + c.length}, the file has {size} bytes "
+                          "(truncated, or a partial copy)", "copy the checkpoint again, or re-save it")
+    if size < ends.get(c.file, 0):  # any record, the optimizer's too: checked, never read
+        raise fail(fpath, f"is shorter than the metadata says: it has {size} bytes, its records "
+                          f"(tensor {e.fqn!r} has a chunk in it) end at byte {ends[c.file]} (truncated, "
+                          "or a partial copy)", "copy the checkpoint again, or re-save it")
+    return fpath, _chunk_data(fd, fpath, c, e.fqn, e.dtype, memo)
+
+
 def _tensor(folder: Path, e: Entry, files: dict[str, tuple[int, int, str]], ends: dict[str, int],
             memo: dict[bytes, object]) -> TensorInfo:
     if e.dtype is None:
@@ -198,36 +229,78 @@ def _tensor(folder: Path, e: Entry, files: dict[str, tuple[int, int, str]], ends
     isize = itemsize(e.dtype)
     extents: list[Extent] = []
     for c in e.chunks:
-        if len(c.offsets) != len(e.shape) or len(c.sizes) != len(e.shape) or any(
-                o < 0 or s < 0 or o + s > n for o, s, n in zip(c.offsets, c.sizes, e.shape)):
-            raise fail(folder / METADATA, f"tensor {e.fqn!r}: chunk at {list(c.offsets)} size {list(c.sizes)} lies "
-                                          f"outside its shape {list(e.shape)}", RESAVE)
-        if math.prod(c.sizes) == 0 and e.shape:
-            continue
-        if c.file is None:
-            raise fail(folder / METADATA, f"tensor {e.fqn!r}: chunk at {list(c.offsets)} has no storage record",
-                       RESAVE)
-        if c.transforms:
-            raise fail(folder / c.file, f"tensor {e.fqn!r} is stored with DCP transforms "
-                                        f"({', '.join(c.transforms)}, e.g. zstd compression), which merger "
-                                        "doesn't decode", "re-save the checkpoint without compression "
-                                                          "(FileSystemWriter without _extensions)")
-        if c.file not in files:
-            files[c.file] = _open(folder, c.file, e.fqn)
-        fd, size, fpath = files[c.file]
-        if c.offset < 0 or c.length <= 0 or c.offset + c.length > size:
-            raise fail(fpath, f"is shorter than the metadata says: tensor {e.fqn!r} has a chunk at bytes "
-                              f"{c.offset}..{c.offset + c.length}, the file has {size} bytes "
-                              "(truncated, or a partial copy)", "copy the checkpoint again, or re-save it")
-        if size < ends.get(c.file, 0):  # any record, the optimizer's too: checked, never read
-            raise fail(fpath, f"is shorter than the metadata says: it has {size} bytes, its records "
-                              f"(tensor {e.fqn!r} has a chunk in it) end at byte {ends[c.file]} (truncated, "
-                              "or a partial copy)", "copy the checkpoint again, or re-save it")
-        data = _chunk_data(fd, fpath, c, e.fqn, e.dtype, memo)
-        extents += chunk_extents(fpath, data, e.shape, c, isize)
+        at = _chunk_at(folder, e, c, files, ends, memo)
+        if at is not None:
+            extents += chunk_extents(at[0], at[1], e.shape, c, isize)
     t = TensorInfo(e.fqn, e.dtype, e.shape, coalesce(extents))
     check_extents(t, f"{folder} ({', '.join(sorted({c.file for c in e.chunks if c.file}))})")
     return t
+
+
+def chunk_name(fqn: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> str:
+    """How a chunk merged on its own is named: ``model.w[0:6,4:8]``."""
+    return f"{fqn}[{','.join(f'{o}:{o + s}' for o, s in zip(offsets, sizes))}]"
+
+
+def _chunks(folder: Path, e: Entry, files: dict[str, tuple[int, int, str]], ends: dict[str, int],
+            memo: dict[bytes, object]) -> list[TensorInfo]:
+    """Each chunk of ``e`` as a tensor of its own (one extent: its record's storage), after checking
+    that the chunks tile ``e`` exactly."""
+    if e.dtype is None:
+        raise fail(folder / METADATA, f"tensor {e.fqn!r} has a dtype merger doesn't know", RESAVE)
+    isize = itemsize(e.dtype)
+    out = []
+    for c in e.chunks:
+        at = _chunk_at(folder, e, c, files, ends, memo)
+        if at is not None:
+            sizes, offsets = tuple(c.sizes), tuple(c.offsets)
+            extent = Extent(at[0], at[1], 0, math.prod(sizes) * isize)
+            out.append(TensorInfo(chunk_name(e.fqn, offsets, sizes), e.dtype, sizes, (extent,),
+                                  chunk=(e.fqn, offsets, e.shape)))
+    _check_grid(folder, e)
+    return out
+
+
+def _check_grid(folder: Path, e: Entry) -> None:
+    """The chunks of ``e`` tile it exactly: every cell of the grid their edges make is in one chunk."""
+    nd = len(e.shape)
+    cuts = [sorted({0, n, *(c.offsets[d] for c in e.chunks), *(c.offsets[d] + c.sizes[d] for c in e.chunks)})
+            for d, n in enumerate(e.shape)]
+    index = [{v: i for i, v in enumerate(cd)} for cd in cuts]
+    seen: set[tuple[int, ...]] = set()
+    for c in e.chunks:
+        if math.prod(c.sizes) == 0:
+            continue
+        for cell in itertools.product(*(range(index[d][c.offsets[d]], index[d][c.offsets[d] + c.sizes[d]])
+                                        for d in range(nd))):
+            if cell in seen:
+                raise fail(folder / METADATA, f"tensor {e.fqn!r}: its chunk at {list(c.offsets)} overlaps another "
+                                              "(chunks don't tile the tensor)", RESAVE)
+            seen.add(cell)
+    if len(seen) != math.prod(len(cd) - 1 for cd in cuts):
+        missing = next(cell for cell in itertools.product(*(range(len(cd) - 1) for cd in cuts)) if cell not in seen)
+        raise fail(folder / METADATA, f"tensor {e.fqn!r}: elements from {[cuts[d][i] for d, i in enumerate(missing)]} "
+                                      "are missing (chunks don't tile the tensor)", RESAVE)
+
+
+def _runs(shape: tuple[int, ...], c: Chunk) -> int:
+    """How many runs of bytes chunk ``c`` is in the whole C-contiguous tensor (see :func:`chunk_extents`)."""
+    if not shape or math.prod(c.sizes) == 0:
+        return 1
+    d = len(shape) - 1
+    while d > 0 and c.offsets[d] == 0 and c.sizes[d] == shape[d]:
+        d -= 1
+    return math.prod(c.sizes[:d])
+
+
+def strided_grids(path: str | Path, key: str | None = None) -> dict[str, tuple]:
+    """The model tensors with a chunk that is more than one run of bytes in the whole tensor (cut
+    along an inner dim, as tensor parallelism cuts): fqn -> (shape, dtype, the chunks' (offsets,
+    sizes), sorted). Merging such a tensor chunk by chunk (``read(split=...)``) keeps it one extent a
+    chunk, where the whole tensor is a run per row of every chunk (millions, at 7B and TP=8)."""
+    md = read_metadata(path)
+    return {e.fqn: (e.shape, e.dtype, tuple(sorted((tuple(c.offsets), tuple(c.sizes)) for c in e.chunks)))
+            for e in model_entries(md, key, path) if e.is_tensor and any(_runs(e.shape, c) > 1 for c in e.chunks)}
 
 
 def _prefetch(folder: Path, entries: list[Entry], files: dict[str, tuple[int, int, str]]) -> None:
@@ -247,13 +320,16 @@ def _prefetch(folder: Path, entries: list[Entry], files: dict[str, tuple[int, in
                 os.posix_fadvise(fd, c.offset + c.length - TAIL, TAIL, os.POSIX_FADV_WILLNEED)
 
 
-def read(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
+def read(path: str | Path, *, key: str | None = None, split: frozenset[str] = frozenset()) -> dict[str, TensorInfo]:
     """The model part of a DCP folder, each tensor as the extents of its chunks.
 
     Args:
         path: the folder holding ``.metadata``.
         key: the prefix of the model's entries (``model``); None: ``model.`` when present, else every
             group but the training state.
+        split: tensors given chunk by chunk, each chunk a tensor of its own (:func:`chunk_name`,
+            ``TensorInfo.chunk``): for a DCP output of inputs that share their chunks
+            (:func:`strided_grids`, ``plan/build.py``).
 
     Raises:
         CheckpointFormatError: an unsafe or broken ``.metadata``, a missing or short ``.distcp`` file,
@@ -267,7 +343,12 @@ def read(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
         entries = model_entries(md, key, folder)
         _prefetch(folder, entries, files)
         memo: dict[bytes, object] = {}
-        out = {e.fqn: _tensor(folder, e, files, md.file_ends, memo) for e in entries}
+        out = {}
+        for e in entries:
+            if e.fqn in split:
+                out.update((t.name, t) for t in _chunks(folder, e, files, md.file_ends, memo))
+            else:
+                out[e.fqn] = _tensor(folder, e, files, md.file_ends, memo)
     finally:
         for fd, _, _ in files.values():
             os.close(fd)

@@ -1,8 +1,9 @@
 """Write a merge as a torch.distributed.checkpoint (DCP) folder, so that training restarts from it.
 
 An output format written in place (``output/convert.py``): the engine writes ``__0_<i>.distcp``
-files laid out as torch's own ``FileSystemWriter`` lays them out, every tensor one whole chunk, a
-``torch.save`` record at its offset in the file. The plan leaves room for each record's zip
+files laid out as torch's own ``FileSystemWriter`` lays them out, every tensor one whole chunk (or,
+for a tensor the inputs cut along an inner dim into the same chunks, those chunks: ``plan/build.py``
+``shared_chunks``), a ``torch.save`` record at its offset in the file. The plan leaves room for each record's zip
 headers (:func:`span`), the shard writer puts them around the tensor's bytes as they are folded
 (:func:`frames`; the record's CRC-32 is taken on the way), and :func:`write` adds ``.metadata``
 (a pickle of torch's ``Metadata`` classes) after the last shard. Keys are the input's
@@ -75,12 +76,13 @@ def write(tmp: Path, plan) -> list[str]:
 
     latest = plan.sources[-1].path
     md = read_metadata(latest) if latest and (Path(latest) / ".metadata").is_file() else None
-    records = []
+    records: dict[str, tuple[str, tuple[int, ...], list[tuple]]] = {}  # fqn -> (dtype, shape, chunks)
     for t in plan.tensors:
         nbytes = t.numel * t.out_itemsize
         head, tail = span(t.out_dtype, t.shape, nbytes, name=t.name)
-        records.append((t.name, t.out_dtype, t.shape, plan.shards[t.shard].filename, t.out_offset - head,
-                        head + nbytes + tail))
+        fqn, offsets, shape = t.chunk or (t.name, (0,) * len(t.shape), t.shape)  # a chunk keeps its place
+        records.setdefault(fqn, (t.out_dtype, shape, []))[2].append(
+            (offsets, t.shape, plan.shards[t.shard].filename, t.out_offset - head, head + nbytes + tail))
     files = [sp.filename for sp in plan.shards]
     objects = []
     carried = carried_objects(md, plan.options.key, latest) if md else []
@@ -105,5 +107,6 @@ def write(tmp: Path, plan) -> list[str]:
             for fd, _ in fds.values():
                 os.close(fd)
         files.append(name)
-    (tmp / ".metadata").write_bytes(metadata_pickle(records, md.planner_data if md else {}, objects))
+    tensors = [(fqn, dtype, shape, chunks) for fqn, (dtype, shape, chunks) in records.items()]
+    (tmp / ".metadata").write_bytes(metadata_pickle(tensors, md.planner_data if md else {}, objects))
     return [".metadata", *files]

@@ -182,21 +182,24 @@ def _itemsize(dtype: str) -> int:
     return itemsize(dtype)
 
 
-def metadata_pickle(tensors: list[tuple[str, str, tuple[int, ...], str, int, int]], planner: dict,
+def metadata_pickle(tensors: list[tuple[str, str, tuple[int, ...], list[tuple]]], planner: dict,
                     objects: list[tuple[str, str, int, int, tuple[str, ...]]] = ()) -> bytes:
-    """``.metadata`` for whole-tensor chunks: ``tensors`` are (fqn, dtype, shape, file, offset, length);
-    ``objects`` pickled-bytes entries (fqn, file, offset, length, transform descriptors)."""
+    """``.metadata``: ``tensors`` are (fqn, dtype, shape, chunks), each chunk (offsets, sizes, file,
+    offset, length) of a record; ``objects`` pickled-bytes entries (fqn, file, offset, length,
+    transform descriptors)."""
     layout = Call(Global("torch.serialization", "_get_layout"), ("torch.strided",))
     entries, storage, planner_data = {}, {}, {}
-    for fqn, dtype, shape, file, offset, length in tensors:
+    for fqn, dtype, shape, chunks in tensors:
         props = New(Global(_MD, "TensorProperties"),
                     (Global("torch", dtype), layout, False, Call(Global(_MD, "_MEM_FORMAT_ENCODING"), (0,)), False))
-        zeros = _size([0] * len(shape))
-        chunk = New(Global(_MD, "ChunkStorageMetadata"), {"offsets": zeros, "sizes": _size(shape)})
+        metas = []
+        for i, (offsets, sizes, file, offset, length) in enumerate(chunks):
+            metas.append(New(Global(_MD, "ChunkStorageMetadata"), {"offsets": _size(offsets), "sizes": _size(sizes)}))
+            index = New(Global(_MD, "MetadataIndex"), {"fqn": fqn, "offset": _size(offsets), "index": i})
+            storage[index] = New(Global(_FS, "_StorageInfo"),
+                                 {"relative_path": file, "offset": offset, "length": length})
         entries[fqn] = New(Global(_MD, "TensorStorageMetadata"),
-                           {"properties": props, "size": _size(shape), "chunks": [chunk]})
-        index = New(Global(_MD, "MetadataIndex"), {"fqn": fqn, "offset": zeros, "index": 0})
-        storage[index] = New(Global(_FS, "_StorageInfo"), {"relative_path": file, "offset": offset, "length": length})
+                           {"properties": props, "size": _size(shape), "chunks": metas})
         planner_data[fqn] = tuple(planner.get(fqn, (fqn,)))
     for fqn, file, offset, length, transforms in objects:
         entries[fqn] = New(Global(_MD, "BytesStorageMetadata"), None)

@@ -48,6 +48,19 @@ def check_layouts(sources: list[Source], layouts: list[dict[str, TensorInfo]]) -
                         problems=shown, hint="merge checkpoints of one training run (same architecture and dtype)")
 
 
+def shared_chunks(sources: list[Source], options: Options, output_format: str) -> frozenset[str]:
+    """The tensors merged chunk by chunk: for a DCP output of DCP inputs, those cut along an inner
+    dim (tensor parallelism) into the same chunks in every input. Each chunk is then one extent per
+    input and one record of the output, where the whole tensor would be a run per row of every
+    chunk; the output keeps the inputs' chunks (``dcp.load`` reads them into any sharding)."""
+    if output_format != "dcp" or not all(s.path and of(s.path).NAME == "dcp" for s in sources):
+        return frozenset()
+    from merger.formats.dcp import strided_grids
+
+    grids = [strided_grids(s.path, options.key) for s in sources]
+    return frozenset(f for f, g in grids[-1].items() if all(other.get(f) == g for other in grids[:-1]))
+
+
 def build(sources: list[Source], options: Options, *, layouts: list[dict[str, TensorInfo]] | None = None) -> Plan:
     """Read every input's headers and fix the whole merge.
 
@@ -65,7 +78,13 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     if not sources:
         raise UsageError("no checkpoints to merge")
     weights = weights_for(options.method, len(sources), steps=[s.step for s in sources])
-    layouts = layouts or [read_checkpoint(s.path, key=options.key) for s in sources]
+    fmt = of(sources[-1].path) if sources[-1].path else None
+    output_format = check_output(options.to or (fmt.OUTPUT if fmt else "hf"))
+    if output_format == "hf" and getattr(fmt, "HF_OUTPUT", None):  # e.g. nanoGPT -> GPT2LMHeadModel
+        output_format = fmt.HF_OUTPUT
+    if layouts is None:
+        split = shared_chunks(sources, options, output_format)
+        layouts = [read_checkpoint(s.path, key=options.key, split=split) for s in sources]
     ids = tuple((p, identity(p)) for p in sorted({p for lay in layouts for t in lay.values() for p in t.files}))
     check_layouts(sources, layouts)
     if not layouts[-1]:
@@ -77,10 +96,6 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     if options.accumulate not in ("auto", "float32", "float64"):
         raise UsageError(f"--accumulate {options.accumulate}: use auto, float32 or float64")
     n = len(sources)
-    fmt = of(sources[-1].path) if sources[-1].path else None
-    output_format = check_output(options.to or (fmt.OUTPUT if fmt else "hf"))
-    if output_format == "hf" and getattr(fmt, "HF_OUTPUT", None):  # e.g. nanoGPT -> GPT2LMHeadModel
-        output_format = fmt.HF_OUTPUT
     framed = in_place(output_format)  # a format whose files the engine writes itself (DCP records)
     latest = layouts[-1]
     order = sorted(latest.values(), key=lambda t: (t.path, t.offset))
@@ -100,7 +115,7 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
         tensors.append(TensorPlan(
             name=t.name, dtype=t.dtype, out_dtype=out_dtype, shape=t.shape, averaged=averaged,
             locs=tuple(lay[t.name].extents for lay in layouts),
-            shard=len(shards) - 1, out_offset=shard_bytes[-1] + shard_frame[-1] + head))
+            shard=len(shards) - 1, out_offset=shard_bytes[-1] + shard_frame[-1] + head, chunk=t.chunk))
         shards[-1].append(len(tensors) - 1)
         shard_bytes[-1] += nbytes
         shard_frame[-1] += head + tail

@@ -31,6 +31,7 @@ class TensorPlan:
     shard: int
     out_offset: int  # byte offset in the shard's data section (after the header; past the framing
     # of the tensors before it and its own, for a format that frames each tensor: output/convert.py)
+    chunk: tuple[str, tuple[int, ...], tuple[int, ...]] | None = None  # TensorInfo.chunk: a DCP chunk
 
     @property
     def numel(self) -> int:

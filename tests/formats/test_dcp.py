@@ -50,11 +50,14 @@ def _run(args: list[str], *, nproc: int | None) -> None:
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> Path:
     """``titan/step-{2,4,6}`` (2 ranks) + ``titan/step-{8,10}`` (3 ranks), ``olmo/step{2,4}/model_and_optim``
-    (one process), ``tp/`` (chunks cut along dims 1 and 2)."""
+    (one process), ``tp/`` (chunks cut along dims 1 and 2), ``tp-run/step-2`` (the same cuts, other
+    values) and ``tp-run/step-3`` (3 ranks: other cuts)."""
     root = tmp_path_factory.mktemp("dcp")
     _run(["train", str(root / "titan"), "--steps", "6", "--every", "2", "--tp", str(root / "tp")], nproc=2)
-    _run(["train", str(root / "titan"), "--steps", "4", "--every", "2", "--resume", str(root / "titan/step-6")],
-         nproc=3)
+    _run(["train", str(root / "titan"), "--steps", "4", "--every", "2", "--resume", str(root / "titan/step-6"),
+          "--tp", str(root / "tp-run/step-3"), "--tp-seed", "9"], nproc=3)
+    _run(["train", str(root / "tp-run"), "--steps", "0", "--tp", str(root / "tp-run/step-2"), "--tp-seed", "8"],
+         nproc=2)
     _run(["train", str(root / "olmo"), "--steps", "4", "--every", "2", "--layout", "olmo", "--no-dist"], nproc=None)
     for p in sorted(root.rglob("*")):  # the inputs are never written to: make that a hard fact
         p.chmod(p.stat().st_mode & ~0o222)
@@ -287,6 +290,71 @@ def test_average_across_a_change_of_world_size(runs, tmp_path):
     average([str(runs / "titan"), "--revisions", "step-4..step-10", "--method", "ema", "--decay", "0.5"], out)
     w = [0.5 ** 3, 0.5 * 0.5 ** 2, 0.5 * 0.5, 0.5]
     assert_mean(load_dcp(out), [runs / f"titan/step-{s}" for s in (4, 6, 8, 10)], w)
+
+
+def _tp_run(runs: Path, tmp_path: Path, steps=(1, 2)) -> Path:
+    """``tp/`` as step-1, ``tp-run/step-2`` (same cuts) and ``tp-run/step-3`` (3 ranks) as they are."""
+    run = tmp_path / "run"
+    for s in steps:
+        shutil.copytree(runs / "tp" if s == 1 else runs / f"tp-run/step-{s}", run / f"step-{s}")
+    for p in run.rglob("*"):
+        p.chmod(p.stat().st_mode | 0o200)
+    return run
+
+
+def _expected(runs: Path, steps) -> list[dict[str, torch.Tensor]]:
+    return [{f"model.{k}": v for k, v in torch.load((runs / "tp" if s == 1 else runs / f"tp-run/step-{s}")
+                                                     / "expected.pt").items()} for s in steps]
+
+
+def test_tensor_parallel_chunks_merge_chunk_by_chunk(runs, tmp_path):
+    """Tensors cut along dims 1 and 2 into the same chunks in every revision are merged chunk by chunk
+    (one extent per chunk, not a run per row) and the output keeps those chunks: torch reads it back
+    to the float64 mean within 1 ulp."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    run, out = _tp_run(runs, tmp_path), tmp_path / "avg"
+    res = average([str(run)], out)
+    assert res["plan"]["tensors"] == 5  # w_col and w_3d as 2 chunks each, w_row (cut along dim 0) whole
+    md = FileSystemReader(str(out)).read_metadata()
+    src = FileSystemReader(str(run / "step-1")).read_metadata()
+    for name in ("model.w_col", "model.w_3d"):
+        assert [(list(c.offsets), list(c.sizes)) for c in md.state_dict_metadata[name].chunks] == \
+            [(list(c.offsets), list(c.sizes)) for c in src.state_dict_metadata[name].chunks]
+    assert len(md.state_dict_metadata["model.w_row"].chunks) == 1
+    merged, refs = load_dcp(out), _expected(runs, (1, 2))
+    assert set(merged) == set(refs[0])
+    for k, v in merged.items():
+        ref = (refs[0][k].double() + refs[1][k].double()) / 2
+        assert v.dtype == refs[0][k].dtype and ((v.double() - ref).abs() <= ulp(ref, v.dtype)).all(), k
+    r = runner.invoke(app, ["average", str(run), "--dry-run", "--json"])
+    plan = json.loads(r.stdout)
+    assert r.exit_code == 0 and plan["tensors"] == 5
+
+
+def test_tensor_parallel_chunks_that_differ_merge_whole(runs, tmp_path):
+    """A revision saved by 3 ranks cuts w_col and w_3d otherwise: those merge as whole tensors."""
+    run, out = _tp_run(runs, tmp_path, steps=(1, 3)), tmp_path / "avg"
+    res = average([str(run)], out)
+    assert res["plan"]["tensors"] == 3
+    merged, refs = load_dcp(out), _expected(runs, (1, 3))
+    for k, v in merged.items():
+        ref = (refs[0][k].double() + refs[1][k].double()) / 2
+        assert ((v.double() - ref).abs() <= ulp(ref, v.dtype)).all(), k
+
+
+@pytest.mark.parametrize("damage, expected", [("drop", "are missing (chunks don't tile the tensor)"),
+                                              ("twice", "overlaps another (chunks don't tile the tensor)")])
+def test_chunks_merged_one_by_one_must_tile_the_tensor(runs, tmp_path, damage, expected):
+    run = _tp_run(runs, tmp_path)
+
+    def change(md):
+        t = md.state_dict_metadata["model.w_col"]
+        t.chunks = t.chunks[1:] if damage == "drop" else [t.chunks[0], t.chunks[0], *t.chunks[1:]]
+
+    for s in (1, 2):  # the same damage in both: the chunks still agree, and are merged one by one
+        edit_metadata(run / f"step-{s}", change)
+    refused(run, tmp_path, "model.w_col", expected)
 
 
 def test_average_an_olmo_core_run_to_safetensors(runs, tmp_path):
