@@ -156,9 +156,7 @@ def chunk_extents(path: str, data: int, size: tuple[int, ...], chunk: Chunk, isi
         return [Extent(path, data, 0, isize)]
     if math.prod(chunk.sizes) == 0:
         return []
-    d = nd - 1
-    while d > 0 and chunk.offsets[d] == 0 and chunk.sizes[d] == size[d]:
-        d -= 1
+    d = _cut_dim(size, chunk)
     run = math.prod(chunk.sizes[d:]) * isize
     tstride = [math.prod(size[j + 1:]) * isize for j in range(nd)]
     base = sum(chunk.offsets[j] * tstride[j] for j in range(d, nd))
@@ -167,6 +165,15 @@ def chunk_extents(path: str, data: int, size: tuple[int, ...], chunk: Chunk, isi
         start = base + sum((chunk.offsets[j] + idx[j]) * tstride[j] for j in range(d))
         out.append(Extent(path, data + i * run, start, run))
     return out
+
+
+def _cut_dim(size: tuple[int, ...], chunk: Chunk) -> int:
+    """``d``: the chunk holds every element of the dims after ``d``, so it is ``prod(sizes[:d])``
+    runs of bytes in the whole C-contiguous tensor (``size``: at least one dim)."""
+    d = len(size) - 1
+    while d > 0 and chunk.offsets[d] == 0 and chunk.sizes[d] == size[d]:
+        d -= 1
+    return d
 
 
 def coalesce(extents: list[Extent]) -> tuple[Extent, ...]:
@@ -222,43 +229,37 @@ def _chunk_at(folder: Path, e: Entry, c: Chunk, files: dict[str, tuple[int, int,
     return fpath, _chunk_data(fd, fpath, c, e.fqn, e.dtype, memo)
 
 
-def _tensor(folder: Path, e: Entry, files: dict[str, tuple[int, int, str]], ends: dict[str, int],
-            memo: dict[bytes, object]) -> TensorInfo:
-    if e.dtype is None:
-        raise fail(folder / METADATA, f"tensor {e.fqn!r} has a dtype merger doesn't know", RESAVE)
-    isize = itemsize(e.dtype)
-    extents: list[Extent] = []
-    for c in e.chunks:
-        at = _chunk_at(folder, e, c, files, ends, memo)
-        if at is not None:
-            extents += chunk_extents(at[0], at[1], e.shape, c, isize)
-    t = TensorInfo(e.fqn, e.dtype, e.shape, coalesce(extents))
-    check_extents(t, f"{folder} ({', '.join(sorted({c.file for c in e.chunks if c.file}))})")
-    return t
-
-
 def chunk_name(fqn: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> str:
     """How a chunk merged on its own is named: ``model.w[0:6,4:8]``."""
     return f"{fqn}[{','.join(f'{o}:{o + s}' for o, s in zip(offsets, sizes))}]"
 
 
-def _chunks(folder: Path, e: Entry, files: dict[str, tuple[int, int, str]], ends: dict[str, int],
-            memo: dict[bytes, object]) -> list[TensorInfo]:
-    """Each chunk of ``e`` as a tensor of its own (one extent: its record's storage), after checking
-    that the chunks tile ``e`` exactly."""
+def _tensors(folder: Path, e: Entry, split: bool, files: dict[str, tuple[int, int, str]], ends: dict[str, int],
+             memo: dict[bytes, object]) -> list[TensorInfo]:
+    """Tensor ``e`` as the extents of its chunks; with ``split``, each chunk as a tensor of its own
+    (one extent: its record's storage). Either way the chunks must tile ``e`` exactly."""
     if e.dtype is None:
         raise fail(folder / METADATA, f"tensor {e.fqn!r} has a dtype merger doesn't know", RESAVE)
     isize = itemsize(e.dtype)
+    extents: list[Extent] = []
     out = []
     for c in e.chunks:
         at = _chunk_at(folder, e, c, files, ends, memo)
-        if at is not None:
+        if at is None:
+            continue
+        if split:
             sizes, offsets = tuple(c.sizes), tuple(c.offsets)
             extent = Extent(at[0], at[1], 0, math.prod(sizes) * isize)
             out.append(TensorInfo(chunk_name(e.fqn, offsets, sizes), e.dtype, sizes, (extent,),
                                   chunk=(e.fqn, offsets, e.shape)))
-    _check_grid(folder, e)
-    return out
+        else:
+            extents += chunk_extents(at[0], at[1], e.shape, c, isize)
+    if split:
+        _check_grid(folder, e)
+        return out
+    t = TensorInfo(e.fqn, e.dtype, e.shape, coalesce(extents))
+    check_extents(t, f"{folder} ({', '.join(sorted({c.file for c in e.chunks if c.file}))})")
+    return [t]
 
 
 def _check_grid(folder: Path, e: Entry) -> None:
@@ -287,10 +288,7 @@ def _runs(shape: tuple[int, ...], c: Chunk) -> int:
     """How many runs of bytes chunk ``c`` is in the whole C-contiguous tensor (see :func:`chunk_extents`)."""
     if not shape or math.prod(c.sizes) == 0:
         return 1
-    d = len(shape) - 1
-    while d > 0 and c.offsets[d] == 0 and c.sizes[d] == shape[d]:
-        d -= 1
-    return math.prod(c.sizes[:d])
+    return math.prod(c.sizes[:_cut_dim(shape, c)])
 
 
 def strided_grids(path: str | Path, key: str | None = None) -> dict[str, tuple]:
@@ -298,9 +296,12 @@ def strided_grids(path: str | Path, key: str | None = None) -> dict[str, tuple]:
     along an inner dim, as tensor parallelism cuts): fqn -> (shape, dtype, the chunks' (offsets,
     sizes), sorted). Merging such a tensor chunk by chunk (``read(split=...)``) keeps it one extent a
     chunk, where the whole tensor is a run per row of every chunk (millions, at 7B and TP=8)."""
-    md = read_metadata(path)
+    folder = Path(path)
+    entries, ends = _model_part(folder, key)
+    if (identity := _identity(folder)) is not None:
+        _PARTS[(identity, key)] = entries, ends  # the read() that follows parses it no more
     return {e.fqn: (e.shape, e.dtype, tuple(sorted((tuple(c.offsets), tuple(c.sizes)) for c in e.chunks)))
-            for e in model_entries(md, key, path) if e.is_tensor and any(_runs(e.shape, c) > 1 for c in e.chunks)}
+            for e in entries if e.is_tensor and any(_runs(e.shape, c) > 1 for c in e.chunks)}
 
 
 def _prefetch(folder: Path, entries: list[Entry], files: dict[str, tuple[int, int, str]]) -> None:
@@ -337,32 +338,41 @@ def read(path: str | Path, *, key: str | None = None, split: frozenset[str] = fr
         UsageError: a ``key`` with no entry under it.
     """
     folder = Path(path)
-    md = read_metadata(folder)
+    identity = _identity(folder)
+    entries, ends = _PARTS.pop((identity, key), None) or _model_part(folder, key)
     files: dict[str, tuple[int, int, str]] = {}  # .distcp file -> (fd, size, path), each opened once
     try:
-        entries = model_entries(md, key, folder)
         _prefetch(folder, entries, files)
         memo: dict[bytes, object] = {}
-        out = {}
-        for e in entries:
-            if e.fqn in split:
-                out.update((t.name, t) for t in _chunks(folder, e, files, md.file_ends, memo))
-            else:
-                out[e.fqn] = _tensor(folder, e, files, md.file_ends, memo)
+        out = {t.name: t for e in entries for t in _tensors(folder, e, e.fqn in split, files, ends, memo)}
     finally:
         for fd, _, _ in files.values():
             os.close(fd)
-    _READ_FILES[_identity(folder)] = [METADATA, *sorted({c.file for e in entries for c in e.chunks if c.file})]
+    if identity is not None:
+        _READ_FILES[identity] = [METADATA, *sorted({c.file for e in entries for c in e.chunks if c.file})]
     return out
 
 
 # folder's .metadata identity -> the files its last read() took chunks from: weight_files() answers
 # from it instead of parsing .metadata again (0.02 s a revision at 410m with AdamW state)
 _READ_FILES: dict[tuple, list[str]] = {}
+# (identity, key) -> the model part strided_grids() parsed, taken by the read() that follows it
+_PARTS: dict[tuple, tuple[list[Entry], dict[str, int]]] = {}
 
 
-def _identity(folder: Path) -> tuple:
-    st = os.stat(folder / METADATA)
+def _model_part(folder: Path, key: str | None) -> tuple[list[Entry], dict[str, int]]:
+    """The model part's entries and where each ``.distcp`` file's records end."""
+    md = read_metadata(folder)
+    return model_entries(md, key, folder), md.file_ends
+
+
+def _identity(folder: Path) -> tuple | None:
+    """Which ``.metadata`` this is (path, inode, size, mtime); None if it can't be stat'ed (then
+    nothing is cached for it, and reading it says why)."""
+    try:
+        st = os.stat(folder / METADATA)
+    except OSError:
+        return None
     return os.path.realpath(folder), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
