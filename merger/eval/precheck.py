@@ -56,13 +56,13 @@ def check_eval_ready(sources, copy_files: tuple[str, ...] | None, *, plan=None, 
                             hint="pass --tokenizer NAME_OR_PATH, the tokenizer the run was trained with "
                                  "(e.g. --tokenizer gpt2 for nanoGPT's GPT-2 BPE)")
         from merger.errors import OutputError
+        from merger.eval.view import not_gpt2
         from merger.output import gpt2
 
         try:
             gpt2.check(plan)
         except OutputError as e:
-            raise EvalError(f"--eval evaluates .pt runs as nanoGPT's GPT-2: {e}".replace("--to hf: ", ""),
-                            hint="merge without --eval") from None
+            raise not_gpt2(e, "--eval evaluates .pt runs", "merge without --eval") from None
     elif fmt not in ("hf", "safetensors"):
         raise EvalError(f"--eval: a {fmt} output is not a model lm-eval loads",
                         hint="merge with --to safetensors (with the model's config.json), or without --eval")

@@ -36,6 +36,12 @@ class ModelView:
     native: bool  # the revisions' own folders load as they are (lm-eval may read the raw one there)
 
 
+def not_gpt2(e: OutputError, who: str, hint: str) -> EvalError:
+    """The error for a ``.pt`` that isn't nanoGPT's GPT-2 (``e``: ``output/gpt2``'s), said by
+    ``who`` (``"merger sweep scores .pt runs"``)."""
+    return EvalError(f"{who} as nanoGPT's GPT-2: {str(e).removeprefix('--to hf: ')}", hint=hint)
+
+
 def _same(state: StateDict) -> StateDict:
     return state
 
@@ -60,9 +66,8 @@ def model_view(latest: Source, names: list[str], tokenizer: str | None) -> Itera
             try:
                 config, convert = hf_model(latest.path, names)
             except OutputError as e:
-                raise EvalError(f"merger sweep scores .pt runs as nanoGPT's GPT-2: {e}".replace("--to hf: ", ""),
-                                hint="sweep a Hugging Face run, or convert each checkpoint to one "
-                                     "(merger average FILE -o DIR for each)") from None
+                raise not_gpt2(e, "merger sweep scores .pt runs", "sweep a Hugging Face run, or convert each "
+                               "checkpoint to one (merger average FILE -o DIR for each)") from None
             (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         elif fmt == "hf":
             convert = _same
@@ -126,9 +131,9 @@ def gpt2_folder(src: str | Path, dest: Path) -> Path:
     try:
         config, convert = hf_model(str(src), list(layout), dtype=dtype)
     except OutputError as e:
-        raise EvalError(f"merger evaluates .pt checkpoints as nanoGPT's GPT-2: {e}".replace("--to hf: ", ""),
-                        hint="evaluate a Hugging Face folder (merger average --to safetensors writes the "
-                             "tensors under their own names, for the framework's own converter)") from None
+        raise not_gpt2(e, "merger evaluates .pt checkpoints", "evaluate a Hugging Face folder (merger average "
+                       "--to safetensors writes the tensors under their own names, for the framework's own "
+                       "converter)") from None
     state = convert(read_tensors(layout)[0])
     dest.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, dest / "model.safetensors", metadata={"format": "pt"})
