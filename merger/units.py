@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from merger.errors import UsageError
@@ -115,3 +118,98 @@ def apply_limit(total: int, limit: int | float | None) -> int:
     if limit is None:
         return total
     return min(total, int(limit) if limit >= 1 else math.ceil(total * limit))
+
+
+# -- the sizes that shape merger's loops -----------------------------------------------------------
+
+@dataclass
+class Sizes:
+    """Every size that shapes a loop, set in this one place.
+
+    Code reads them when it runs (``SIZES.chunk``), never copies them at import, so a test can make
+    each one small and make every loop run more than once on small tensors (``sizes(...)``, or
+    ``MERGER_SIZES=small`` for a whole process and its children, e.g. torchrun's ranks). Only
+    ``chunk`` changes output bits (it is the unit of "identical in every input"); the others change
+    how bytes move, never what they are. Multiples are kept as multiples: a stream piece, a native
+    call's unit and a block's element range are whole chunks.
+    """
+
+    chunk: int = 1 << 18  # elements: the kernel's cache chunk, the unit of "identical in every input"
+    piece_chunks: int = 64  # stream: chunks read per pread (PIECE, 16.8M elements)
+    unit_chunks: int = 4  # native pipeline: chunks per native call (balances two threads in a block)
+    min_block: int = 64 << 20  # bytes of working set below which the per-block overhead dominates
+    max_block_cpu: int = 512 << 20  # bytes of working set per block on CPU (plan/blocks.block_budget)
+    max_block_cuda: int = 2 << 30
+    part_bytes: int = 256 << 20  # ranked: output bytes per part of a single-file output
+    read_piece: int = 4 << 20  # bytes per pread of an extent
+    stage: int = 8 << 20  # bytes per O_DIRECT write of a shard (a multiple of 4096)
+    copy_piece: int = 64 << 20  # bytes copied at a time into a converted .pt output
+    cache_bytes: int = 4 << 20  # native kernel: every input's share of one sub-chunk fits this
+    min_sub: int = 1024  # native kernel: elements per sub-chunk at least
+    record_head: int = 4096  # bytes read at a torch.save record's start (data.pkl, local headers)
+    record_tail: int = 1024  # bytes read at its end (central directory, end records)
+    ahead: int = 1  # stream: revisions downloaded ahead of the one being folded
+
+    @property
+    def piece(self) -> int:
+        return self.piece_chunks * self.chunk
+
+    @property
+    def unit(self) -> int:
+        return self.unit_chunks * self.chunk
+
+    def spec(self) -> str:
+        """``name=value,...`` of the fields that differ from the defaults (``MERGER_SIZES``'s form)."""
+        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                        if getattr(self, f.name) != f.default)
+
+
+# Small enough that the test tensors (thousands of elements) cross every one, at sizes that are not
+# powers of two where the code allows it, so that no boundary falls where another does.
+SMALL = dict(chunk=1024, piece_chunks=3, unit_chunks=2, min_block=4096, max_block_cpu=48 << 10,
+             max_block_cuda=48 << 10, part_bytes=20_000, read_piece=3000, stage=8192, copy_piece=5000,
+             cache_bytes=4096, min_sub=64, record_head=512, record_tail=128)
+
+SIZES = Sizes()
+
+
+def _parse_sizes(text: str) -> dict[str, int]:
+    if text.strip() == "small":
+        return dict(SMALL)
+    known = {f.name for f in fields(Sizes)}
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in known or not value.strip().isdigit() or int(value) <= 0:
+            raise UsageError(f"MERGER_SIZES: can't read {item!r}",
+                             hint=f"'small', or name=value,... with names from {', '.join(sorted(known))}")
+        out[name] = int(value)
+    return out
+
+
+def set_sizes(**values: int) -> None:
+    """Set sizes for this process and the processes it starts (``MERGER_SIZES``); no names: defaults."""
+    for f in fields(Sizes):
+        setattr(SIZES, f.name, values.get(f.name, f.default))
+    if SIZES.stage % 4096 or SIZES.min_sub > SIZES.chunk:
+        raise UsageError(f"MERGER_SIZES: stage must be a multiple of 4096 and min_sub at most chunk ({SIZES})")
+    spec = SIZES.spec()
+    if spec:
+        os.environ["MERGER_SIZES"] = spec
+    else:
+        os.environ.pop("MERGER_SIZES", None)
+
+
+@contextmanager
+def sizes(**values: int):
+    """``with sizes(**SMALL):`` ... : the sizes for a block of code (tests), then the previous ones."""
+    before = {f.name: getattr(SIZES, f.name) for f in fields(Sizes)}
+    set_sizes(**{**before, **values})
+    try:
+        yield SIZES
+    finally:
+        set_sizes(**before)
+
+
+if os.environ.get("MERGER_SIZES"):
+    set_sizes(**_parse_sizes(os.environ["MERGER_SIZES"]))

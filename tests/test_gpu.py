@@ -7,7 +7,10 @@ import torch
 
 from conftest import WIDE, check_against_reference, files_equal, make_run
 from merger.api import average
-from merger.plan import CHUNK, Options
+from merger.plan import Options
+from merger.units import SIZES
+
+CHUNK = SIZES.chunk  # the default sizes: this module never changes them
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -15,9 +15,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from merger.engine.pipeline import STOP, Pipeline
-from merger.fold.native import CACHE_BYTES, NativeKernel
+from merger.fold.native import NativeKernel
 from merger.output.shards import DIRECT_ALIGN, shard_header
-from merger.plan import CHUNK, Plan, TensorPlan
+from merger.plan import Plan, TensorPlan
+from merger.units import SIZES
 
 
 def file_layout(plan: Plan, headers: list[bytes]) -> tuple[list[list[list[int]]], list[list[int]], int]:
@@ -49,9 +50,6 @@ def file_layout(plan: Plan, headers: list[bytes]) -> tuple[list[list[list[int]]]
     return segments, slice_at, size
 
 
-UNIT = 4 * CHUNK  # elements per native call: small enough to balance two threads within a block
-
-
 class NativePipeline(Pipeline):
     """The native kernel (``_fold.c``): every thread reads and folds its own slices; the writer
     sends whole pages from the output buffers without a copy (``ShardWriter.write_owned``), and a
@@ -75,7 +73,7 @@ class NativePipeline(Pipeline):
         """Three output buffers, and per fold thread about three times its input pieces (the
         pieces and their accumulator)."""
         headers = [shard_header(plan, k) for k in range(len(plan.shards))]
-        return 3 * max(file_layout(plan, headers)[2], 1) + cls.default_threads(plan) * 3 * CACHE_BYTES
+        return 3 * max(file_layout(plan, headers)[2], 1) + cls.default_threads(plan) * 3 * SIZES.cache_bytes
 
     def _make_kernel(self):
         o = self.plan.options
@@ -87,8 +85,9 @@ class NativePipeline(Pipeline):
         out = []
         for s, at in zip(self.plan.blocks[b], self.slice_at[b]):
             t = self.plan.tensors[s.tensor]
-            for a in range(s.start, max(s.stop, s.start + 1), UNIT):  # an empty tensor: one empty call
-                out.append((t, a, min(s.stop, a + UNIT), at + (a - s.start) * t.out_itemsize))
+            unit = SIZES.unit  # elements per native call: small enough to balance two threads in a block
+            for a in range(s.start, max(s.stop, s.start + 1), unit):  # an empty tensor: one empty call
+                out.append((t, a, min(s.stop, a + unit), at + (a - s.start) * t.out_itemsize))
         return out
 
     def _start(self) -> None:

@@ -2,7 +2,7 @@
 
 With one output shard (``model.safetensors``, ``__0_0.distcp``) there is nothing to deal out
 between ranks, so for a multi-rank run (``ranked.py``) the shard's tensors, in data order, are cut
-into contiguous *parts* of about ``PART_BYTES`` each. Each part is planned as a shard of its own
+into contiguous *parts* of about ``SIZES.part_bytes`` each. Each part is planned as a shard of its own
 (a hidden ``.part-0000i-of-0000k.safetensors`` in the partial folder, a valid safetensors file of
 its tensors; for DCP a ``.distcp`` part, a run of whole records), so ranks fold, record and resume
 parts exactly like shards. The number of parts depends only on the output's size, never on the
@@ -22,12 +22,12 @@ from merger.output.convert import in_place
 from merger.output.shards import shard_header
 from merger.plan import Plan
 from merger.plan.plan import ShardPlan
+from merger.units import SIZES
 
-PART_BYTES = 256 << 20  # output bytes per part
 PART = ".part-{:05d}-of-{:05d}"  # + the shard's extension
 
 
-def split_single(plan: Plan, *, part_bytes: int = PART_BYTES) -> Plan:
+def split_single(plan: Plan, *, part_bytes: int | None = None) -> Plan:
     """``plan`` with its one output shard cut into parts (each a shard); other plans unchanged.
 
     A format that frames each tensor (a DCP record, output/convert.py) is cut between records: a
@@ -42,6 +42,7 @@ def split_single(plan: Plan, *, part_bytes: int = PART_BYTES) -> Plan:
         t = plan.tensors[i]
         size[i] = t.numel * t.out_itemsize
         frame[i] = framed.span(t.out_dtype, t.shape, size[i], name=t.name) if framed else (0, 0)
+    part_bytes = part_bytes or SIZES.part_bytes  # output bytes per part
     k = max(1, min(len(sp.tensors), -(-sp.data_bytes // part_bytes)))
     groups: list[list[int]] = [[]]
     acc = 0

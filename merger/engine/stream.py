@@ -4,7 +4,8 @@ The whole accumulator (one float per parameter, plus the first revision's raw by
 tensors identical in every input) stays in memory on the compute device; revisions flow through
 it one at a time, oldest first, while a downloader thread fetches the next one. With
 ``keep=False`` (``--no-keep``) each revision this run downloaded is deleted from the HF cache once
-folded, so the disk holds at most two revisions. The arithmetic is ``Kernel.add_input`` per ``CHUNK``,
+folded, so the disk holds at most two revisions. The arithmetic is ``Kernel.add_input`` per chunk
+(``SIZES.chunk``),
 the same as the *blocks* schedule, so both give the same bits.
 """
 
@@ -30,23 +31,20 @@ from merger.formats.reading import FileHasher, read_extents
 from merger.output.convert import convert
 from merger.output.folder import OutputDir
 from merger.output.shards import open_shard, write_index
-from merger.plan import CHUNK, Options, Plan, build, check_layouts
+from merger.plan import Options, Plan, build, check_layouts
 from merger.sources import Source
 from merger.engine.resume import STATE, load_stream_state, save_stream_state, sources_fingerprint, stream_resume_point
 from merger.sources.hflocal import cache_dir, present_files
 from merger.sources.hub import delete_revision, fetch
-from merger.units import dtype_from_name
-
-PIECE = 64 * CHUNK  # elements read per pread
-
+from merger.units import SIZES, dtype_from_name
 
 class _Downloader(threading.Thread):
     """Fetches sources in order, at most ``ahead`` revisions beyond the one being folded."""
 
-    def __init__(self, sources: list[Source], ahead: int = 1):
+    def __init__(self, sources: list[Source], ahead: int | None = None):
         super().__init__(name="merger-download", daemon=True)
         self.sources, self.out = sources, queue.Queue()
-        self.slots = threading.Semaphore(ahead + 1)
+        self.slots = threading.Semaphore((SIZES.ahead if ahead is None else ahead) + 1)
         self.stop = threading.Event()
         # held while a revision downloads and while one is deleted: huggingface_hub links a new
         # snapshot file to a blob it finds on disk, so a deletion that scanned the cache before
@@ -146,15 +144,16 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
                         raw0[ti] = torch.empty(t.numel * t.itemsize, dtype=torch.uint8, device=dev)
                         if t.averaged:
                             acc[ti] = torch.empty(t.numel, dtype=kernel.acc_dtype(t), device=dev)
-                            same[ti] = [kernel.rule.copy_identical] * -(-t.numel // CHUNK)
+                            same[ti] = [kernel.rule.copy_identical] * -(-t.numel // SIZES.chunk)
                             bad[ti] = {}
-                    for start in range(0, t.numel, PIECE):
-                        stop = min(t.numel, start + PIECE)
-                        buf = torch.empty((stop - start) * t.itemsize, dtype=torch.uint8)
-                        read_extents(fds, info.extents, start * t.itemsize, memoryview(buf.numpy()),
+                    piece = SIZES.piece  # elements per pread: whole chunks
+                    for a in range(0, t.numel, piece):  # (not `start`: that is where this run began)
+                        b = min(t.numel, a + piece)
+                        buf = torch.empty((b - a) * t.itemsize, dtype=torch.uint8)
+                        read_extents(fds, info.extents, a * t.itemsize, memoryview(buf.numpy()),
                                      feed=lambda p, off, data, h=hashers: p in h and h[p].feed(off, data))
                         x = buf.to(dev)
-                        _fold_piece(kernel, plan, ti, i, start, stop, x, acc, raw0, same, bad)
+                        _fold_piece(kernel, plan, ti, i, a, b, x, acc, raw0, same, bad)
                     progress(t.numel * t.itemsize)
                 check_identity(fds, planned, when="while it was being read")
             finally:
@@ -230,10 +229,11 @@ def _fold_piece(kernel: Kernel, plan: Plan, ti: int, i: int, start: int, stop: i
     vals = x.view(dtype_from_name(t.dtype))
     bits, bits0 = x.view(BITS[size]), r0.view(BITS[size])
     a = acc[ti]
-    tmp = torch.empty(min(CHUNK, stop - start), dtype=a.dtype, device=a.device)
-    for c in range(start, stop, CHUNK):
-        e = min(stop, c + CHUNK)
-        k = c // CHUNK
+    chunk = SIZES.chunk
+    tmp = torch.empty(min(chunk, stop - start), dtype=a.dtype, device=a.device)
+    for c in range(start, stop, chunk):
+        e = min(stop, c + chunk)
+        k = c // chunk
         if i > 0 and same[ti][k]:
             same[ti][k] = torch.equal(bits[c - start: e - start], bits0[c - start: e - start])
         kernel.add_input(a[c:e], tmp[: e - c], vals[c - start: e - start], i)
@@ -256,14 +256,14 @@ def _write(plan: Plan, kernel: Kernel, tmp: Path, acc, raw0, same, bad) -> int:
                 x0 = raw0[ti].view(dtype_from_name(t.dtype))
                 kernel.finish(acc[ti])
                 o = acc[ti].to(odt)
-                for k, s in enumerate(same[ti]):
-                    c, e = k * CHUNK, min(t.numel, (k + 1) * CHUNK)
+                for j, s in enumerate(same[ti]):  # j: a chunk (k is the shard)
+                    c, e = j * SIZES.chunk, min(t.numel, (j + 1) * SIZES.chunk)
                     if s:
                         o[c:e].copy_(x0[c:e])
                         if not kernel.allow_nonfinite and cast_overflows(o[c:e], x0[c:e]):
                             raise overflow_error(t.name, t.out_dtype)
                     elif not kernel.allow_nonfinite and not bool(torch.isfinite(o[c:e]).all()):
-                        raise (nonfinite_error(t.name, kernel.names[bad[ti][k]]) if k in bad[ti]
+                        raise (nonfinite_error(t.name, kernel.names[bad[ti][j]]) if j in bad[ti]
                                else overflow_error(t.name, t.out_dtype))
                 w.write(o.cpu().contiguous().view(torch.uint8).numpy() if o.dim() else
                         o.cpu().reshape(1).view(torch.uint8).numpy(), t.out_offset)

@@ -22,18 +22,14 @@ from merger.errors import MergerError
 from merger.fold.rules import FoldRule, acc_dtype, differing_error, nonfinite_error, overflow_error
 from merger.formats import clip
 from merger.formats.reading import truncated_error
-from merger.plan.options import CHUNK
 from merger.plan.plan import TensorPlan
+from merger.units import SIZES
 
 ABI_VERSION = 3
 CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
 RAW = 4  # not floating: identical in every input, copied
 ST_OK, ST_NONFINITE, ST_OVERFLOW, ST_READ, ST_EOF, ST_DIFFERS, ST_NOMEM = range(7)
 FIN_NONE, FIN_DIVIDE, FIN_SCALE = range(3)
-# every input's piece together, per thread. Measured on 410m, 2 threads, fold only: 4 MB 0.35 s at N=9 and
-# 0.83 s at N=20; 1 MB 0.38 s and 1.0 s (more, smaller preads); 128 KB 60% slower than 1 MB
-CACHE_BYTES = 4 << 20
-MIN_SUB = 1024
 
 
 class Job(ctypes.Structure):
@@ -90,9 +86,9 @@ def unavailable() -> str | None:
 
 
 def sub_elements(n_inputs: int, itemsize: int) -> int:
-    """Elements folded at a time: every input's share fits ``CACHE_BYTES`` (a power of two)."""
-    per = max(MIN_SUB, CACHE_BYTES // (n_inputs * itemsize))
-    return min(CHUNK, 1 << (per.bit_length() - 1))
+    """Elements folded at a time: every input's share fits ``SIZES.cache_bytes`` (a power of two)."""
+    per = max(SIZES.min_sub, SIZES.cache_bytes // (n_inputs * itemsize))
+    return min(SIZES.chunk, 1 << (per.bit_length() - 1))
 
 
 class NativeKernel:
@@ -124,7 +120,7 @@ class NativeKernel:
         return [(self.names[i - 1], self.names[i]) for i, s in enumerate(self.same_as_prev) if s]
 
     def fold(self, t: TensorPlan, start: int, stop: int, fds: dict[str, int], out_address: int) -> Job:
-        """Merge elements ``start:stop`` of ``t`` (``start`` a multiple of CHUNK) into memory at
+        """Merge elements ``start:stop`` of ``t`` (``start`` a multiple of ``SIZES.chunk``) into memory at
         ``out_address``, reading each input's extents from ``fds`` (path -> open fd); returns the
         finished job for :meth:`merge`."""
         n = self.n
@@ -154,7 +150,7 @@ class NativeKernel:
         job.ext_end = (ctypes.c_int64 * len(end))(*end)
         job.paths = paths  # for error messages (a Python attribute, not a field)
         job.weights = self._weights
-        job.count, job.chunk, job.sub = stop - start, CHUNK, sub_elements(n, t.itemsize)
+        job.count, job.chunk, job.sub = stop - start, SIZES.chunk, sub_elements(n, t.itemsize)
         job.out = out_address
         job.same_as_prev = (ctypes.c_uint8 * n)(*self.same_as_prev)
         job.differs = (ctypes.c_uint8 * n)()

@@ -8,10 +8,10 @@ once at the end, ``acc / n``: a sum of n 16-bit values is exact in float32 (unle
 span more than 2^13) and the division is correctly rounded, so a uniform average matches the
 float64 reference to the last bit but for rare double-rounding ties (measured on 9 Pythia-70m
 shaped revisions: 0 of 70M elements differ in float16, 201 in bfloat16). The CPU loop works on
-cache-sized chunks at fixed offsets (multiples of ``CHUNK`` from the tensor's start), so any
+cache-sized chunks at fixed offsets (multiples of ``SIZES.chunk`` from the tensor's start), so any
 ``--max-memory`` gives the same bits.
 
-Rules (DESIGN.md, "Tensor rules"), applied per ``CHUNK`` of elements counted from the tensor's
+Rules (DESIGN.md, "Tensor rules"), applied per chunk (``SIZES.chunk``) of elements counted from the tensor's
 start, so they never depend on how a tensor was cut into slices:
 - a chunk bit-identical in every input is written unchanged (a tensor identical everywhere is
   then copied bit for bit: Pythia's ``inv_freq``, ``masked_bias`` = -inf), when the weights sum
@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from merger.fold.rules import FoldRule, acc_dtype, differing_error, nonfinite_error, overflow_error
-from merger.plan import CHUNK, TensorPlan
-from merger.units import dtype_from_name
+from merger.plan import TensorPlan
+from merger.units import SIZES, dtype_from_name
 
 BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -92,8 +92,8 @@ class Kernel:
         return dtype_from_name(acc_dtype(self.accumulate, t.itemsize, t.out_itemsize))
 
     def _buffers(self, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if dt not in self._scratch:
-            self._scratch[dt] = (torch.empty(CHUNK, dtype=dt), torch.empty(CHUNK, dtype=dt))
+        if dt not in self._scratch or self._scratch[dt][0].numel() != SIZES.chunk:
+            self._scratch[dt] = (torch.empty(SIZES.chunk, dtype=dt), torch.empty(SIZES.chunk, dtype=dt))
         return self._scratch[dt]
 
     # -- public ---------------------------------------------------------------------------------
@@ -160,8 +160,9 @@ class Kernel:
         omax = torch.finfo(odt).max
         all_copied = True
         scratch = self._buffers(self.acc_dtype(t))
-        for c in range(0, n_el, CHUNK):
-            e = min(n_el, c + CHUNK)
+        chunk = SIZES.chunk
+        for c in range(0, n_el, chunk):
+            e = min(n_el, c + chunk)
             b = [x[c:e] for x in bits]
             if self.rule.copy_identical and all(torch.equal(b[i], b[0]) for i in range(1, len(b))):
                 o[c:e].copy_(vals[0][c:e])
@@ -191,9 +192,10 @@ class Kernel:
         same = torch.ones(n_el, dtype=torch.bool, device=xs[0].device)
         for i in range(1, len(bits)):
             same &= bits[i] == bits[0]
-        n_chunks = -(-n_el // CHUNK)
-        pad = n_chunks * CHUNK - n_el
-        chunk_same = torch.nn.functional.pad(same, (0, pad), value=True).view(n_chunks, CHUNK).all(1)
+        chunk = SIZES.chunk
+        n_chunks = -(-n_el // chunk)
+        pad = n_chunks * chunk - n_el
+        chunk_same = torch.nn.functional.pad(same, (0, pad), value=True).view(n_chunks, chunk).all(1)
         if not self.rule.copy_identical:
             chunk_same.zero_()
         if bool(chunk_same.all()):
@@ -211,12 +213,12 @@ class Kernel:
         for i in range(len(vals)):
             self.add_input(acc, tmp, vals[i], i)
         self.finish(acc)
-        keep = chunk_same.repeat_interleave(CHUNK)[:n_el]
+        keep = chunk_same.repeat_interleave(chunk)[:n_el]
         merged = torch.where(keep, vals[0].to(odt), acc.to(odt))
         if not self.allow_nonfinite and odt != dt and bool((~torch.isfinite(merged) & keep &
                                                             torch.isfinite(vals[0])).any()):
             raise overflow_error(t.name, t.out_dtype)  # a copied chunk the cast overflows
         if not self.allow_nonfinite and bool((~torch.isfinite(merged) & ~keep).any()):
-            bad = int(torch.nonzero(~torch.isfinite(merged) & ~keep)[0, 0]) // CHUNK * CHUNK
-            self._nonfinite(t, [v[bad: bad + CHUNK] for v in vals], merged[bad: bad + CHUNK])
+            bad = int(torch.nonzero(~torch.isfinite(merged) & ~keep)[0, 0]) // chunk * chunk
+            self._nonfinite(t, [v[bad: bad + chunk] for v in vals], merged[bad: bad + chunk])
         out.view(odt).copy_(merged)

@@ -27,8 +27,8 @@ from merger.formats.base import Extent, TensorInfo, check_extents, fail
 from merger.formats.inputs import contained, open_input
 from merger.formats.dcp_metadata import METADATA, RESAVE, Chunk, DcpMetadata, Entry, read_metadata
 from merger.formats.pt_header import StateDictUnpickler, StorageRef, TensorRef, is_contiguous
-from merger.formats.pt_record import HEAD, TAIL, read_record
-from merger.units import itemsize
+from merger.formats.pt_record import read_record
+from merger.units import SIZES, itemsize
 
 NAME = "dcp"
 OUTPUT = "dcp"
@@ -316,9 +316,10 @@ def _prefetch(folder: Path, entries: list[Entry], files: dict[str, tuple[int, in
             if c.file not in files:
                 files[c.file] = _open(folder, c.file, e.fqn)
             fd = files[c.file][0]
-            os.posix_fadvise(fd, c.offset, min(c.length, HEAD), os.POSIX_FADV_WILLNEED)
-            if c.length > HEAD:
-                os.posix_fadvise(fd, c.offset + c.length - TAIL, TAIL, os.POSIX_FADV_WILLNEED)
+            head, tail = SIZES.record_head, SIZES.record_tail  # what read_record reads first
+            os.posix_fadvise(fd, c.offset, min(c.length, head), os.POSIX_FADV_WILLNEED)
+            if c.length > head:
+                os.posix_fadvise(fd, c.offset + c.length - tail, tail, os.POSIX_FADV_WILLNEED)
 
 
 def read(path: str | Path, *, key: str | None = None, split: frozenset[str] = frozenset()) -> dict[str, TensorInfo]:

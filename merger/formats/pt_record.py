@@ -44,10 +44,8 @@ from dataclasses import dataclass
 
 from merger.errors import CheckpointFormatError
 from merger.formats.base import RESAVE, fail
-from merger.units import itemsize
+from merger.units import SIZES, itemsize
 
-HEAD = 4096  # bytes read at a record's start: data.pkl, byteorder and the storage's local header
-TAIL = 1024  # bytes read at its end: central directory (~470 bytes for torch's 7 members), end records
 MAX_DIRECTORY = 64 << 20  # a central directory larger than this is not a torch.save record's
 
 RESAVE_RECORD = "the file is corrupt or was not written by torch.save: save it again"
@@ -295,10 +293,13 @@ def read_record(fd: int, start: int, length: int, path, *, what: str = "the reco
 
     if length < _EOCD.size + 30:
         raise no_end(f"{length} bytes is too short for a torch.save record")
-    if length <= HEAD + TAIL:  # small: one read
+    # the head holds data.pkl, byteorder and the storage's local header; the tail the central directory
+    # (~470 bytes for torch's 7 members) and the end records (SIZES.record_head/record_tail)
+    head_n, tail_n = SIZES.record_head, SIZES.record_tail
+    if length <= head_n + tail_n:  # small: one read
         head = tail = pread(0, length)
     else:
-        head, tail = pread(0, HEAD), pread(length - TAIL, TAIL)
+        head, tail = pread(0, head_n), pread(length - tail_n, tail_n)
     tail_at = length - len(tail)
 
     def get(at: int, n: int) -> bytes:
@@ -314,7 +315,7 @@ def read_record(fd: int, start: int, length: int, path, *, what: str = "the reco
     # -- end records: the last end signature with room for the record after it, as miniz finds it
     i = tail.rfind(b"PK\x05\x06", 0, len(tail) - _EOCD.size + 4)
     if i < 0 and len(tail) < length:
-        n = min(length, 0xFFFF + _EOCD.size + TAIL)
+        n = min(length, 0xFFFF + _EOCD.size + tail_n)
         tail, tail_at = pread(length - n, n), length - n
         i = tail.rfind(b"PK\x05\x06", 0, len(tail) - _EOCD.size + 4)
     if i < 0:

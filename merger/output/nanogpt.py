@@ -10,7 +10,7 @@ optimizer or scheduler state. It loads with ``torch.load(path, weights_only=True
 Memory stays bounded: ``torch.save`` writes the zip's structure under
 ``torch.serialization.skip_data()`` over tensors made with ``torch.empty`` (never touched, so
 never resident), which leaves each storage's bytes as a hole; the averaged bytes are then copied
-into those holes from the engine's safetensors shards, ``PIECE`` bytes at a time. The holes are
+into those holes from the engine's safetensors shards, ``SIZES.copy_piece`` bytes at a time. The holes are
 found by reading the new file's header back with the same reader the inputs went through.
 """
 
@@ -26,9 +26,9 @@ from merger.formats import read_checkpoint
 from merger.formats.pt_header import read_header, to_plain
 from merger.formats.reading import read_extents
 from merger.formats.torch_pt import checkpoint_file, find_model, meta, model_entries
+from merger.units import SIZES, itemsize
 
 FILE = "ckpt.pt"
-PIECE = 64 << 20  # bytes copied at a time
 
 
 def _shard_files(tmp: Path) -> list[Path]:
@@ -71,7 +71,7 @@ def write(tmp: Path, plan) -> list[str]:
     import torch
     from torch.serialization import skip_data
 
-    from merger.units import dtype_from_name, itemsize
+    from merger.units import dtype_from_name
 
     src = plan.sources[-1].path
     header, where, entries = _source(plan)
@@ -101,7 +101,7 @@ def write(tmp: Path, plan) -> list[str]:
         for name in made:
             info, ref = merged[name], sd[name]
             at = written.offsets[ref.storage.key] + ref.storage_offset * itemsize(info.dtype)
-            buf = bytearray(min(PIECE, max(info.nbytes, 1)))
+            buf = bytearray(min(SIZES.copy_piece, max(info.nbytes, 1)))
             for start in range(0, info.nbytes, len(buf)):
                 n = min(len(buf), info.nbytes - start)
                 view = memoryview(buf)[:n]

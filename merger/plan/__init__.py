@@ -12,9 +12,9 @@ the kernels only ever compute ``sum_i w_i x_i``, so nothing else changes. Tests 
 
 from merger.plan.build import build, check_layouts
 from merger.plan.methods import METHODS, Method, parse_weights, weights_for
-from merger.plan.options import CHUNK, FLOAT_DTYPES, Options, default_max_memory
+from merger.plan.options import FLOAT_DTYPES, Options, default_max_memory
 from merger.plan.plan import Plan, ShardPlan, Slice, TensorPlan, block_cost, output_dtypes, slice_cost
 
-__all__ = ["CHUNK", "FLOAT_DTYPES", "METHODS", "Method", "Options", "Plan", "ShardPlan", "Slice", "TensorPlan",
+__all__ = ["FLOAT_DTYPES", "METHODS", "Method", "Options", "Plan", "ShardPlan", "Slice", "TensorPlan",
            "block_cost", "build", "check_layouts", "default_max_memory", "output_dtypes", "parse_weights",
            "slice_cost", "weights_for"]

@@ -13,10 +13,10 @@ from merger.formats.inputs import identity
 from merger.output.convert import check_output, check_plan, in_place
 from merger.plan.blocks import block_budget, make_blocks
 from merger.plan.methods import weights_for
-from merger.plan.options import CHUNK, FLOAT_DTYPES, Options, default_max_memory
+from merger.plan.options import FLOAT_DTYPES, Options, default_max_memory
 from merger.plan.plan import Plan, ShardPlan, TensorPlan, slice_cost
 from merger.sources import Source
-from merger.units import format_size, itemsize
+from merger.units import SIZES, format_size, itemsize
 
 
 def check_layouts(sources: list[Source], layouts: list[dict[str, TensorInfo]]) -> None:
@@ -126,7 +126,7 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
         for i, (idx, b, f) in enumerate(zip(shards, shard_bytes, shard_frame)))
 
     max_memory = options.max_memory or default_max_memory()
-    biggest_unit = max((slice_cost(t, n, min(t.numel, CHUNK)) for t in tensors), default=0)
+    biggest_unit = max((slice_cost(t, n, min(t.numel, SIZES.chunk)) for t in tensors), default=0)
     if max_memory < biggest_unit:
         raise UsageError(f"--max-memory {format_size(max_memory)} is too small for {n} inputs",
                          hint=f"give at least {format_size(biggest_unit)}")

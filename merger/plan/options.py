@@ -1,5 +1,5 @@
-"""What a merge is asked to do: :class:`Options` (CLI flags map 1:1), and the constants every stage
-agrees on."""
+"""What a merge is asked to do: :class:`Options` (CLI flags map 1:1), and the dtypes every stage agrees on.
+The sizes that shape the loops (the kernel's ``chunk``, block bounds, ...) are in ``merger.units.SIZES``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import os
 from dataclasses import dataclass
 
 from merger.plan.methods import Method
+from merger.units import SIZES
 
-CHUNK = 1 << 18  # elements: the kernel's cache chunk, and the unit of "identical in every input"
-MIN_BLOCK = 64 << 20  # bytes of working set; below that the per-block overhead dominates
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -38,6 +37,6 @@ def default_max_memory() -> int:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         total = 8 * 10**9
-    return max(MIN_BLOCK * 4, min(total // 4, 8 * 10**9))
+    return max(SIZES.min_block * 4, min(total // 4, 8 * 10**9))
 
 

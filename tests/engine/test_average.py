@@ -12,7 +12,10 @@ from merger.testing import synth
 from merger.api import average
 from merger.formats import read_checkpoint
 from merger.plan.methods import Method
-from merger.plan import CHUNK, Options
+from merger.plan import Options
+from merger.units import SIZES
+
+CHUNK = SIZES.chunk  # the default sizes: this module never changes them
 
 STEPS = (1000, 2000, 3000, 4000)
 

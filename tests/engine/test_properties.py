@@ -29,7 +29,10 @@ from merger.testing import synth
 from merger.api import average
 from merger.errors import UsageError
 from merger.plan.methods import Method
-from merger.plan import CHUNK, Options
+from merger.plan import Options
+from merger.units import SIZES
+
+CHUNK = SIZES.chunk  # the default sizes: this module never changes them
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -11,7 +11,10 @@ import torch
 
 from merger.errors import TensorError
 from merger.fold.torch_kernel import Kernel
-from merger.plan import CHUNK, TensorPlan
+from merger.plan import TensorPlan
+from merger.units import SIZES
+
+CHUNK = SIZES.chunk  # the default sizes: this module never changes them
 
 
 def raw(x: torch.Tensor) -> torch.Tensor:

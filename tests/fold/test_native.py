@@ -23,7 +23,10 @@ from merger.fold import native
 from merger.errors import CheckpointFormatError, TensorError
 from merger.fold.torch_kernel import Kernel
 from merger.formats import Extent
-from merger.plan import CHUNK, TensorPlan
+from merger.plan import TensorPlan
+from merger.units import SIZES
+
+CHUNK = SIZES.chunk  # the default sizes: this module never changes them
 
 pytestmark = pytest.mark.skipif(native.unavailable() is not None and native.unavailable() != "MERGER_KERNEL=torch",
                                 reason=f"native kernel unavailable: {native.unavailable()}")
@@ -206,9 +209,9 @@ def test_native_truncated_input(tmp_path):
 
 
 def test_sub_elements_fit_the_cache():
-    assert native.sub_elements(9, 2) * 9 * 2 <= native.CACHE_BYTES
+    assert native.sub_elements(9, 2) * 9 * 2 <= SIZES.cache_bytes
     assert native.sub_elements(1, 8) <= CHUNK and CHUNK % native.sub_elements(1, 8) == 0
-    assert native.sub_elements(4096, 8) == native.MIN_SUB
+    assert native.sub_elements(4096, 8) == SIZES.min_sub
     assert ctypes.sizeof(native.Job) == 8 * 4 + 8 + 5 * 8 + 3 * 8 + 3 * 8 + 6 * 4 + 8
 
 
