@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from merger.output.convert import in_place
-from merger.output.shards import shard_header
+from merger.output.shards import pwrite_all, shard_header
 from merger.plan import Plan
 from merger.plan.plan import ShardPlan
 from merger.units import SIZES
@@ -72,7 +72,7 @@ def join_parts(plan: Plan, split: Plan, folder: Path) -> None:
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         header = shard_header(plan, 0)
-        os.write(fd, header)
+        pwrite_all(fd, header, len(header), 0)
         pos = len(header)
         for k, sp in enumerate(split.shards):
             skip = len(shard_header(split, k))
@@ -83,7 +83,7 @@ def join_parts(plan: Plan, split: Plan, folder: Path) -> None:
                         n = os.copy_file_range(src.fileno(), fd, left, off, pos)
                     except OSError:  # a filesystem without it: copy through a buffer
                         src.seek(off)
-                        n = os.pwrite(fd, src.read(min(left, 64 << 20)), pos)
+                        n = os.pwrite(fd, src.read(min(left, SIZES.copy_piece)), pos)
                     if n == 0:
                         raise OSError(f"{sp.filename} is shorter than planned")
                     left, off, pos = left - n, off + n, pos + n

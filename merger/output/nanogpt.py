@@ -26,6 +26,7 @@ from merger.formats import read_checkpoint
 from merger.formats.pt_header import read_header, to_plain
 from merger.formats.reading import read_extents
 from merger.formats.torch_pt import checkpoint_file, find_model, meta, model_entries
+from merger.output.shards import pwrite_all
 from merger.units import SIZES, itemsize
 
 FILE = "ckpt.pt"
@@ -106,7 +107,7 @@ def write(tmp: Path, plan) -> list[str]:
                 n = min(len(buf), info.nbytes - start)
                 view = memoryview(buf)[:n]
                 read_extents(fds, info.extents, start, view)
-                os.pwrite(fd, view, at + start)
+                pwrite_all(fd, view, n, at + start)  # a short write (a full disk) is retried, or raises
     finally:
         os.close(fd)
         for f in fds.values():

@@ -84,7 +84,7 @@ def open_shard(plan: Plan, k: int, folder: Path, **kwargs) -> ShardWriter:
                        frames=shard_frames(plan, k), **kwargs)
 
 
-def _pwrite_all(fd: int, buf, n: int, offset: int) -> None:
+def pwrite_all(fd: int, buf, n: int, offset: int) -> None:
     """Write ``buf[:n]`` at ``offset``, retrying short writes."""
     view = memoryview(buf)
     try:
@@ -96,16 +96,16 @@ def _pwrite_all(fd: int, buf, n: int, offset: int) -> None:
 
 
 def _io_write(fd: int, buf, n: int, offset: int) -> None:
-    """:func:`_pwrite_all` for the background writer: where O_DIRECT turns out to be refused
+    """:func:`pwrite_all` for the background writer: where O_DIRECT turns out to be refused
     (EINVAL: some filesystems accept the flag at open, then not the write), the file leaves
     O_DIRECT and the write is redone through the page cache, as every later one will be."""
     try:
-        _pwrite_all(fd, buf, n, offset)
+        pwrite_all(fd, buf, n, offset)
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        _pwrite_all(fd, buf, n, offset)
+        pwrite_all(fd, buf, n, offset)
 
 
 class ShardWriter:
@@ -270,7 +270,7 @@ class ShardWriter:
         try:
             self._stage_write(mv[:head], pos)  # the stage now ends on a page boundary
             if self._stage is None:  # O_DIRECT refused on the way: page cache from here on
-                _pwrite_all(self.fd, mv[head:], len(mv) - head, pos + head)
+                pwrite_all(self.fd, mv[head:], len(mv) - head, pos + head)
                 fut = None
             else:
                 if self._staged:
@@ -297,7 +297,7 @@ class ShardWriter:
     def _stage_write(self, mv: memoryview, pos: int) -> None:
         while len(mv):
             if self._stage is None:  # O_DIRECT refused on the way
-                _pwrite_all(self.fd, mv, len(mv), pos)
+                pwrite_all(self.fd, mv, len(mv), pos)
                 return
             n = min(len(mv), self._stage_size - self._staged)
             self._stage[self._staged: self._staged + n] = mv[:n]
@@ -339,7 +339,7 @@ class ShardWriter:
             return
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         stage, self._stage = self._stage, None
-        _pwrite_all(self.fd, stage, self._staged, self._flushed)
+        pwrite_all(self.fd, stage, self._staged, self._flushed)
         self._flushed += self._staged
         self._staged = 0
         self._release_stages()
