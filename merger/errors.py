@@ -78,3 +78,17 @@ class OutputError(MergerError):
 
 class EvalError(MergerError):
     """A model or task given to ``merger eval`` can't be evaluated."""
+
+
+class RankError(MergerError):
+    """Another rank of the same merge failed or died; the message names it.
+
+    Args:
+        rank: the rank that failed.
+        dead: it stopped responding (killed, node lost), rather than reporting an error.
+    """
+
+    def __init__(self, message: str, *, rank: int, dead: bool = False, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.rank = rank
+        self.dead = dead

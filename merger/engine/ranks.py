@@ -20,6 +20,17 @@ thread keeps a heartbeat per rank.
   with that message, naming the rank;
 - a lost connection to the store (rank 0, or the torchrun agent, is gone) stops a rank likewise.
 
+**One launch, one merge.** Two launches that share a ``MASTER_PORT`` (two srun jobs on one node)
+would otherwise meet in one store: the second job's rank 1 would pass the first job's barriers and
+post its failure there. So before it touches anything in the store, every rank checks the
+*launch record* that rank 0 publishes: :func:`launch_identity` (the command line, the working
+folder, and the launcher's job ids where there are some: ``SLURM_JOB_ID``/``SLURM_STEP_ID``,
+``TORCHELASTIC_RUN_ID``) and a nonce. A rank whose identity differs is a stranger: it stops with
+a clear error and writes nothing into that store. Then each rank claims its rank number (a
+second process claiming the same rank is refused), and only then counts itself in. A rank that
+finds nobody waits at most ``MERGER_START_TIMEOUT`` seconds (default 120), then says what it
+waited for.
+
 Collectives on the gloo group (:meth:`Comm.gather`) run only once every rank is known to be
 there, under a timeout of the same ``MERGER_RANK_TIMEOUT``.
 """
@@ -37,28 +48,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-from merger.errors import MergerError, UsageError
+from merger.engine.launch import join, launch_identity  # noqa: F401 - launch_identity: part of the API
+from merger.errors import MergerError, RankError, UsageError
 
 TIMEOUT_ENV = "MERGER_RANK_TIMEOUT"
 DEFAULT_TIMEOUT = 15.0  # seconds without a heartbeat before a rank counts as dead
-START_TIMEOUT = 120.0  # seconds every rank has to reach the coordinator at start-up
+START_TIMEOUT = 120.0  # seconds every rank has to reach the coordinator at start-up (MERGER_START_TIMEOUT)
+START_ENV = "MERGER_START_TIMEOUT"
 TICK = 0.5  # heartbeat period
 POLL = 0.05  # how often a wait looks at the store
 RANK_PROGRESS = "progress.rank-{}.json"  # each rank's record of the shards it finished (resume.py's format)
-
-
-class RankError(MergerError):
-    """Another rank of the same merge failed or died; the message names it.
-
-    Args:
-        rank: the rank that failed.
-        dead: it stopped responding (killed, node lost), rather than reporting an error.
-    """
-
-    def __init__(self, message: str, *, rank: int, dead: bool = False, hint: str | None = None):
-        super().__init__(message, hint=hint)
-        self.rank = rank
-        self.dead = dead
 
 
 @dataclass(frozen=True)
@@ -138,6 +137,13 @@ def timeout_s() -> float:
         raise UsageError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of seconds") from None
 
 
+def start_timeout_s() -> float:
+    try:
+        return max(1.0, float(os.environ.get(START_ENV, START_TIMEOUT)))
+    except ValueError:
+        raise UsageError(f"{START_ENV}={os.environ[START_ENV]!r} is not a number of seconds") from None
+
+
 _session: Comm | None = None
 
 
@@ -193,7 +199,7 @@ class Comm:
 
         w = self.world
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"  # torchrun hosts it
-        start = timedelta(seconds=max(self.timeout, START_TIMEOUT))
+        start = timedelta(seconds=start_timeout_s())
         try:
             base = dist.TCPStore(w.addr, w.port, w.size, is_master=self.rank == 0 and not agent, timeout=start,
                                  wait_for_workers=False)
@@ -202,7 +208,16 @@ class Comm:
             raise RankError(f"rank {self.rank} can't reach the coordinator at {w.addr}:{w.port}: {e}", rank=self.rank,
                             hint="check MASTER_ADDR/MASTER_PORT (a free port on rank 0's node)") from None
         prefix = f"merger/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-        self.store, self._wstore = dist.PrefixStore(prefix, base), dist.PrefixStore(prefix, watch)
+        store = dist.PrefixStore(prefix, base)
+        try:
+            join(store, self.world, start.total_seconds())
+        except MergerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the store went away while we checked
+            raise RankError(f"rank {self.rank} lost the coordinator at {w.addr}:{w.port} at start-up ({e})",
+                            rank=self.rank, hint="check that every rank was launched with the same "
+                                                 "MASTER_ADDR/MASTER_PORT") from None
+        self.store, self._wstore = store, dist.PrefixStore(prefix, watch)
         self._count("start", limit=start.total_seconds(), what="every rank to start")
         dist.init_process_group("gloo", store=dist.PrefixStore(prefix + "pg/", base), rank=self.rank,
                                 world_size=self.size, timeout=timedelta(seconds=self.timeout))

@@ -66,13 +66,14 @@ def cli(*args) -> list[str]:
     return [sys.executable, "-m", "merger", "average", *map(str, args)]
 
 
-def launch(size: int, args, *, extra=None, per_rank=None, nice: int = 0) -> list[subprocess.Popen]:
-    """One process per rank, as srun starts them (``per_rank``: rank -> other arguments; ``nice``:
-    a lower CPU priority than the test's, which then reacts first)."""
+def launch(size: int, args, *, extra=None, nice: int = 0, rank_env=None) -> list[subprocess.Popen]:
+    """One process per rank, as srun starts them (the same command line; ``rank_env``: rank -> its own
+    environment variables; ``nice``: a lower CPU priority than the test's, which then
+    reacts first)."""
     port = free_port()
     envs = [env_for(RANK=str(r), WORLD_SIZE=str(size), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=str(port), **(extra or {})) for r in range(size)]
-    return [subprocess.Popen(cli(*(per_rank or {}).get(r, args)), env=envs[r], stdout=subprocess.PIPE,
+                    MASTER_PORT=str(port), **(extra or {}), **(rank_env or {}).get(r, {})) for r in range(size)]
+    return [subprocess.Popen(cli(*args), env=envs[r], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=REPO, preexec_fn=lambda: os.nice(nice))
             for r in range(size)]
 
@@ -297,11 +298,15 @@ def test_nan_in_one_ranks_share_stops_every_rank(tmp_path):
 
 
 def test_a_rank_that_cannot_read_the_headers_stops_the_others_at_once(run_dir, tmp_path):
-    args = [run_dir, "--revisions", "step1000..step3000", "-o", tmp_path / "o", *FLAGS]
+    """The same command on every rank (a launch: engine/ranks.py), but rank 1's node lacks the run:
+    ``~/run`` is the run under rank 0's HOME and nothing under rank 1's."""
+    (tmp_path / "home0").mkdir()
+    (tmp_path / "home0" / "run").symlink_to(run_dir)
+    args = ["~/run", "--revisions", "step1000..step3000", "-o", tmp_path / "o", *FLAGS]
     t0 = time.monotonic()
-    res = finish(launch(2, args, per_rank={1: [tmp_path / "missing", *args[1:]]}))  # rank 1's node lacks the run
+    res = finish(launch(2, args, rank_env={0: {"HOME": str(tmp_path / "home0")}, 1: {"HOME": str(tmp_path / "home1")}}))
     assert [c for c, _, _ in res] == [1, 1]
-    assert "missing" in res[1][2] and "rank 1 of 2 failed" in res[0][2] and "missing" in res[0][2], res[0][2]
+    assert "home1" in res[1][2] and "rank 1 of 2 failed" in res[0][2] and "home1" in res[0][2], res[0][2]
     assert time.monotonic() - t0 < 60  # not the 120 s start-up limit
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.merger-partial").exists()
 
