@@ -30,6 +30,9 @@ def has_weights(path: Path) -> bool:
     return detect(path) is not None
 
 
+_NOT_MODEL = re.compile(r"optim|sched|rng|scaler|training_args")  # a trainer's other torch.save files
+
+
 def _prefer_model(found: list[Path]) -> Path | None:
     found = [c for c in found if "model" in c.name] if len(found) > 1 else found
     return found[0] if len(found) == 1 else None
@@ -38,16 +41,18 @@ def _prefer_model(found: list[Path]) -> Path | None:
 def checkpoint_dir(path: Path) -> Path | None:
     """``path`` if it holds a checkpoint, else its one subfolder that does, preferring a name with "model"
     (OLMo-core's ``step1000/model_and_optim/``, Accelerate's ``pytorch_model_fsdp_0/``); else, where no
-    subfolder does, its one checkpoint file whose name carries no step, preferring a name with "model"
-    (litgpt's ``lit_model.pth``, DeepSpeed's ``mp_rank_00_model_states.pt`` beside the optimizer's
-    ``*_optim_states.pt``); else None (a folder of step-named files is a run folder)."""
+    subfolder does, its one checkpoint file whose name carries no step and isn't an optimizer's, a
+    scheduler's or RNG state, preferring a name with "model" (litgpt's ``lit_model.pth``, DeepSpeed's
+    ``mp_rank_00_model_states.pt`` beside ``*_optim_states.pt``); else None (a folder of step-named
+    files is a run folder)."""
     if has_weights(path):
         return path
     children = sorted(path.iterdir())
-    sub = _prefer_model([c for c in children if c.is_dir() and has_weights(c)])
-    if sub is not None or any(c.is_dir() and has_weights(c) for c in children):
-        return sub
-    return _prefer_model([c for c in children if c.is_file() and parse_step(c.stem) is None and has_weights(c)])
+    subs = [c for c in children if c.is_dir() and has_weights(c)]
+    if subs:
+        return _prefer_model(subs)
+    return _prefer_model([c for c in children if c.is_file() and parse_step(c.stem) is None
+                          and not _NOT_MODEL.search(c.name) and has_weights(c)])
 
 
 def revision_dir(path: Path) -> Path | None:
@@ -132,7 +137,7 @@ def survey(root: Path) -> str:
         groups.setdefault(re.sub(r"\d+", "*", d.name), []).append(d)
     parts = []
     for pattern, dirs in list(groups.items())[:4]:
-        held = Counter(f.name for d in dirs for f in d.iterdir())
+        held = Counter(f.name for d in dirs for f in sorted(d.iterdir()))
         common = [f for f, _ in held.most_common(4)]
         what = f"holding {', '.join(common)}" + (" ..." if len(held) > 4 else "") if common else "empty"
         parts.append(f"{len(dirs)} {pattern}/ folder{'s' if len(dirs) > 1 else ''} {what}")
