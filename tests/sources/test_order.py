@@ -303,3 +303,31 @@ def test_run_folder_error_says_what_it_saw(tmp_path):
     assert "found no checkpoint in it or in its subfolders: it holds 3 step-*/ folders holding a.pt, b.pt; " \
            "1 file (1 .txt)" in r.stderr, r.stderr
     assert "give the checkpoints themselves" in r.stderr and "point at the folder" not in r.stderr
+
+
+def test_selection_in_a_run_without_steps_names_no_near_revision(unnamed):
+    root, _ = unnamed
+    for spec, msg in (("0..2", "--revisions 0..2 selects no revision"), ("20", "revision '20' not found")):
+        r = average(str(root), "--revisions", spec, code=1)
+        assert msg in r.stderr, r.stderr
+        assert "none of the 3 revisions there has a step in its name or its files (run1_final, run2_final, " \
+               "run3_final): select them by name" in r.stderr and "near" not in r.stderr, r.stderr
+    d = average(str(root), "--revisions", "run3_final,run1_final", "--dry-run")
+    assert [i["name"] for i in d["inputs"]] == ["run3_final", "run1_final"]  # as listed, and warned
+    assert "can't be established" in d["warnings"][0]
+
+
+@pytest.mark.parametrize("name,step", [
+    ("epoch_11", 11), ("epoch-2", 2), ("ep3-ba120-rank0", 120), ("ep3-ba120", 120), ("step-00000060", 60),
+    ("global_step40", 40), ("latest-rank0", None), ("lit_model", None), ("epoch=1-step=500", 500),
+])
+def test_parse_step(name, step):
+    from merger.sources import parse_step
+
+    assert parse_step(name) == step
+
+
+def test_names_without_steps_sort_by_their_numbers():
+    from merger.sources.spec import name_order
+
+    assert sorted(["run10", "run2", "run1b", "run1"], key=name_order) == ["run1", "run1b", "run2", "run10"]
