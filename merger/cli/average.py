@@ -47,7 +47,8 @@ def average_command(
     json_out: Json = False,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing output folder that merger wrote (it holds merger.json).")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Identical revisions are an error.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Identical revisions, and inputs whose order can't be "
+                                         "established (no step), are errors.")] = False,
     allow_nonfinite: Annotated[bool, typer.Option(
         "--allow-nonfinite", help="Average NaN/Inf instead of failing.")] = False,
     hash_inputs: Annotated[bool, typer.Option("--hash", help="Record the sha256 of local input files in merger.json "

@@ -141,15 +141,29 @@ def read(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
     return tensor_extents(header, sd, names, f)
 
 
+# the training counters a checkpoint dict records at its top level: Lightning and HF (global_step),
+# DeepSpeed (global_steps), litgpt (step_count, the optimizer steps its step-N folders are named by),
+# nanoGPT (iter_num); the first one present wins
+STEP_COUNTERS = ("global_step", "global_steps", "step_count", "iter_num", "step")
+
+
+def _count(v) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
 def step_inside(path: str | Path) -> int | None:
-    """The step a checkpoint records (``iter_num``, ``global_step`` or ``step``), read from its pickle."""
+    """The step a checkpoint records, read from its pickle (no object built): the first of
+    :data:`STEP_COUNTERS` at the top level that is a plain int, else Composer's
+    ``state.timestamp.batch`` when that is one; None if it records none."""
     tree = read_header(checkpoint_file(path)).tree
-    if isinstance(tree, dict):
-        for k in ("iter_num", "global_step", "step"):
-            v = tree.get(k)
-            if isinstance(v, int) and not isinstance(v, bool):
-                return v
-    return None
+    if not isinstance(tree, dict):
+        return None
+    for k in STEP_COUNTERS:
+        if _count(tree.get(k)) is not None:
+            return tree[k]
+    state = tree.get("state")
+    timestamp = state.get("timestamp") if isinstance(state, dict) else None
+    return _count(timestamp.get("batch")) if isinstance(timestamp, dict) else None
 
 
 def meta(header: Header, where: tuple[str, ...]) -> dict:

@@ -14,6 +14,7 @@ from merger.output.convert import check_output, check_plan, in_place
 from merger.plan.blocks import block_budget, make_blocks
 from merger.plan.methods import weights_for
 from merger.plan.options import FLOAT_DTYPES, Options, default_max_memory
+from merger.plan.order import check_order
 from merger.plan.plan import Plan, ShardPlan, TensorPlan, slice_cost
 from merger.sources import Source
 from merger.units import SIZES, format_size, itemsize
@@ -141,6 +142,9 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
         copy = tuple(f for f in copy if f not in getattr(fmt, "OWN_FILES", ()))
     if sources[-1].path and "config.json" not in copy and output_format == "hf":
         warnings.append(f"{sources[-1].name} has no config.json: the output won't load in transformers")
+    # a training format's own output carries the latest's other state (nanoGPT's iter_num, DCP's objects)
+    carries = bool(fmt) and output_format == fmt.OUTPUT and output_format not in ("hf", "safetensors")
+    warnings += check_order(sources, options.method.name, strict=options.strict, copied=copy, carries_state=carries)
     plan = Plan(sources=tuple(sources), weights=tuple(weights), options=options, device=device,
                 max_memory=max_memory, tensors=tuple(tensors), shards=shard_plans, blocks=tuple(blocks),
                 copy_files=copy, warnings=tuple(warnings), output_format=output_format,

@@ -3,11 +3,13 @@ pinned before a byte of weights is read.
 
 MODEL is one of
 - a local run: a folder of revision subfolders (``step1000/``, ``checkpoint-1000/``, ``step-1000/``,
-  ``global_step1000/``, ``iter_0001000/``), selected with ``--revisions`` (``local.py``);
+  ``global_step1000/``, ``iter_0001000/``, ``epoch_3/``) or files (``ckpt_1000.pt``,
+  ``ep0-ba1000-rank0.pt``), selected with ``--revisions`` (``local.py``);
 - one or more explicit checkpoints, merged as given (``local.py``);
 - a Hub repo id (``EleutherAI/pythia-70m``), whose branches are the revisions, each pinned to its
   commit (``hub.py``).
-Revision specs and step names are parsed in ``spec.py``.
+Revision specs and step names are parsed in ``spec.py``. Revisions are ordered by step number, never
+by name; where the order can't be established, ``plan/order.py`` warns (``--strict``: refuses).
 
 **Add a kind of source**: a module here with a ``resolve_<kind>(...) -> list[Source]`` that pins
 every revision (path, or repo + commit + file list), called from :func:`resolve`; a new run layout's

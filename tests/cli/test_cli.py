@@ -123,7 +123,7 @@ def test_bad_options(tiny_run, tmp_path, args, msg):
 
 def test_not_a_checkpoint_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    _error([str(tmp_path / "empty")], "no checkpoint folders inside")
+    _error([str(tmp_path / "empty")], "found no checkpoint in it or in its subfolders: it is empty")
     _error([str(tmp_path / "nope" / "x")], "no such folder")
 
 
