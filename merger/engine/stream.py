@@ -186,9 +186,11 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
         written = convert(tmp, plan)
         if written:
             result.written_bytes = sum((tmp / f).stat().st_size for f in written)
+        result.peak_rss = peak_rss()  # with the conversion (run.peak_rss)
         if finalize is not None:
             finalize(tmp, plan, result)
         out.publish()
+        result.peak_rss = peak_rss()
         if not keep and fetched_by_us:
             with down.cache_lock:
                 delete_revision(last, fetched_by_us)
