@@ -92,6 +92,15 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
         raise CheckpointFormatError(f"{where}: the checkpoint holds no tensors (and so do the other inputs)",
                                     path=str(where), hint="point at the model's checkpoint folders; an empty "
                                                           "weights file is a failed save: save it again")
+    floating = [t for t in layouts[-1].values() if t.dtype in FLOAT_DTYPES]
+    if floating and not any(t.numel for t in floating):  # a model of 0 parameters: never a merge that "works"
+        where = sources[-1].path or sources[-1].name
+        e = floating[0]
+        raise CheckpointFormatError(
+            f"{where}: every floating tensor of the checkpoint is empty ({len(floating)} tensors, e.g. {e.name!r} "
+            f"of shape {list(e.shape)}): the merge would be a model with 0 parameters", path=str(where),
+            hint="a sharded save (DeepSpeed ZeRO-3, FSDP) leaves placeholders in its model file: consolidate "
+                 "it first (DeepSpeed: python zero_to_fp32.py CHECKPOINT_DIR OUTPUT) and merge the outputs")
     device = resolve_device(options.device)
     if options.accumulate not in ("auto", "float32", "float64"):
         raise UsageError(f"--accumulate {options.accumulate}: use auto, float32 or float64")
