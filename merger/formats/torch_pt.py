@@ -187,7 +187,8 @@ def check_declared_shapes(tree, sd: dict, path) -> None:
            if isinstance(sd.get(n), TensorRef) and tuple(sd[n].shape) != s]
     if not declared and stage == 3:  # saved without param_shapes: ZeRO-3's placeholders hold no element
         bad = [(n, tuple(t.shape), None) for n, t in sd.items()
-               if isinstance(t, TensorRef) and t.storage.dtype.startswith(("float", "bfloat")) and not math.prod(t.shape)]
+               if isinstance(t, TensorRef) and t.storage.dtype.startswith(("float", "bfloat"))
+               and not math.prod(t.shape)]
     if not bad:
         return
     name, stored, real = bad[0]

@@ -97,7 +97,8 @@ def test_all_floating_tensors_empty_is_never_a_merge(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     for s in (1, 2):
-        torch.save({"model": {n: torch.empty(0) for n in SHAPES} | {"mask": torch.ones(4, dtype=torch.bool)}}, run / f"ckpt_{s}.pt")
+        model = {n: torch.empty(0) for n in SHAPES} | {"mask": torch.ones(4, dtype=torch.bool)}
+        torch.save({"model": model}, run / f"ckpt_{s}.pt")
     before = tree_digest(run)
     out = tmp_path / "merged"
     r = runner.invoke(app, ["average", str(run), "-o", str(out)])
