@@ -47,7 +47,7 @@ from merger.plan import Options, Plan, build
 def shard_costs(plan: Plan) -> list[int]:
     """Input bytes each output shard reads (every input's bytes of its tensors)."""
     n = len(plan.sources)
-    return [sum(plan.tensors[i].numel * plan.tensors[i].itemsize for i in sp.tensors) * n for sp in plan.shards]
+    return [sum(plan.tensors[i].read_nbytes(n) for i in sp.tensors) for sp in plan.shards]
 
 
 def partition(plan: Plan, size: int, *, skip: set[str] | frozenset[str] = frozenset(),

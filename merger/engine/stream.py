@@ -127,7 +127,9 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
             if i > start:
                 fetched_by_us, src = down.next()
                 layout = read_checkpoint(src.path, key=options.key)
-                check_layouts([first, src], [layout0, layout])
+                check_layouts([first, src], [layout0, layout], mixed=False,  # read in the first one's dtypes
+                              hint="download the revisions and merge the local folders: that averages floating "
+                                   "tensors whose dtype differs between revisions")
             else:
                 src, layout = first, layout0
             planned = {p: identity(p) for info in layout.values() for p in info.files}
