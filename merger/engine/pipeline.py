@@ -60,7 +60,7 @@ class Pipeline:
         self.label = label or str(tmp)
         self.n = len(plan.sources)
         # input bytes each block folds (every input's slices), for progress and Result.read_bytes
-        self.block_read = [sum((s.stop - s.start) * plan.tensors[s.tensor].itemsize for s in blk) * self.n
+        self.block_read = [sum(plan.tensors[s.tensor].read_nbytes(self.n, s.stop - s.start) for s in blk)
                            for blk in plan.blocks]
         self.done = done
         self.on_shard = on_shard or (lambda i, checksum, state: None)

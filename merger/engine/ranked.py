@@ -47,7 +47,7 @@ from merger.plan import Options, Plan, build
 def shard_costs(plan: Plan) -> list[int]:
     """Input bytes each output shard reads (every input's bytes of its tensors)."""
     n = len(plan.sources)
-    return [sum(plan.tensors[i].numel * plan.tensors[i].itemsize for i in sp.tensors) * n for sp in plan.shards]
+    return [sum(plan.tensors[i].read_nbytes(n) for i in sp.tensors) for sp in plan.shards]
 
 
 def partition(plan: Plan, size: int, *, skip: set[str] | frozenset[str] = frozenset(),
@@ -274,6 +274,7 @@ def _publish(plan: Plan, work: Plan, out: OutputDir, every: list[dict], records:
         written = convert(tmp, plan)
         if written:
             result.written_bytes = sum((tmp / f).stat().st_size for f in written)
+        result.peak_rss = max(result.peak_rss, peak_rss())  # rank 0's conversion too (run.peak_rss)
         if finalize is not None:
             finalize(tmp, result)
             m = tmp / "merger.json"
@@ -288,6 +289,7 @@ def _publish(plan: Plan, work: Plan, out: OutputDir, every: list[dict], records:
         raise OutputError(f"writing {where} into {out.final} failed: {e.strerror or e}",
                           hint="free disk space and check that the output location is writable") from e
     out.publish()
+    result.peak_rss = max(result.peak_rss, peak_rss())
     return result
 
 

@@ -118,7 +118,8 @@ def sources_fingerprint(sources: list[Source], options: Options) -> str:
 
 def plan_fingerprint(plan: Plan) -> str:
     """sha256 of the output layout: tensors (name, dtypes, shape, averaged, shard, offset), shards."""
-    rows = [[t.name, t.dtype, t.out_dtype, list(t.shape), t.averaged, t.shard, t.out_offset] for t in plan.tensors]
+    rows = [[t.name, t.dtype, t.out_dtype, list(t.shape), t.averaged, t.shard, t.out_offset]
+            + ([list(t.in_dtypes)] if t.in_dtypes else []) for t in plan.tensors]
     blob = json.dumps({"tensors": rows, "shards": [s.filename for s in plan.shards],
                        "weights": list(plan.weights)}, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -57,8 +57,13 @@ def io_error(e: OSError, where: str = "") -> MergerError:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process so far, in bytes (Linux reports KiB); a child process
+    that peaked higher (none today) counts with its own peak. Taken again after the output is
+    converted and the manifest written, so that a conversion's memory (``--to nanogpt`` imports
+    torch and holds the model) is in it: the merge's peak is the process's, to the end."""
+    self_ = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(self_, children) * 1024
 
 
 def run(plan: Plan, output: str | Path, *, force: bool = False, progress: Callable[[int], None] | None = None,
@@ -123,6 +128,7 @@ def run(plan: Plan, output: str | Path, *, force: bool = False, progress: Callab
             written = convert(tmp, plan)  # another output format than the engine's shards
             if written:
                 result.written_bytes = sum((tmp / f).stat().st_size for f in written)
+            result.peak_rss = peak_rss()  # with the conversion: what merger.json records
             if finalize is not None:
                 finalize(tmp, result)
         except OSError as e:
@@ -132,6 +138,7 @@ def run(plan: Plan, output: str | Path, *, force: bool = False, progress: Callab
         pipe.close()
         pipe = None
         out.publish()
+        result.peak_rss = peak_rss()  # to the end (the manifest and card): what --json and the summary say
         return result
     except BaseException as e:
         if pipe is not None:

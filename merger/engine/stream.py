@@ -125,7 +125,9 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
             if i > start:
                 fetched_by_us, src = down.next()
                 layout = read_checkpoint(src.path, key=options.key)
-                check_layouts([first, src], [layout0, layout])
+                check_layouts([first, src], [layout0, layout], mixed=False,  # read in the first one's dtypes
+                              hint="download the revisions and merge the local folders: that averages floating "
+                                   "tensors whose dtype differs between revisions")
             else:
                 src, layout = first, layout0
             planned = {p: identity(p) for info in layout.values() for p in info.files}
@@ -185,9 +187,11 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
         written = convert(tmp, plan)
         if written:
             result.written_bytes = sum((tmp / f).stat().st_size for f in written)
+        result.peak_rss = peak_rss()  # with the conversion (run.peak_rss)
         if finalize is not None:
             finalize(tmp, plan, result)
         out.publish()
+        result.peak_rss = peak_rss()
         if not keep and fetched_by_us:
             with down.cache_lock:
                 delete_revision(last, fetched_by_us)

@@ -27,7 +27,8 @@ def _block_layout(plan: Plan, block: tuple[Slice, ...]) -> list[tuple[Slice, int
     """(slice, input byte offset, output byte offset) within the block buffers.
 
     Offsets are rounded up to ``ALIGN``: after an odd-sized uint8/bool slice, a float16 slice at
-    an odd offset couldn't be viewed as float16.
+    an odd offset couldn't be viewed as float16. A tensor whose inputs differ in dtype takes the
+    widest input's bytes in every input's buffer (``TensorPlan.itemsize``); each fills its own.
     """
     out, a, b = [], 0, 0
     for s in block:
@@ -52,7 +53,8 @@ def _runs(plan: Plan, layout, i: int) -> list[tuple[str, int, int, int]]:
     runs: list[list] = []
     for s, boff, _ in layout:
         t = plan.tensors[s.tensor]
-        for e in clip(t.locs[i], s.start * t.itemsize, s.stop * t.itemsize):
+        isz = t.input_itemsize(i)
+        for e in clip(t.locs[i], s.start * isz, s.stop * isz):
             path, start, at, n = e.path, e.offset, boff + e.start, e.nbytes
             r = runs[-1] if runs else None
             if r and r[0] == path and r[1] + r[3] == start and r[2] + r[3] == at:
@@ -182,8 +184,9 @@ class TorchPipeline(Pipeline):
             src, dst = bufs, out
         for s, boff, ooff in layout:
             t = self.plan.tensors[s.tensor]
-            n_in, n_out = (s.stop - s.start) * t.itemsize, (s.stop - s.start) * t.out_itemsize
-            self.kernel.fold(t, [x[boff: boff + n_in] for x in src], dst[ooff: ooff + n_out])
+            n, n_out = s.stop - s.start, (s.stop - s.start) * t.out_itemsize
+            self.kernel.fold(t, [x[boff: boff + n * t.input_itemsize(i)] for i, x in enumerate(src)],
+                             dst[ooff: ooff + n_out])
         if self.cuda:
             n_out = _layout_bytes(self.plan, layout)[1]
             out[:n_out].copy_(dst[:n_out], non_blocking=True)

@@ -308,7 +308,8 @@ def sweep(model: str | None, *, revisions: str | None = None, every: int | None 
         note(f"downloading {sum(s.path is None for s in sources)} revisions")
         sources = [s if s.path else fetch(s) for s in sources]
     layouts = [read_checkpoint(s.path) for s in sources]
-    check_layouts(sources, layouts)
+    check_layouts(sources, layouts, mixed=False,  # the sweep's sums assume one dtype per tensor
+                  hint="sweep revisions of one dtype; merger average averages floating tensors of different dtypes")
     out = Path(output_dir)
     with model_view(sources[-1], list(layouts[-1]), options.tokenizer) as view:  # refuses before any output
         out.mkdir(parents=True, exist_ok=True)

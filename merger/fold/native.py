@@ -5,6 +5,10 @@ stay in the CPU caches) and writes the merged bytes: no ``import torch``, no inp
 the GIL is released for the call, so pipeline threads fold slices in parallel. The bits are the
 torch kernel's (``kernel.py``), which the tests check for every dtype pair and weighting.
 
+A tensor whose inputs differ in dtype (``TensorPlan.in_dtypes``) is folded by the torch kernel,
+from the same fd's (:meth:`NativeKernel._fold_mixed`): the C job has one input dtype, and such
+tensors are rare (a run whose last step was saved in bf16); the common case stays native.
+
 The library is built with the package (``setup.py``, optional: a machine without a C compiler
 gets the torch kernel). :func:`unavailable` says why it can't be used, or None;
 ``MERGER_KERNEL=torch`` in the environment turns it off.
@@ -111,6 +115,7 @@ class NativeKernel:
         self.allow_nonfinite = allow_nonfinite
         self.same_as_prev = [False] + [True] * (self.n - 1)
         self.copied: dict[str, bool] = {}
+        self._given = [float(w) for w in weights]  # for the torch kernel of mixed-dtype tensors
         self._weights = (ctypes.c_double * self.n)(*self.rule.weights)
         fin = FIN_DIVIDE if self.rule.divide is not None else FIN_SCALE if self.rule.scale is not None else FIN_NONE
         self._finish = fin, float(self.rule.divide or self.rule.scale or 0.0)
@@ -123,6 +128,8 @@ class NativeKernel:
         """Merge elements ``start:stop`` of ``t`` (``start`` a multiple of ``SIZES.chunk``) into memory at
         ``out_address``, reading each input's extents from ``fds`` (path -> open fd); returns the
         finished job for :meth:`merge`."""
+        if t.in_dtypes:
+            return self._fold_mixed(t, start, stop, fds, out_address)
         n = self.n
         job = Job()
         job.n = n
@@ -155,6 +162,32 @@ class NativeKernel:
         job.same_as_prev = (ctypes.c_uint8 * n)(*self.same_as_prev)
         job.differs = (ctypes.c_uint8 * n)()
         self.lib.merger_fold(ctypes.byref(job))
+        return job
+
+    def _fold_mixed(self, t: TensorPlan, start: int, stop: int, fds: dict[str, int], out_address: int) -> Job:
+        """A tensor whose inputs differ in dtype, through the torch kernel (a fresh one per call: its
+        scratch buffers aren't shared between threads); its errors are raised here, in slice order
+        too (the pipeline takes the calls' results in order)."""
+        import torch
+
+        from merger.fold.torch_kernel import Kernel
+        from merger.formats.reading import read_extents
+
+        xs = []
+        for i, ext in enumerate(t.locs):
+            isz = t.input_itemsize(i)
+            buf = torch.empty((stop - start) * isz, dtype=torch.uint8)
+            read_extents(fds, ext, start * isz, memoryview(buf.numpy()))
+            xs.append(buf)
+        nbytes = (stop - start) * t.out_itemsize
+        out = torch.frombuffer((ctypes.c_char * nbytes).from_address(out_address), dtype=torch.uint8) \
+            if nbytes else torch.empty(0, dtype=torch.uint8)
+        k = Kernel(self._given, self.names, accumulate=self.accumulate, allow_nonfinite=self.allow_nonfinite)
+        k.same_as_prev = list(self.same_as_prev)
+        k.fold(t, xs, out)
+        job = Job()
+        job.status, job.all_copied = ST_OK, 0
+        job.same_as_prev = (ctypes.c_uint8 * self.n)(*k.same_as_prev)
         return job
 
     def merge(self, t: TensorPlan, job: Job) -> None:

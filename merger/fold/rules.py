@@ -12,6 +12,9 @@ import math
 from dataclasses import dataclass
 
 from merger.errors import TensorError
+from merger.plan.options import acc_dtype  # the accumulation rule: the plan states it too
+
+__all__ = ["FoldRule", "acc_dtype", "differing_error", "nonfinite_error", "overflow_error"]
 
 
 @dataclass(frozen=True)
@@ -37,14 +40,6 @@ class FoldRule:
         scale = w[0] if equal and divide is None and w[0] != 1.0 else None
         return cls(weights=tuple([1.0] * n if equal else w), divide=divide, scale=scale,
                    copy_identical=abs(math.fsum(w) - 1.0) <= 1e-9)
-
-
-def acc_dtype(accumulate: str, itemsize: int, out_itemsize: int) -> str:
-    """``float32`` or ``float64``: ``auto`` is float32 for 16-bit tensors, float64 where the input
-    or the output is 32-bit or wider (float32 sums of float32 values can't be within an ulp)."""
-    if accumulate != "auto":
-        return accumulate
-    return "float64" if max(itemsize, out_itemsize) >= 4 else "float32"
 
 
 def nonfinite_error(name: str, revision: str, *,

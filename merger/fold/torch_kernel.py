@@ -19,6 +19,16 @@ start, so they never depend on how a tensor was cut into slices:
 - non-floating tensors must be identical in every input, else :class:`TensorError`;
 - a NaN/Inf produced by averaging is a :class:`TensorError` naming the revision that carries it
   (unless ``allow_nonfinite``).
+
+Inputs of different floating dtypes (``TensorPlan.in_dtypes``: a run that saved its last step in
+bf16) are each viewed in their own dtype and converted exactly into the accumulator (which is at
+least as wide as the widest input, under ``auto``), so the sum is that of the upcast values. Their
+bytes can't be identical, so the copy rule goes by value: a chunk whose values, compared upcast,
+are equal in every input (``masked_bias`` = -inf, a ``rotary_emb.inv_freq`` that bf16 holds
+exactly) is written as those values cast to the output dtype, which is what their average is;
+such a tensor is never reported as copied bit for bit (NaN equals nothing: a NaN chunk is
+averaged, and refused). An input is a duplicate of the one before only where their dtypes
+agree. The native kernel hands such tensors to this one (``native.py``).
 """
 
 from __future__ import annotations
@@ -58,6 +68,28 @@ def axpy(acc: torch.Tensor, tmp: torch.Tensor, x: torch.Tensor, w: float, *, fir
             acc.add_(tmp)
         else:
             acc.add_(tmp, alpha=w)
+
+
+def _equal_values(vals: list[torch.Tensor], scratch: list[torch.Tensor]) -> bool:
+    """Whether inputs of different dtypes hold the same values here (compared upcast in the scratch
+    buffers of the accumulation dtype; NaN equals nothing): the identical rule by value, for
+    tensors whose bytes can't agree (Pythia's ``masked_bias`` = -inf in fp32 and in bf16)."""
+    a, b = scratch
+    a.copy_(vals[0])
+    for v in vals[1:]:
+        b.copy_(v)
+        if not torch.equal(a, b):
+            return False
+    return True
+
+
+def _views(t: TensorPlan, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each input's raw bytes as integers of its element size (for "identical" tests) and as its values."""
+    if not t.in_dtypes:
+        dt = dtype_from_name(t.dtype)
+        return [x.view(BITS[t.itemsize]) for x in xs], [x.view(dt) for x in xs]
+    return ([x.view(BITS[t.input_itemsize(i)]) for i, x in enumerate(xs)],
+            [x.view(dtype_from_name(t.input_dtype(i))) for i, x in enumerate(xs)])
 
 
 class Kernel:
@@ -102,7 +134,8 @@ class Kernel:
 
         Args:
             t: the tensor's plan entry.
-            xs: each input's raw bytes of the slice (uint8, same length), oldest first.
+            xs: each input's raw bytes of the slice (uint8), oldest first: the same length, but
+                where the inputs' dtypes differ (``t.in_dtypes``), each in its own.
             out: raw output bytes of the slice (uint8), filled in place.
 
         Raises:
@@ -139,8 +172,8 @@ class Kernel:
         out.copy_(xs[0])
 
     def _track_duplicates(self, bits: list[torch.Tensor]) -> None:
-        for i in range(1, len(bits)):
-            if self.same_as_prev[i] and not torch.equal(bits[i], bits[i - 1]):
+        for i in range(1, len(bits)):  # bits of other widths (dtypes): never the same revision
+            if self.same_as_prev[i] and (bits[i].dtype != bits[i - 1].dtype or not torch.equal(bits[i], bits[i - 1])):
                 self.same_as_prev[i] = False
 
     def _nonfinite(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
@@ -152,19 +185,21 @@ class Kernel:
 
     # -- CPU: cache-sized chunks --------------------------------------------------------------
     def _fold_cpu(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
-        dt, odt = dtype_from_name(t.dtype), dtype_from_name(t.out_dtype)
-        bits = [x.view(BITS[t.itemsize]) for x in xs]
-        vals = [x.view(dt) for x in xs]
+        odt = dtype_from_name(t.out_dtype)
+        bits, vals = _views(t, xs)
+        copy_identical = self.rule.copy_identical and not t.in_dtypes  # bytes AND dtypes must agree
+        by_value = self.rule.copy_identical and bool(t.in_dtypes)
         o = out.view(odt)
         n_el = o.numel()
         omax = torch.finfo(odt).max
-        all_copied = True
+        all_copied = not t.in_dtypes  # converted, never copied bit for bit
         scratch = self._buffers(self.acc_dtype(t))
         chunk = SIZES.chunk
         for c in range(0, n_el, chunk):
             e = min(n_el, c + chunk)
             b = [x[c:e] for x in bits]
-            if self.rule.copy_identical and all(torch.equal(b[i], b[0]) for i in range(1, len(b))):
+            if (copy_identical and all(torch.equal(b[i], b[0]) for i in range(1, len(b)))) or \
+                    (by_value and _equal_values([v[c:e] for v in vals], [x[: e - c] for x in scratch])):
                 o[c:e].copy_(vals[0][c:e])
                 if not self.allow_nonfinite and cast_overflows(o[c:e], vals[0][c:e]):
                     raise overflow_error(t.name, t.out_dtype)
@@ -185,13 +220,14 @@ class Kernel:
 
     # -- CUDA (or any non-CPU device): the whole slice at once -------------------------------
     def _fold_vectorized(self, t: TensorPlan, xs: list[torch.Tensor], out: torch.Tensor) -> None:
-        dt, odt = dtype_from_name(t.dtype), dtype_from_name(t.out_dtype)
-        bits = [x.view(BITS[t.itemsize]) for x in xs]
-        vals = [x.view(dt) for x in xs]
+        odt = dtype_from_name(t.out_dtype)
+        bits, vals = _views(t, xs)
+        dt = vals[0].dtype
         n_el = vals[0].numel()
         same = torch.ones(n_el, dtype=torch.bool, device=xs[0].device)
-        for i in range(1, len(bits)):
-            same &= bits[i] == bits[0]
+        adt = self.acc_dtype(t)
+        for i in range(1, len(bits)):  # dtypes that differ: equal values (upcast), as _equal_values
+            same &= bits[i] == bits[0] if not t.in_dtypes else vals[i].to(adt) == vals[0].to(adt)
         chunk = SIZES.chunk
         n_chunks = -(-n_el // chunk)
         pad = n_chunks * chunk - n_el
@@ -202,12 +238,13 @@ class Kernel:
             out.view(odt).copy_(vals[0])
             if not self.allow_nonfinite and cast_overflows(out.view(odt), vals[0]):
                 raise overflow_error(t.name, t.out_dtype)
+            if t.in_dtypes:
+                self.copied[t.name] = False
             self.copied.setdefault(t.name, True)
             return
         self.copied[t.name] = False
         if any(self.same_as_prev[1:]):
             self._track_duplicates(bits)
-        adt = self.acc_dtype(t)
         acc = torch.empty(n_el, dtype=adt, device=xs[0].device)
         tmp = torch.empty_like(acc)
         for i in range(len(vals)):

@@ -156,6 +156,10 @@ _PLAIN_GLOBALS = {
     ("_codecs", "encode"): codecs.encode,  # bytes, in pickle protocol 2
     ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice, ("builtins", "complex"): complex,
+    # pickle protocol 2 (torch.save's) names builtins as Python 2 did; the default find_class maps
+    # them (fix_imports), ours must too: DeepSpeed's model states hold a set (sparse_tensor_module_names)
+    ("__builtin__", "set"): set, ("__builtin__", "frozenset"): frozenset,
+    ("__builtin__", "slice"): slice, ("__builtin__", "complex"): complex,
     ("lightning.fabric.utilities.data", "AttributeDict"): _PlainDict,
     ("lightning_fabric.utilities.data", "AttributeDict"): _PlainDict,
     ("pytorch_lightning.utilities.parsing", "AttributeDict"): _PlainDict,

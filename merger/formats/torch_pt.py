@@ -17,6 +17,15 @@ storage again, so the output is tied like the input. Two entries that use differ
 storage (a fused weight split into views) are separate tensors, each read from its own bytes;
 entries that overlap without being the same view are refused.
 
+**Declared shapes.** DeepSpeed's ``engine.save_checkpoint`` records each parameter's real shape
+in ``param_shapes`` (a list of ``{name: torch.Size}``, one per parameter group) beside ``module``.
+Under ZeRO-3 the ``module`` state dict holds only placeholders (shape ``(0,)``: the weights lie
+partitioned across the ``*_optim_states.pt`` files), so a tensor whose stored shape disagrees
+with ``param_shapes`` (or, without ``param_shapes``, an empty parameter under ``ds_config``'s
+``zero_optimization.stage`` 3) is refused, with the fix: DeepSpeed's ``zero_to_fp32.py``. A
+``global_stepN/`` folder of ``zero_pp_rank_R_mp_rank_00_model_states.pt`` files is detected as a
+checkpoint so that this is what such a run gets (reading those runs is the formats' work).
+
 **Views.** A tensor with a storage offset is read from that offset. A tensor with strides is read
 as one extent per contiguous run (a column slice: one per row); a view whose runs are too short
 (a transpose) is refused with the fix (``.contiguous()``).
@@ -24,6 +33,7 @@ as one extent per contiguous run (a column slice: one per row); a view whose run
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -39,11 +49,22 @@ FOLDER_FILE = "ckpt.pt"  # nanoGPT's out/ckpt.pt
 MODEL_KEYS = ("model", "state_dict", "module", "net", "model_state_dict")
 PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DDP: stripped by --to hf, kept by the own format
 _STEP_FILE = re.compile(r"^(?:ckpt|model|iter)_\d+$|^epoch=\d+-step=\d+$")
+_ZERO3_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_\d+_model_states\.pt$")  # DeepSpeed ZeRO-3, per rank
+ZERO_TO_FP32 = ("consolidate each revision with DeepSpeed's zero_to_fp32.py (saved in the checkpoint folder): "
+                "python zero_to_fp32.py CHECKPOINT_DIR OUTPUT, then merge the outputs")
+
+
+def _zero3_files(p: Path) -> list[Path]:
+    """A folder's DeepSpeed ZeRO-3 model-states files, rank 0 first."""
+    found = [(int(m.group(1)), q) for q in p.iterdir() if (m := _ZERO3_FILE.match(q.name))]
+    return [q for _, q in sorted(found)]
 
 
 def checkpoint_file(path: str | Path) -> Path:
     """The ``torch.save`` file of a revision: the file itself, or ``out/ckpt.pt``."""
     p = Path(path)
+    if p.is_dir() and not (p / FOLDER_FILE).is_file() and (zero := _zero3_files(p)):
+        return zero[0]  # refused by read() with the fix (see the module docstring)
     return p / FOLDER_FILE if p.is_dir() else p
 
 
@@ -54,12 +75,12 @@ def detect(path: str | Path) -> bool:
         return p.suffix in SUFFIXES
     if p.is_dir() and (p / FOLDER_FILE).is_file():
         return not any(_STEP_FILE.match(q.stem) for q in p.iterdir() if q.suffix in SUFFIXES)
-    return False
+    return p.is_dir() and bool(_zero3_files(p))
 
 
 def weight_files(path: str | Path) -> list[str]:
     """The checkpoint file (relative to the folder for ``out/ckpt.pt``)."""
-    return [FOLDER_FILE] if Path(path).is_dir() else [Path(path).name]
+    return [checkpoint_file(path).name] if Path(path).is_dir() else [Path(path).name]
 
 
 def side_files(path: str | Path) -> tuple[str, ...]:
@@ -137,6 +158,7 @@ def read(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:
     header = read_header(f)
     where, entries = model_entries(header, key)
     sd = find_model(header.tree, key, f)[1]
+    check_declared_shapes(header.tree, sd, f)
     names = [name for name, same in entries if same == name]
     return tensor_extents(header, sd, names, f)
 
@@ -149,6 +171,44 @@ STEP_COUNTERS = ("global_step", "global_steps", "step_count", "iter_num", "step"
 
 def _count(v) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def _zero_stage(tree: dict) -> int | None:
+    zero = tree.get("ds_config", {}).get("zero_optimization") if isinstance(tree.get("ds_config"), dict) else None
+    stage = zero.get("stage") if isinstance(zero, dict) else None
+    return stage if isinstance(stage, int) else None
+
+
+def check_declared_shapes(tree, sd: dict, path) -> None:
+    """Refuse model tensors whose stored shape disagrees with the checkpoint's own record of them
+    (DeepSpeed's ``param_shapes``; ZeRO-3 placeholders: see the module docstring).
+
+    Raises:
+        CheckpointFormatError: naming one such tensor, its stored and real shapes, and the fix.
+    """
+    if not isinstance(tree, dict):
+        return
+    groups = tree.get("param_shapes")
+    groups = [groups] if isinstance(groups, dict) else groups if isinstance(groups, (list, tuple)) else []
+    declared = {n: tuple(s) for g in groups if isinstance(g, dict) for n, s in g.items()
+                if isinstance(s, (tuple, list)) and all(type(d) is int for d in s)}
+    stage = _zero_stage(tree)
+    bad = [(n, tuple(sd[n].shape), s) for n, s in declared.items()
+           if isinstance(sd.get(n), TensorRef) and tuple(sd[n].shape) != s]
+    if not declared and stage == 3:  # saved without param_shapes: ZeRO-3's placeholders hold no element
+        bad = [(n, tuple(t.shape), None) for n, t in sd.items()
+               if isinstance(t, TensorRef) and t.storage.dtype.startswith(("float", "bfloat"))
+               and not math.prod(t.shape)]
+    if not bad:
+        return
+    name, stored, real = bad[0]
+    real_s = f"its real shape is {list(real)} (param_shapes)" if real is not None else "it holds no element"
+    what = (f"a DeepSpeed ZeRO-{stage or 3} model-states file: its model tensors are placeholders, "
+            "the weights lie partitioned across the ranks' *_optim_states.pt files"
+            if all(math.prod(st) == 0 for _, st, _ in bad) else
+            "model tensors disagree in size with the checkpoint's own param_shapes")
+    raise fail(path, f"{what} ({len(bad)} of {len(sd)} tensors, e.g. {name!r} is stored as {list(stored)}, "
+                     f"{real_s})", ZERO_TO_FP32)
 
 
 def step_inside(path: str | Path) -> int | None:

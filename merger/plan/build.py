@@ -5,6 +5,7 @@ fix weights, output dtypes, shards and blocks.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 from merger.device import resolve_device
 from merger.errors import CheckpointFormatError, PlanError, UsageError
@@ -13,16 +14,21 @@ from merger.formats.inputs import identity
 from merger.output.convert import check_output, check_plan, in_place
 from merger.plan.blocks import block_budget, make_blocks
 from merger.plan.methods import weights_for
-from merger.plan.options import FLOAT_DTYPES, Options, default_max_memory
+from merger.plan.options import FLOAT_DTYPES, Options, acc_dtype, default_max_memory
 from merger.plan.order import check_order
 from merger.plan.plan import Plan, ShardPlan, TensorPlan, slice_cost
 from merger.sources import Source
 from merger.units import SIZES, format_size, itemsize
 
 
-def check_layouts(sources: list[Source], layouts: list[dict[str, TensorInfo]]) -> None:
-    """Every tensor name, shape and dtype must agree across inputs; report every mismatch at once."""
+def check_layouts(sources: list[Source], layouts: list[dict[str, TensorInfo]], *, mixed: bool = True,
+                  hint: str | None = None) -> None:
+    """Every tensor name, shape and dtype must agree across inputs; report every mismatch at once.
+    With ``mixed``, a floating tensor may be in another floating dtype in some inputs (averaged
+    upcast: :func:`mixed_note`); non-floating dtypes must always agree. ``hint``: the fix, where
+    the caller knows a better one for dtypes that differ (a schedule that can't take them)."""
     problems: list[str] = []
+    dtypes_differ = False
     ref_i = len(sources) - 1
     ref = layouts[ref_i]
     for i, (src, lay) in enumerate(zip(sources, layouts)):
@@ -41,12 +47,33 @@ def check_layouts(sources: list[Source], layouts: list[dict[str, TensorInfo]]) -
             if t.shape != r.shape:
                 problems.append(f"tensor {n!r}: shape {list(t.shape)} in {src.name} but "
                                 f"{list(r.shape)} in {sources[ref_i].name}")
-            elif t.dtype != r.dtype:
+            elif t.dtype != r.dtype and not (mixed and t.dtype in FLOAT_DTYPES and r.dtype in FLOAT_DTYPES):
+                dtypes_differ = True
                 problems.append(f"tensor {n!r}: dtype {t.dtype} in {src.name} but {r.dtype} in {sources[ref_i].name}")
     if problems:
         shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
+        hint = hint if hint and dtypes_differ else "merge checkpoints of one training run (same architecture)"
         raise PlanError(f"the {len(sources)} checkpoints don't have the same tensors ({len(problems)} mismatches)",
-                        problems=shown, hint="merge checkpoints of one training run (same architecture and dtype)")
+                        problems=shown, hint=hint)
+
+
+def mixed_note(sources: list[Source], tensors: list[TensorPlan], options: Options) -> str:
+    """The warning for floating tensors whose dtype differs between inputs (``TensorPlan.in_dtypes``):
+    which revisions differ, the accumulation dtype, the output dtype and why."""
+    mixed = [t for t in tensors if t.in_dtypes]
+    per_rev = [Counter(t.in_dtypes[i] for t in mixed).most_common(1)[0][0] for i in range(len(sources))]
+    groups: dict[str, list[str]] = {}
+    for src, dt in zip(sources, per_rev):
+        groups.setdefault(dt, []).append(src.name)
+    # the most common dtype is "the others"; the groups named are the rest (latest first on a tie)
+    common = max(groups, key=lambda d: (len(groups[d]), d != per_rev[-1]))
+    named = "; ".join(f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} {dt}"
+                      for dt, names in groups.items() if dt != common)
+    accs = sorted({acc_dtype(options.accumulate, t.itemsize, t.out_itemsize) for t in mixed})
+    outs = sorted({t.out_dtype for t in mixed})
+    why = "--dtype" if options.dtype else "the latest's dtype; --dtype to choose"
+    return (f"{named} (the others {common}): {len(mixed)} tensors averaged in {'/'.join(accs)}, each input "
+            f"upcast from its own dtype, written as {'/'.join(outs)} ({why})")
 
 
 def shared_chunks(sources: list[Source], options: Options, output_format: str) -> frozenset[str]:
@@ -93,6 +120,15 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
         raise CheckpointFormatError(f"{where}: the checkpoint holds no tensors (and so do the other inputs)",
                                     path=str(where), hint="point at the model's checkpoint folders; an empty "
                                                           "weights file is a failed save: save it again")
+    floating = [t for t in layouts[-1].values() if t.dtype in FLOAT_DTYPES]
+    if floating and not any(t.numel for t in floating):  # a model of 0 parameters: never a merge that "works"
+        where = sources[-1].path or sources[-1].name
+        e = floating[0]
+        raise CheckpointFormatError(
+            f"{where}: every floating tensor of the checkpoint is empty ({len(floating)} tensors, e.g. {e.name!r} "
+            f"of shape {list(e.shape)}): the merge would be a model with 0 parameters", path=str(where),
+            hint="a sharded save (DeepSpeed ZeRO-3, FSDP) leaves placeholders in its model file: consolidate "
+                 "it first (DeepSpeed: python zero_to_fp32.py CHECKPOINT_DIR OUTPUT) and merge the outputs")
     device = resolve_device(options.device)
     if options.accumulate not in ("auto", "float32", "float64"):
         raise UsageError(f"--accumulate {options.accumulate}: use auto, float32 or float64")
@@ -106,7 +142,8 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     shard_frame = [0]
     for t in order:
         averaged = t.dtype in FLOAT_DTYPES
-        out_dtype = options.dtype if (averaged and options.dtype) else t.dtype
+        out_dtype = options.dtype if (averaged and options.dtype) else t.dtype  # default: the latest's
+        in_dtypes = tuple(lay[t.name].dtype for lay in layouts)
         nbytes = math.prod(t.shape) * itemsize(out_dtype)
         head, tail = framed.span(out_dtype, t.shape, nbytes, name=t.name) if framed else (0, 0)
         if shards[-1] and shard_bytes[-1] + shard_frame[-1] + head + nbytes + tail > options.max_shard_size:
@@ -116,7 +153,8 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
         tensors.append(TensorPlan(
             name=t.name, dtype=t.dtype, out_dtype=out_dtype, shape=t.shape, averaged=averaged,
             locs=tuple(lay[t.name].extents for lay in layouts),
-            shard=len(shards) - 1, out_offset=shard_bytes[-1] + shard_frame[-1] + head, chunk=t.chunk))
+            shard=len(shards) - 1, out_offset=shard_bytes[-1] + shard_frame[-1] + head, chunk=t.chunk,
+            in_dtypes=in_dtypes if len(set(in_dtypes)) > 1 else ()))
         shards[-1].append(len(tensors) - 1)
         shard_bytes[-1] += nbytes
         shard_frame[-1] += head + tail
@@ -137,6 +175,8 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
     warnings = []
     if n == 1:
         warnings.append("only one checkpoint selected: the output is a copy of it")
+    if any(t.in_dtypes for t in tensors):
+        warnings.append(mixed_note(sources, tensors, options))
     copy = fmt.side_files(sources[-1].path) if fmt else ()
     if fmt and output_format != fmt.OUTPUT:  # files only the format's own output has (Megatron's common.pt)
         copy = tuple(f for f in copy if f not in getattr(fmt, "OWN_FILES", ()))

@@ -31,6 +31,14 @@ class Options:
     to: str | None = None  # output format (--to, a name in output.convert.OUTPUTS); None: the input's own
 
 
+def acc_dtype(accumulate: str, itemsize: int, out_itemsize: int) -> str:
+    """``float32`` or ``float64``: ``auto`` is float32 for 16-bit tensors, float64 where the input
+    or the output is 32-bit or wider (float32 sums of float32 values can't be within an ulp)."""
+    if accumulate != "auto":
+        return accumulate
+    return "float64" if max(itemsize, out_itemsize) >= 4 else "float32"
+
+
 def default_max_memory() -> int:
     """A quarter of physical memory, at most 8 GB: the budget when ``--max-memory`` isn't given."""
     try:

@@ -23,7 +23,7 @@ class TensorPlan:
     """One output tensor: its inputs' byte locations and its place in the output."""
 
     name: str
-    dtype: str  # input dtype (the same in every input)
+    dtype: str  # input dtype: the latest input's (every input's, unless in_dtypes says otherwise)
     out_dtype: str
     shape: tuple[int, ...]
     averaged: bool  # floating: averaged; otherwise must be identical in every input
@@ -32,6 +32,9 @@ class TensorPlan:
     out_offset: int  # byte offset in the shard's data section (after the header; past the framing
     # of the tensors before it and its own, for a format that frames each tensor: output/convert.py)
     chunk: tuple[str, tuple[int, ...], tuple[int, ...]] | None = None  # TensorInfo.chunk: a DCP chunk
+    # per input, where a floating tensor's dtype differs between inputs (a run that saved its last step in
+    # bf16): each input is read in its own dtype and upcast into the accumulator; () where all are ``dtype``
+    in_dtypes: tuple[str, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -39,7 +42,22 @@ class TensorPlan:
 
     @property
     def itemsize(self) -> int:
-        return itemsize(self.dtype)
+        """Bytes per input element; the widest input's where they differ (buffers are sized by it)."""
+        return max(map(itemsize, self.in_dtypes)) if self.in_dtypes else itemsize(self.dtype)
+
+    def input_dtype(self, i: int) -> str:
+        """Input ``i``'s dtype."""
+        return self.in_dtypes[i] if self.in_dtypes else self.dtype
+
+    def input_itemsize(self, i: int) -> int:
+        return itemsize(self.input_dtype(i))
+
+    def read_nbytes(self, n_inputs: int, elems: int | None = None) -> int:
+        """Bytes of ``elems`` elements (default: the whole tensor) in all ``n_inputs`` inputs together."""
+        elems = self.numel if elems is None else elems
+        if self.in_dtypes:
+            return elems * sum(map(itemsize, self.in_dtypes))
+        return elems * itemsize(self.dtype) * n_inputs
 
     @property
     def out_itemsize(self) -> int:
@@ -87,7 +105,7 @@ class Plan:
 
     @property
     def read_bytes(self) -> int:
-        return sum(t.numel * t.itemsize for t in self.tensors) * len(self.sources)
+        return sum(t.read_nbytes(len(self.sources)) for t in self.tensors)
 
     @property
     def out_bytes(self) -> int:

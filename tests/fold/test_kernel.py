@@ -85,3 +85,40 @@ def test_duplicates_and_exact_tensors():
     t = TensorPlan("m", "uint8", "uint8", (3,), False, (), 0, 0)
     with pytest.raises(TensorError, match="differs between revisions: s0 vs s2"):
         k.fold(t, [mask, mask, torch.tensor([1, 1, 1], dtype=torch.uint8)], torch.empty(3, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("accumulate", ["auto", "float32"])
+def test_mixed_dtypes_vectorized_equals_chunk_loop(accumulate):
+    """Inputs of different dtypes (fp32, fp32, bf16, fp16): both paths give the same bits, within
+    1 ulp of the fp64 mean of the upcast values; a chunk equal in value everywhere (with an -inf)
+    is written as those values; no chunk counts as copied bit for bit; no input is a duplicate
+    of a predecessor of another dtype."""
+    n_el = 2 * CHUNK + 77
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(n_el, generator=g)
+    dts = (torch.float32, torch.float32, torch.bfloat16, torch.float16)
+    xs = [(base + 0.01 * torch.randn(n_el, generator=g)).to(dt) for dt in dts]
+    same = torch.full((CHUNK,), 0.5)  # exact in every dtype
+    same[3] = float("-inf")
+    for x in xs:
+        x[CHUNK: 2 * CHUNK] = same
+    xs[1][:CHUNK] = xs[0][:CHUNK]  # step 2 == step 1 in chunk 0 only: not a duplicate (chunk 2 differs)
+    t = TensorPlan("w", "float16", "bfloat16", (n_el,), True, (), 0, 0,
+                   in_dtypes=tuple(str(d).removeprefix("torch.") for d in dts))
+    assert t.itemsize == 4 and [t.input_itemsize(i) for i in range(4)] == [4, 4, 2, 2]
+    outs = []
+    for path in ("_fold_cpu", "_fold_vectorized"):
+        k = Kernel([0.25] * 4, list("abcd"), accumulate=accumulate)
+        out = torch.empty(n_el * 2, dtype=torch.uint8)
+        getattr(k, path)(t, [raw(x) for x in xs], out)
+        outs.append(out)
+        assert k.copied == {"w": False}
+        assert k.duplicates() == []
+    assert torch.equal(outs[0], outs[1])
+    merged = outs[0].view(torch.bfloat16)
+    ref = sum(x.double() for x in xs) / 4
+    assert torch.equal(merged[CHUNK: 2 * CHUNK], same.to(torch.bfloat16))
+    fin = torch.isfinite(ref)
+    err = (merged.double() - ref).abs()[fin]
+    ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(ref.abs().clamp_min(1e-30))[1] - 8)[fin]  # bf16 spacing
+    assert bool((err <= ulp).all())
