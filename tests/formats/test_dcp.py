@@ -494,10 +494,12 @@ def test_metadata_points_past_the_end_of_a_file(runs, tmp_path):
     ("../outside.distcp", "storage file '../outside.distcp' is not a file name inside the checkpoint"),
     ("link.distcp", "is a link to"),
     ("fifo.distcp", "not a regular file"),
+    ("__1_0\x00.distcp", "storage file '__1_0\\x00.distcp' holds a NUL byte"),
 ])
 def test_metadata_naming_a_file_outside_the_checkpoint(runs, tmp_path, where, expected):
     """A .distcp the metadata names must be a regular file inside the checkpoint: never read
-    elsewhere on the machine (a name with .., a link out), never waited on (a FIFO)."""
+    elsewhere on the machine (a name with .., a link out), never waited on (a FIFO); a name with a
+    NUL byte is refused as such (it was "unexpected ValueError")."""
     run = broken_run(runs, tmp_path)
     outside = tmp_path / "secret.distcp"
     shutil.copyfile(run / "step-6/__1_0.distcp", outside)  # the same bytes, so only the place is wrong
@@ -505,7 +507,7 @@ def test_metadata_naming_a_file_outside_the_checkpoint(runs, tmp_path, where, ex
         shutil.copyfile(outside, run / "outside.distcp")
     elif where == "link.distcp":
         (run / "step-6" / where).symlink_to(outside)
-    else:
+    elif where == "fifo.distcp":
         os.mkfifo(run / "step-6" / where)
 
     def elsewhere(md):
