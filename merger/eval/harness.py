@@ -35,7 +35,8 @@ from typing import Any
 
 from merger.errors import EvalError, UsageError
 from merger.units import parse_limit
-from merger.eval.precheck import check_output_dir, remote_code_error
+from merger.eval.precheck import check_output_dir
+from merger.eval.remote_code import remote_code_error
 from merger.eval.tasks import DEFAULT_TASKS, task_pack_dir
 from merger.output.folder import write_atomic
 from merger.sources.hflocal import is_offline, is_repo_id

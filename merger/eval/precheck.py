@@ -14,22 +14,6 @@ from merger.errors import EvalError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
-def remote_code_error(who: str, what: str, e: Exception) -> EvalError | None:
-    """The error for transformers refusing ``who``'s ``what`` (e.g. "its tokenizer") because only
-    Python code in its folder could load it, or None for any other failure.
-
-    Every transformers and lm-eval load in merger passes ``trust_remote_code=False``: a model or
-    tokenizer folder's own code (the classes its ``auto_map`` names) is never run, and transformers
-    never asks on stdin whether to run it.
-    """
-    if "trust_remote_code" not in str(e):
-        return None
-    return EvalError(f"{who}: only Python code in the folder could load {what} (auto_map in its config.json or "
-                     "tokenizer_config.json names classes transformers doesn't have); merger never runs a "
-                     "model's or tokenizer's own code",
-                     hint="use a model or tokenizer whose model_type / tokenizer_class transformers has built in")
-
-
 def check_output_dir(output_dir: str | Path | None, *, option: str = "--output-dir") -> None:
     """``output_dir`` (to be created) must be a folder or not exist, its parents folders.
 

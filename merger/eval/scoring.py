@@ -19,8 +19,8 @@ import torch
 from merger.errors import EvalError
 from merger.units import apply_limit, parse_limit
 from merger.formats.hf_folder import COPY_FILES
-from merger.eval.precheck import remote_code_error
 from merger.eval.state import StateDict
+from merger.eval.remote_code import remote_code_error
 
 HELDOUT = ("bits_per_byte", "byte_perplexity", "word_perplexity")  # in-process; lower is better
 

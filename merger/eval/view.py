@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger.errors import EvalError, OutputError
-from merger.eval.precheck import remote_code_error
+from merger.eval.remote_code import remote_code_error
 from merger.eval.state import StateDict
 from merger.formats import of
 from merger.sources import Source
