@@ -1,4 +1,4 @@
-# merger: make install | test | demo | wsd | warmstart | lint | bench
+# merger: make install | test | fuzz | demo | wsd | warmstart | lint | bench
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # an environment that already has torch; pyproject only asks for torch>=2.4.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast demo wsd warmstart nanogpt-lawa lint bench bench-nanogpt clean
+.PHONY: install test test-fast fuzz demo wsd warmstart nanogpt-lawa lint bench bench-nanogpt clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the fuzz tests with fresh draws and 10x the examples (FUZZ_FACTOR=); SEED=N repeats a run's draws
+FUZZ_FACTOR ?= 10
+fuzz: install
+	MERGER_FUZZ=1 MERGER_FUZZ_FACTOR=$(FUZZ_FACTOR) MERGER_FUZZ_SEED=$(SEED) \
+		$(BIN)/python -m pytest -q -m fuzz
 
 demo: install
 	$(BIN)/python examples/demo.py

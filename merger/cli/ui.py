@@ -2,6 +2,10 @@
 
 The library never prints; commands in ``cli.py`` call these helpers. Progress bars are transient
 and only drawn when stderr is a terminal; ``--json`` output on stdout stays clean for pipes.
+
+Text from outside (paths, revision names, messages that quote them) is never read as rich markup:
+a folder named ``run/[bold red]x[/]`` prints as it is. Messages and table cells are printed as
+plain text; where markup styles a line (``[yellow]warning:[/]``), the rest is :func:`escape`d.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
@@ -29,8 +34,8 @@ def print_json(obj: Any) -> None:
 
 
 def info(msg: str) -> None:
-    """A status line for people, on stderr."""
-    err.print(msg)
+    """A status line for people, on stderr (plain text: never read as markup)."""
+    err.print(msg, markup=False)
 
 
 @contextmanager
@@ -49,12 +54,12 @@ def show_error(exc: BaseException) -> None:
     """``Error: ...`` (and ``hint: ...``) on stderr, without a traceback."""
     message = getattr(exc, "message", None) or str(exc)
     problems = getattr(exc, "problems", None) or []
-    err.print(f"[bold red]Error:[/] {message}", markup=True, highlight=False)
+    err.print(f"[bold red]Error:[/] {escape(message)}", markup=True, highlight=False)
     for p in problems:
         err.print(f"  - {p}", markup=False)
     hint = getattr(exc, "hint", None)
     if hint:
-        err.print(f"[yellow]hint:[/] {hint}", markup=True, highlight=False)
+        err.print(f"[yellow]hint:[/] {escape(hint)}", markup=True, highlight=False)
 
 
 def number(x: float | None) -> str:
@@ -77,12 +82,18 @@ def arrow(higher_is_better: bool | None) -> str:
 
 
 def table(title: str, columns: list[tuple[str, str]], rows: list[list], *, lines: bool = False) -> Table:
-    """The one way results are tabulated: ``columns`` as (header, justify), ``rows`` of cells."""
-    t = Table(title=title, show_lines=lines)
+    """The one way results are tabulated: ``columns`` as (header, justify), ``rows`` of cells.
+
+    Strings (the title, headers, cells) are plain text, never markup: they hold model paths and
+    revision names. Style a cell by passing a :class:`rich.text.Text`."""
+    def plain(x):
+        return Text(x) if isinstance(x, str) else x
+
+    t = Table(title=plain(title), show_lines=lines)
     for head, justify in columns:
-        t.add_column(head, justify=justify, overflow="fold")
+        t.add_column(plain(head), justify=justify, overflow="fold")
     for r in rows:
-        t.add_row(*r)
+        t.add_row(*map(plain, r))
     return t
 
 
@@ -110,8 +121,9 @@ def plan_view(prep) -> Any:
         src = f"{s.repo_id}@{s.commit[:10]}" if s.commit else str(s.path)
         if s.repo_id and s.path is None:
             src += " (to download)"
-        t.add_row(str(i), s.name, "" if s.step is None else str(s.step), f"{w:.6f}", src)
-    dups = [f"[yellow]note:[/] {a} and {b} have identical weight files" for a, b in d["duplicate_revisions"]]
+        t.add_row(str(i), Text(s.name), "" if s.step is None else str(s.step), f"{w:.6f}", Text(src))
+    dups = [f"[yellow]note:[/] {escape(a)} and {escape(b)} have identical weight files"
+            for a, b in d["duplicate_revisions"]]
     if plan is None:
         return Group(t, f"schedule: {d['schedule']}, download {_size(d['download_bytes'])}, "
                         f"peak disk about {_size(d['peak_disk'])}", *dups)
@@ -126,20 +138,20 @@ def plan_view(prep) -> Any:
         f"of --max-memory {_size(d['max_memory'])}",
         f"reads {_size(d['read_bytes'])}, writes {_size(d['output_bytes'])} in {len(d['shards'])} shard(s)",
     ]
-    facts += [f"[yellow]warning:[/] {w}" for w in d["warnings"]] + dups
+    facts += [f"[yellow]warning:[/] {escape(w)}" for w in d["warnings"]] + dups
     return Group(t, *facts)
 
 
 def result_view(plan, result) -> str:
-    """One human summary of a finished merge."""
+    """One human summary of a finished merge (markup: paths, names and warnings escaped)."""
     r = result.to_dict()
-    lines = [f"merged {len(plan.sources)} checkpoints -> {r['output']}",
+    lines = [f"merged {len(plan.sources)} checkpoints -> {escape(str(r['output']))}",
              f"  {_size(r['read_bytes'])} read in {r['seconds']:.2f} s ({_size(r['read_rate'])}/s), "
              f"{_size(r['written_bytes'])} written, peak RSS {_size(r['peak_rss'])}",
              f"  {len(r['copied_tensors'])} tensors identical in every input copied bit for bit"]
     for a, b in r["duplicate_revisions"]:
-        lines.append(f"  note: {a} and {b} have identical weights")
+        lines.append(f"  note: {escape(a)} and {escape(b)} have identical weights")
     if r.get("resumed_shards"):
         lines.append(f"  resumed: {len(r['resumed_shards'])} shards kept from the interrupted run (sha256 checked)")
-    lines += [f"  warning: {w}" for w in r.get("warnings", [])]
+    lines += [f"  warning: {escape(w)}" for w in r.get("warnings", [])]
     return "\n".join(lines)

@@ -6,5 +6,6 @@ scorer for sweeps (``scoring.py``), the LAWA sweep (``sweep.py``), and the offli
 **Add a task pack**: a subfolder of ``tasks/`` that writes lm-eval YAML over local jsonl files
 (see ``tasks/__init__.py``), named in ``tasks.DEFAULT_TASKS`` if it should run by default;
 tests in ``tests/eval/`` run it through lm-eval for real on a tiny model.
-lm-eval and torch are imported only when an evaluation runs.
+lm-eval and torch are imported only when an evaluation runs. Every transformers and lm-eval load
+passes ``trust_remote_code=False``: no model's or tokenizer's own code ever runs (``remote_code.py``).
 """

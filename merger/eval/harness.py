@@ -36,6 +36,7 @@ from typing import Any
 from merger.errors import EvalError, UsageError
 from merger.units import parse_limit
 from merger.eval.precheck import check_output_dir
+from merger.eval.remote_code import remote_code_error
 from merger.eval.tasks import DEFAULT_TASKS, task_pack_dir
 from merger.output.folder import write_atomic
 from merger.sources.hflocal import is_offline, is_repo_id
@@ -425,8 +426,11 @@ def _load(HFLM: Any, src: ModelSource, *, device: str, dtype: str, batch_size: i
     """One ``HFLM`` with an explicit device (never HFLM's default ``cuda``)."""
     try:
         return HFLM(pretrained=src.loaded_as or src.path, device=device, dtype=dtype, batch_size=batch_size,
-                    **({"tokenizer": tokenizer} if tokenizer else {}))
+                    trust_remote_code=False, **({"tokenizer": tokenizer} if tokenizer else {}))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
+        refused = remote_code_error(src.spec, "the model or its tokenizer", e)
+        if refused is not None:
+            raise refused from None
         raise EvalError(f"{src.spec}: transformers can't load it: {type(e).__name__}: {e}",
                         hint="check that config.json and the weights belong together") from e
 

@@ -20,6 +20,7 @@ from merger.errors import EvalError
 from merger.units import apply_limit, parse_limit
 from merger.formats.hf_folder import COPY_FILES
 from merger.eval.state import StateDict
+from merger.eval.remote_code import remote_code_error
 
 HELDOUT = ("bits_per_byte", "byte_perplexity", "word_perplexity")  # in-process; lower is better
 
@@ -69,10 +70,13 @@ class HeldoutScorer:
         from merger.eval.textdata import split_docs
 
         try:
-            self.config = AutoConfig.from_pretrained(folder)
-            tok = AutoTokenizer.from_pretrained(folder)
+            self.config = AutoConfig.from_pretrained(folder, trust_remote_code=False)  # never the folder's code
+            tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
             self.model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(self.config)]
         except (OSError, ValueError, KeyError) as e:
+            refused = remote_code_error(str(folder), "its config or tokenizer", e)
+            if refused is not None:
+                raise refused from None
             raise EvalError(f"{folder}: transformers can't load a causal LM config and tokenizer "
                             f"from it: {type(e).__name__}: {e}",
                             hint="the latest revision needs config.json and tokenizer files (or pass "

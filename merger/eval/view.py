@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger.errors import EvalError, OutputError
+from merger.eval.remote_code import remote_code_error
 from merger.eval.state import StateDict
 from merger.formats import of
 from merger.sources import Source
@@ -94,8 +95,11 @@ def _save_tokenizer(name: str, folder: Path) -> None:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        AutoTokenizer.from_pretrained(name).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(name, trust_remote_code=False).save_pretrained(folder)  # never its code
     except (OSError, ValueError, KeyError) as e:
+        refused = remote_code_error(f"--tokenizer {name}", "its tokenizer", e)
+        if refused is not None:
+            raise refused from None
         raise EvalError(f"--tokenizer {name}: transformers can't load a tokenizer from it: "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                         hint="a folder with tokenizer.json or tokenizer_config.json, or a Hub name in the "

@@ -68,9 +68,14 @@ def read_index(path: Path) -> dict[str, str]:
     Raises:
         CheckpointFormatError: not a regular file, not JSON, or a ``weight_map`` of another shape.
     """
+    raw = read_input(path, what="index file", limit=1 << 28)
     try:
-        wmap = json.loads(read_input(path, what="index file", limit=1 << 28))["weight_map"]
-    except (ValueError, KeyError, TypeError, RecursionError):
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # a NUL byte anywhere in it too: JSON has no raw control bytes
+        raise _fail(path, f"corrupt index file (not JSON: {str(e)[:120]})", _RESAVE) from None
+    try:
+        wmap = doc["weight_map"]
+    except (KeyError, TypeError, IndexError):
         raise _fail(path, "corrupt index file (no weight_map object)", _RESAVE) from None
     if not isinstance(wmap, dict):
         raise _fail(path, "corrupt index file (weight_map is not an object)", _RESAVE)
@@ -78,6 +83,9 @@ def read_index(path: Path) -> dict[str, str]:
         if not isinstance(fname, str) or not fname:
             raise _fail(path, f"corrupt index file: weight_map[{name!r:.80}] is {fname!r:.80}, not a file name",
                         _RESAVE)
+        if "\x00" in fname:  # os.stat and open raise ValueError on it
+            raise _fail(path, f"corrupt index file: weight_map[{name!r:.80}] is {fname!r:.80}, a file name with a "
+                              "NUL byte (no file can have one)", _RESAVE)
         if Path(fname).is_absolute() or ".." in Path(fname).parts:
             raise _fail(path, f"weight_map[{name!r:.80}] is {fname!r:.80}, a path outside the checkpoint folder; "
                               "merger reads only files inside it", _RESAVE)

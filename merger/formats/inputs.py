@@ -47,8 +47,9 @@ def check_regular(path: str | Path, *, what: str = "input file") -> os.stat_resu
     """
     try:
         st = os.stat(path)
-    except OSError as e:
-        raise CheckpointFormatError(f"{path}: can't read this {what}: {e.strerror or e}", path=str(path),
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise CheckpointFormatError(f"{path}: can't read this {what}: {getattr(e, 'strerror', None) or e}",
+                                    path=str(path),
                                     hint="check that the file exists and is readable") from None
     if not stat.S_ISREG(st.st_mode):
         raise _not_regular(path, st.st_mode, what)
@@ -164,12 +165,14 @@ def contained(folder: str | Path, name: str, *, what: str = "file", hint: str = 
     that really lies inside the checkpoint (:func:`_roots`), never somewhere else on the machine.
 
     Raises:
-        CheckpointFormatError: an absolute or escaping name, a link out of the checkpoint, a folder
-            or a device where a file should be.
+        CheckpointFormatError: an absolute or escaping name, one with a NUL byte, a link out of the
+            checkpoint, a folder or a device where a file should be.
     """
     folder = Path(folder)
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise fail(folder, f"{what} {name!r} is not a file name inside the checkpoint", hint)
+    if "\x00" in name:  # no file has one: os.stat and open raise ValueError on it
+        raise fail(folder, f"{what} {name!r:.120} holds a NUL byte, which no file name can", hint)
     path = folder / name
     real = path.resolve()
     if not any(real.is_relative_to(r) for r in _roots(folder)):

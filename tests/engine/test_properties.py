@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from conftest import check_against_reference, files_equal
+from conftest import check_against_reference, examples, files_equal
 from merger.testing import synth
 from merger.api import average
 from merger.errors import UsageError
@@ -35,7 +35,7 @@ from merger.units import SIZES
 CHUNK = SIZES.chunk  # the default sizes: this module never changes them
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @dataclass
@@ -114,6 +114,7 @@ def cases(draw) -> Case:
                 budgets=(draw(st.integers(1, 3)), draw(st.integers(1, 8))))
 
 
+@pytest.mark.fuzz
 @SETTINGS
 @given(case=cases())
 def test_merge_matches_float64_reference(case, tmp_path_factory):
@@ -124,6 +125,7 @@ def test_merge_matches_float64_reference(case, tmp_path_factory):
                                 accumulate=case.accumulate)
 
 
+@pytest.mark.fuzz
 @SETTINGS
 @given(case=cases())
 def test_any_budget_gives_identical_bits(case, tmp_path_factory):

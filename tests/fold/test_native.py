@@ -261,14 +261,13 @@ def test_cli_kernel_choice_and_forced_native(tmp_path, monkeypatch):
 
 # -- ShardWriter.write_owned: whole pages straight from the caller's buffer ------------------------------
 
+@pytest.mark.fuzz
 @pytest.mark.parametrize("header_len", [8 + 16, 8 + 4088, 8 + 8000])
-def test_write_owned_gives_the_bytes_and_checksum_of_write(tmp_path, header_len):
+def test_write_owned_gives_the_bytes_and_checksum_of_write(tmp_path, header_len, rng):
     import mmap
-    import random
 
     from merger.output.shards import DIRECT_ALIGN, ShardWriter, file_checksum
 
-    rng = random.Random(header_len)
     header = b"H" * header_len
     pieces = [rng.randbytes(n) for n in (3, 9000, 70000, 4096, 1, 123457, 20000)]
     data = b"".join(pieces)

@@ -218,23 +218,22 @@ def test_a_chunk_whose_size_1_dim_has_any_stride_is_contiguous(tmp_path):
         assert torch.equal(got[f"model.{k}"], want), k
 
 
-def test_crc32_combine_is_zlibs():
-    import random
+@pytest.mark.fuzz
+def test_crc32_combine_is_zlibs(rng):
     import zlib
 
     from merger.output.shards import crc32_combine
 
-    rng = random.Random(1)
     for n1, n2 in [(0, 0), (0, 5), (5, 0), (1, 1), (1000, 123457), (3, 1 << 20), (77, 4095)]:
         a, b = rng.randbytes(n1), rng.randbytes(n2)
         assert crc32_combine(zlib.crc32(a), zlib.crc32(b), n2) == zlib.crc32(a + b), (n1, n2)
 
 
-def test_frames_are_the_same_bytes_whatever_order_the_data_comes_in(tmp_path):
+@pytest.mark.fuzz
+def test_frames_are_the_same_bytes_whatever_order_the_data_comes_in(tmp_path, rng):
     """The shard writer puts each record's head before the tensor and its tail (with the CRC it
     took on the way) after: in order, in reverse, or cut into pieces in any order, the file is
     the same, and torch.load reads every record at its place."""
-    import random
     import zlib
 
     from merger.output.dcp_records import record_head, record_tail
@@ -254,7 +253,7 @@ def test_frames_are_the_same_bytes_whatever_order_the_data_comes_in(tmp_path):
     frames = Frames(tuple(starts), tuple(sizes), tuple(heads), tail)
     pieces = [(starts[i] + a, _raw(t)[a: a + 1 << 20]) for i, t in enumerate(RECORD_TENSORS)
               for a in range(0, max(sizes[i], 1), 1 << 20)]
-    orders = {"in order": pieces, "reversed": pieces[::-1], "shuffled": random.Random(0).sample(pieces, len(pieces))}
+    orders = {"in order": pieces, "reversed": pieces[::-1], "shuffled": rng.sample(pieces, len(pieces))}
     files = {}
     for name, order in orders.items():
         w = ShardWriter(tmp_path / name, b"", at, hash=True, frames=frames)
@@ -494,10 +493,12 @@ def test_metadata_points_past_the_end_of_a_file(runs, tmp_path):
     ("../outside.distcp", "storage file '../outside.distcp' is not a file name inside the checkpoint"),
     ("link.distcp", "is a link to"),
     ("fifo.distcp", "not a regular file"),
+    ("__1_0\x00.distcp", "storage file '__1_0\\x00.distcp' holds a NUL byte"),
 ])
 def test_metadata_naming_a_file_outside_the_checkpoint(runs, tmp_path, where, expected):
     """A .distcp the metadata names must be a regular file inside the checkpoint: never read
-    elsewhere on the machine (a name with .., a link out), never waited on (a FIFO)."""
+    elsewhere on the machine (a name with .., a link out), never waited on (a FIFO); a name with a
+    NUL byte is refused as such (it was "unexpected ValueError")."""
     run = broken_run(runs, tmp_path)
     outside = tmp_path / "secret.distcp"
     shutil.copyfile(run / "step-6/__1_0.distcp", outside)  # the same bytes, so only the place is wrong
@@ -505,7 +506,7 @@ def test_metadata_naming_a_file_outside_the_checkpoint(runs, tmp_path, where, ex
         shutil.copyfile(outside, run / "outside.distcp")
     elif where == "link.distcp":
         (run / "step-6" / where).symlink_to(outside)
-    else:
+    elif where == "fifo.distcp":
         os.mkfifo(run / "step-6" / where)
 
     def elsewhere(md):

@@ -5,7 +5,6 @@ refused with the tensor and the file named."""
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 
@@ -27,8 +26,8 @@ def split(tmp_path, data: bytes, cuts: list[int], name: str) -> tuple[Extent, ..
     return tuple(out)
 
 
-def test_read_extents_gives_every_byte_range(tmp_path):
-    rng = random.Random(0)
+@pytest.mark.fuzz
+def test_read_extents_gives_every_byte_range(tmp_path, rng):
     data = bytes(rng.randrange(256) for _ in range(10_000))
     exts = split(tmp_path, data, [1, 999, 1000, 6001], "t")
     check_extents(TensorInfo("t", "uint8", (len(data),), exts), "here")
@@ -48,10 +47,10 @@ def test_read_extents_gives_every_byte_range(tmp_path):
             os.close(fd)
 
 
-def test_torch_pipeline_reads_cover_a_block(tmp_path):
+@pytest.mark.fuzz
+def test_torch_pipeline_reads_cover_a_block(tmp_path, rng):
     """Two tensors, each chunked differently in two inputs: the reads of every input land exactly
     on the block buffer's slice offsets, in order, and coalesce where file and buffer are contiguous."""
-    rng = random.Random(1)
     a, b = bytes(rng.randrange(256) for _ in range(4000)), bytes(rng.randrange(256) for _ in range(2000))
     locs_a = (split(tmp_path, a, [1000], "a0"), split(tmp_path, a, [10, 3990], "a1"))
     locs_b = (split(tmp_path, b, [], "b0"), split(tmp_path, b, [1024], "b1"))

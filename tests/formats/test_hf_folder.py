@@ -67,6 +67,41 @@ def test_index_entries_outside_the_folder_are_refused(tmp_path, bad):
     assert snapshot(tmp_path) == before
 
 
+NUL = "\x00"
+
+
+@pytest.mark.parametrize("where, expected", [
+    ("file", "weight_map['gpt_neox.embed_in.weight'] is 'model-00001-of-00015.safetensors\\x00', a file name "
+             "with a NUL byte"),
+    ("only", "weight_map['gpt_neox.embed_in.weight'] is '\\x00', a file name with a NUL byte"),
+    ("raw", "corrupt index file (not JSON: Invalid control character"),  # a NUL byte unescaped in the JSON text
+    ("tensor", "says tensor 'gpt_neox.embed_in.weight\\x00' is in"),
+])
+def test_nul_byte_in_an_index_is_refused(tmp_path, where, expected):
+    """Found by the index fuzzer: a NUL in a shard's name gave "unexpected ValueError: embedded null
+    byte" (os.stat refuses such a path). Now: the index file named, what is wrong, exit 1."""
+    root, _ = make_run(tmp_path / "run", max_shard_size=20_000)
+    index = root / "step2000" / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    name = "gpt_neox.embed_in.weight"
+    if where == "file":
+        d["weight_map"][name] += NUL
+    elif where == "only":
+        d["weight_map"][name] = NUL
+    elif where == "tensor":
+        d["weight_map"][name + NUL] = d["weight_map"].pop(name)
+    text = json.dumps(d)
+    index.write_text(text.replace('"metadata"', f'"meta{NUL}data"') if where == "raw" else text)
+    before = snapshot(tmp_path)
+    r = average(root, tmp_path / "out")
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output and "unexpected" not in r.output, r.output
+    err = r.stderr
+    assert err.startswith(f"Error: {root / 'step2000'}") and "model.safetensors.index.json" in err, err
+    assert expected in err and "hint: re-download the file" in err, err
+    assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("what", ["weights", "config"])
 def test_links_out_of_the_checkpoint_are_refused(tmp_path, what):
     root, _ = make_run(tmp_path / "run")

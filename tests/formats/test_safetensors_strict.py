@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from typer.testing import CliRunner
 
-from conftest import make_run
+from conftest import examples, make_run
 from merger.cli import app
 
 runner = CliRunner()
@@ -264,7 +264,8 @@ def check_outcome(r, folder: Path, out: Path, fuzzed: list[Path]) -> None:
         assert got[k].reshape(-1).view(torch.uint8).equal(ref[k].reshape(-1).view(torch.uint8)), k
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@pytest.mark.fuzz
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(headers())
 def test_fuzz_safetensors_headers(blob):
     header, data = blob
@@ -313,7 +314,8 @@ def indexes(draw):
     return text
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@pytest.mark.fuzz
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(indexes())
 def test_fuzz_index_files(index):
     with tempfile.TemporaryDirectory() as tmp:

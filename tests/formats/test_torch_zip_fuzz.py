@@ -10,15 +10,18 @@ import shutil
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import examples
 from crafted import Storage, Tensor, write_torch_zip
 from merger.cli import app
 
+pytestmark = pytest.mark.fuzz
 runner = CliRunner()
 STORAGES = {"HalfStorage": (torch.HalfStorage, torch.float16), "FloatStorage": (torch.FloatStorage, torch.float32)}
 
@@ -44,7 +47,7 @@ def write(path: Path, recs: list[dict]) -> None:
     write_torch_zip(path, tensors, blobs)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=list(HealthCheck))
 @given(recs=st.lists(record, min_size=1, max_size=3))
 def test_merger_reads_what_torch_reads_or_refuses(tmp_path_factory, recs):
     tmp = tmp_path_factory.mktemp("fuzz")
