@@ -112,7 +112,7 @@ def test_missing_revision_and_existing_output(tiny_run, tmp_path):
     (["--weights", "1,2,3"], "only used with --method weights"),
     (["--max-memory", "lots"], "can't read 'lots' as a size"),
     (["--dtype", "int8"], "unknown dtype"),
-    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device"),
     (["--every", "2"], "--every needs --revisions"),
 ])
 def test_bad_options(tiny_run, tmp_path, args, msg):
