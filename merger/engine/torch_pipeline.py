@@ -1,5 +1,5 @@
 """The torch pipeline: reader threads fill whole-block input buffers, the torch kernel
-(``kernel.py``) folds them on the CPU in cache-sized chunks or on the GPU, and the writer copies
+(``torch_kernel.py``) folds them on the CPU in cache-sized chunks or on the GPU, and the writer copies
 the output into the shards. It runs for CUDA, ``--hash`` (the sha256 of the inputs is computed
 from the bytes read) and wherever the native kernel can't. torch is imported when it runs.
 """

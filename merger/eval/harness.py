@@ -12,7 +12,7 @@ LAWA paper compares). lm-eval is imported lazily, inside :func:`evaluate`.
 A model is a local Hugging Face model folder (a ``merger average`` output, any ``save_pretrained``
 folder) or ``REPO_ID@REVISION`` on the Hub, resolved by ``huggingface_hub.snapshot_download`` (from
 the local cache when ``HF_HUB_OFFLINE=1``) and pinned to its commit sha. The default tasks are
-merger's offline pack (:mod:`merger.tasks`); any lm-eval task name or YAML file also works.
+merger's offline pack (:mod:`merger.eval.tasks`); any lm-eval task name or YAML file also works.
 This module never prints: lm-eval's own ``print`` calls are redirected to stderr.
 """
 

@@ -44,7 +44,7 @@ def axpy(acc: torch.Tensor, tmp: torch.Tensor, x: torch.Tensor, w: float, *, fir
     """``acc = x * w`` (first input) or ``acc += w * x``; ``tmp`` is scratch of acc's dtype.
 
     The one definition of the per-element arithmetic, shared by every schedule, so that they all
-    produce the same bits. ``w == 1`` is a plain copy or sum (see :class:`merger.rules.FoldRule`).
+    produce the same bits. ``w == 1`` is a plain copy or sum (see :class:`merger.fold.rules.FoldRule`).
     """
     if first:
         if w == 1.0:

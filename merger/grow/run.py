@@ -8,7 +8,7 @@ Every tensor of the grown model is ``λ · small`` at the small entries' positio
 residual-output weights and biases at 0, so each new layer starts as the identity. Tensors are
 made and written one at a time (read with pread, float64 while mixed, then the small model's
 dtype), so the working set is about 3 x the largest grown tensor in float64, whatever the model
-size. The output goes through :class:`merger.io.OutputDir` (partial folder, atomic publish).
+size. The output goes through :class:`merger.output.folder.OutputDir` (partial folder, atomic publish).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ CPU path, where merger otherwise needs none).
 
 Both pickles name torch's globals (``torch._utils._rebuild_tensor_v2``, ``torch.FloatStorage``,
 ``torch.distributed.checkpoint.metadata.Metadata`` ...) by module and name, through
-:class:`_Pickler`, exactly as torch's own pickles do; ``tests/test_dcp.py`` loads the result with
+:class:`_Pickler`, exactly as torch's own pickles do; ``tests/formats/test_dcp.py`` loads the result with
 ``torch.load`` / ``dcp.load``.
 """
 
