@@ -193,7 +193,7 @@ class TorchPipeline(Pipeline):
         import torch
 
         # The pipeline is the parallelism: torch's own OpenMP workers would spin against the reader
-        # and writer threads (measured: 15x slower on 2 cores), so fold with one intra-op thread.
+        # and writer threads (many times slower: bench/README.md), so fold with one intra-op thread.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

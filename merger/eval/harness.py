@@ -430,13 +430,3 @@ def _load(HFLM: Any, src: ModelSource, *, device: str, dtype: str, batch_size: i
         raise EvalError(f"{src.spec}: transformers can't load it: {type(e).__name__}: {e}",
                         hint="check that config.json and the weights belong together") from e
 
-
-def evaluate_pair(merged_dir: str | Path, baseline_dir: str | Path, **kwargs: Any) -> EvalReport:
-    """Evaluate a merged model against its baseline (``merger average --eval``).
-
-    ``baseline_dir`` (the latest input revision: a folder or ``REPO_ID@REVISION``) comes first, so
-    every delta in the report reads "merged minus latest checkpoint". ``kwargs`` go to
-    :func:`evaluate`.
-    """
-    return evaluate([str(baseline_dir), str(merged_dir)], **kwargs)
-

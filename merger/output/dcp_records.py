@@ -1,5 +1,5 @@
-"""The bytes torch writes for a DCP folder, written without importing torch (3-5 s of imports on the
-CPU path, where merger otherwise needs none).
+"""The bytes torch writes for a DCP folder, written without importing torch (seconds of imports on
+the CPU path, where merger otherwise needs none).
 
 - :func:`record_head` and :func:`record_tail`: one ``torch.save(tensor)`` record (a stored zip:
   ``archive/data.pkl``, ``byteorder``, ``data/0``, ``version``) as the bytes before and after its
