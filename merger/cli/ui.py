@@ -1,7 +1,8 @@
 """Everything merger shows a person: rich console on stderr, results on stdout, progress, errors.
 
-The library never prints; the command modules (``average.py``, ``eval.py``, ...) call these helpers. Progress bars are transient
-and only drawn when stderr is a terminal; ``--json`` output on stdout stays clean for pipes.
+The library never prints; the command modules (``average.py``, ``eval.py``, ...) call these
+helpers. Progress bars are transient and only drawn when stderr is a terminal; ``--json`` output
+on stdout stays clean for pipes.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ shaped revisions: 0 of 70M elements differ in float16, 201 in bfloat16). The CPU
 cache-sized chunks at fixed offsets (multiples of ``CHUNK`` from the tensor's start), so any
 ``--max-memory`` gives the same bits.
 
-Rules (DESIGN.md, "Tensor rules"), applied per ``CHUNK`` of elements counted from the tensor's
+Rules (docs/design.md, "Tensor rules"), applied per ``CHUNK`` of elements counted from the tensor's
 start, so they never depend on how a tensor was cut into slices:
 - a chunk bit-identical in every input is written unchanged (a tensor identical everywhere is
   then copied bit for bit: Pythia's ``inv_freq``, ``masked_bias`` = -inf), when the weights sum

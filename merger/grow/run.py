@@ -38,7 +38,7 @@ from merger.sources.local import resolve_local
 from merger.units import dtype_from_name, dtype_name, itemsize
 
 # Defaults: μP init as in Mallik et al. 2024. Their text gives no single λ and σ to use, so these
-# come from examples/warmstart.py on this machine (README, "Warmstarting a wider model").
+# come from examples/warmstart.py (docs/results.md, "Warmstarting a wider model").
 DEFAULT_SHRINK = 0.5
 DEFAULT_PERTURB = 1.0
 DEFAULT_INIT = "mup"
