@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install  # without the tests marked slow (torchrun, lm-eval, fuzzing, model-sized data)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: install
@@ -39,9 +39,10 @@ warmstart: install
 nanogpt-lawa: install
 	$(BIN)/python examples/nanogpt_lawa.py
 
-lint: install
-	$(BIN)/python -m ruff check merger tests examples bench 2>/dev/null || \
-		($(BIN)/pip install -q ruff && $(BIN)/python -m ruff check merger tests examples bench)
+lint: install  # ruff, and every merger.x.y / file named in docstrings, comments and docs resolves
+	$(BIN)/python -m ruff check merger tests examples bench tools 2>/dev/null || \
+		($(BIN)/pip install -q ruff && $(BIN)/python -m ruff check merger tests examples bench tools)
+	$(BIN)/python tools/check_refs.py
 
 bench: install
 	bash bench/setup.sh
