@@ -16,15 +16,17 @@ keys_with_sharded_keys``): ``embedding.word_embeddings.weight``, ``decoder.layer
 with the layers stacked along a leading dim (``TransformerBlock.sharded_state_dict``: the offset
 ``(0, layer, num_layers)``), ``output_layer.weight``; tensor-parallel chunks along the weight's dim 0
 for column-parallel linears and the embedding, dim 1 for row-parallel ones
-(``megatron.core.tensor_parallel.layers``); each (layer, TP rank) piece one chunk of a legacy torch ``ShardedTensor``
-(``sharded_tensor_to_torch_sharded_tensor``); ShardedObjects as pickled bytes under
-``<key>/shard_<offsets>_<shape>`` (``megatron.core.dist_checkpointing.mapping``'s ``unique_key``): the linears' ``_extra_state``,
-``rng_state``, ``rerun_state_machine_state`` (``megatron.core.rerun_state_machine``), and in Megatron-Core
->= 0.17 ``common_state`` (the non-sharded rest), which older versions write to ``common.pt`` instead;
-the optimizer under ``optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<param key>``
+(``megatron.core.tensor_parallel.layers``); each (layer, TP rank) piece one chunk of a legacy
+torch ``ShardedTensor`` (``sharded_tensor_to_torch_sharded_tensor``); ShardedObjects as pickled
+bytes under ``<key>/shard_<offsets>_<shape>`` (``megatron.core.dist_checkpointing.mapping``'s
+``unique_key``): the linears' ``_extra_state``, ``rng_state``, ``rerun_state_machine_state``
+(``megatron.core.rerun_state_machine``), and in Megatron-Core >= 0.17 ``common_state`` (the
+non-sharded rest), which older versions write to ``common.pt`` instead; the optimizer under
+``optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<param key>``
 (``megatron.core.dist_checkpointing.optimizer``); the ranks' save plans in ``.metadata``'s
 ``all_local_plans`` (``megatron.core.dist_checkpointing.strategies.state_dict_saver``);
-``metadata.json`` next to it (``megatron.core.dist_checkpointing.core``) and ``latest_checkpointed_iteration.txt`` in the run folder.
+``metadata.json`` next to it (``megatron.core.dist_checkpointing.core``) and
+``latest_checkpointed_iteration.txt`` in the run folder.
 """
 
 from __future__ import annotations
