@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 
 from merger.cli import app
 
+pytestmark = pytest.mark.slow  # a merge, then lm-eval on it and on its baseline (~8 s)
+
 runner = CliRunner()
 REPO = "local/tiny-average-eval"
 

@@ -142,6 +142,7 @@ def test_duplicate_revisions_reported_and_strict(tmp_path):
     assert not (tmp_path / "strict").exists()
 
 
+@pytest.mark.slow  # Pythia-70m-sized inputs, loaded by transformers (~17 s)
 def test_pythia_70m_architecture_merges_and_loads(tmp_path):
     """Real Pythia-70m shapes and buffers, pytorch_model.bin, fp16: buffers bit-exact, loads in
     transformers, and the logits equal those of a model built from the reference weights."""

@@ -26,6 +26,8 @@ from merger.testing.hubcache import write_cache_revision
 from merger.eval.tasks import DEFAULT_TASKS, MC_TASK, PPL_TASK, build_data, task_pack_dir
 from merger.eval.textdata import split_docs
 
+pytestmark = pytest.mark.slow  # lm-eval-harness on trained models (a module fixture trains them: ~40 s in all)
+
 LIMIT = 8  # documents per task: enough to separate trained from random perplexity, fast
 PPL_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 

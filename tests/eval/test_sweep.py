@@ -210,6 +210,7 @@ def test_window_error_names_the_fix(trajectory, tmp_path):
     assert "--window 3 or less" in e.value.hint
 
 
+@pytest.mark.slow  # lm-eval at every sweep point (~5 s)
 def test_lm_eval_tasks_agree_with_in_process_metric(trajectory, tmp_path):
     """--tasks merger_pydocs_ppl through lm-eval gives the in-process numbers (same windows)."""
     opts = dict(window=2, methods=("uniform", "ema"), decay=DECAY, limit=2, device="cpu")

@@ -264,6 +264,7 @@ def check_outcome(r, folder: Path, out: Path, fuzzed: list[Path]) -> None:
         assert got[k].reshape(-1).view(torch.uint8).equal(ref[k].reshape(-1).view(torch.uint8)), k
 
 
+@pytest.mark.slow  # hypothesis: hundreds of headers, each read by merger and safetensors (~14 s)
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(headers())
 def test_fuzz_safetensors_headers(blob):
@@ -313,6 +314,7 @@ def indexes(draw):
     return text
 
 
+@pytest.mark.slow  # hypothesis over index files (~3 s)
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(indexes())
 def test_fuzz_index_files(index):

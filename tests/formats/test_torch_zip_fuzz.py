@@ -10,6 +10,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,6 +19,8 @@ from typer.testing import CliRunner
 
 from crafted import Storage, Tensor, write_torch_zip
 from merger.cli import app
+
+pytestmark = pytest.mark.slow  # hypothesis: files read by merger and by torch.load (~6 s)
 
 runner = CliRunner()
 STORAGES = {"HalfStorage": (torch.HalfStorage, torch.float16), "FloatStorage": (torch.FloatStorage, torch.float32)}

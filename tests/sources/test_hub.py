@@ -46,6 +46,7 @@ def pythia_cache(tmp_path_factory):
     return sds
 
 
+@pytest.mark.slow  # a Pythia-70m-sized Hub cache, merged and loaded (~80 s on 2 cores)
 def test_pythia_design_card_command(pythia_cache, tmp_path, monkeypatch):
     """`merger average --revisions step100000..step143000 --every 5000`, exactly as typed."""
     monkeypatch.chdir(tmp_path)

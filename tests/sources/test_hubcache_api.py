@@ -252,6 +252,7 @@ def _child_env(hub) -> dict:
             "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
 
 
+@pytest.mark.slow  # a killed download subprocess, then a resumed one (~16 s)
 def test_stream_resume_after_sigkill(fake_hub, tmp_path):
     """``merger average --no-keep`` (a real process, stream schedule) is SIGKILLed after folding the
     first revision, while the second one's download is held back by the fake Hub; the same command
