@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from sweepfixtures import train_trajectory
+from helpers.sweepfixtures import train_trajectory
 from typer.testing import CliRunner
 
 from merger.cli import app

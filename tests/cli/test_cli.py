@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import check_against_reference, make_run
+from helpers import check_against_reference, make_run
 from merger.testing import synth
 from merger.cli import app
 

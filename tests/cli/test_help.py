@@ -8,7 +8,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_run
+from helpers import make_run
 from merger.cli import app, options
 from merger.errors import MergerError
 

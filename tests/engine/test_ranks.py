@@ -28,11 +28,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import fakehub
+from helpers import fakehub
 import pytest
 from safetensors.torch import save_file
 
-from conftest import files_equal, make_run
+from helpers import files_equal, make_run
 from merger.api import prepare
 from merger.engine.choose import choose
 from merger.engine.parts import join_parts, split_single

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 import typer
-from evalfixtures import random_model, trained_model
+from helpers.evalfixtures import random_model, trained_model
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -250,7 +250,7 @@ def test_a_model_whose_context_is_shorter_than_an_answer_is_a_clear_error(tmp_pa
     pack gets merger's error (what, which tasks, how to fix), exit 1, no traceback."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from evalfixtures import save, tiny_neox
+    from helpers.evalfixtures import save, tiny_neox
     from merger.cli import app
 
     cfg = tiny_neox(0).config.to_dict()

@@ -27,7 +27,7 @@ from merger.eval.sweep import SweepOptions, sweep
 from merger.sources.local import resolve_local
 from merger.testing.nanogpt import nanogpt_run
 from merger.testing.tokenizer import save_byte_tokenizer
-from sweepfixtures import REPO_ID, train_trajectory
+from helpers.sweepfixtures import REPO_ID, train_trajectory
 
 runner = CliRunner()
 ARGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=257, bias=True, dropout=0.0)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from conftest import EPS, assert_close_ulp, make_run, reference
-from sweepfixtures import REPO_ID, train_trajectory
+from helpers import EPS, assert_close_ulp, make_run, reference
+from helpers.sweepfixtures import REPO_ID, train_trajectory
 from typer.testing import CliRunner
 
 from merger.api import average

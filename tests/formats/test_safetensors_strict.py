@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from typer.testing import CliRunner
 
-from conftest import make_run
+from helpers import make_run
 from merger.cli import app
 
 runner = CliRunner()

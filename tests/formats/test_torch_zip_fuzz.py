@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from crafted import Storage, Tensor, write_torch_zip
+from helpers.crafted import Storage, Tensor, write_torch_zip
 from merger.cli import app
 
 pytestmark = pytest.mark.slow  # hypothesis: files read by merger and by torch.load (~6 s)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import load_dir
+from helpers import load_dir
 from merger.cli import app
 
 runner = CliRunner()

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import EPS, assert_close_ulp, check_against_reference, make_run, reference
+from helpers import EPS, assert_close_ulp, check_against_reference, make_run, reference
 from typer.testing import CliRunner
 
 from merger.cli import app
@@ -192,7 +192,7 @@ SWEEP_REPO = "local/tiny-sweep-decay"
 
 @pytest.fixture(scope="module")
 def trajectory():
-    from sweepfixtures import train_trajectory
+    from helpers.sweepfixtures import train_trajectory
 
     return train_trajectory(repo_id=SWEEP_REPO, steps=30, save_every=5)
 

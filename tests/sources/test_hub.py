@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import check_against_reference, load_dir
+from helpers import check_against_reference, load_dir
 from merger.testing import synth
 from merger.cli import app
 from merger.testing.hubcache import repo_folder_name, write_cache_revision
