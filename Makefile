@@ -23,8 +23,8 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest -q
 
-test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+test-fast: install  # without the tests marked slow (torchrun, lm-eval, model-sized data) or fuzz
+	$(BIN)/python -m pytest -q -m "not slow and not fuzz"
 
 # the fuzz tests with fresh draws and 10x the examples (FUZZ_FACTOR=); SEED=N repeats a run's draws
 FUZZ_FACTOR ?= 10
@@ -45,9 +45,10 @@ warmstart: install
 nanogpt-lawa: install
 	$(BIN)/python examples/nanogpt_lawa.py
 
-lint: install
-	$(BIN)/python -m ruff check merger tests examples bench 2>/dev/null || \
-		($(BIN)/pip install -q ruff && $(BIN)/python -m ruff check merger tests examples bench)
+lint: install  # ruff, and every merger.x.y / file named in docstrings, comments and docs resolves
+	$(BIN)/python -m ruff check merger tests examples bench tools 2>/dev/null || \
+		($(BIN)/pip install -q ruff && $(BIN)/python -m ruff check merger tests examples bench tools)
+	$(BIN)/python tools/check_refs.py
 
 bench: install
 	bash bench/setup.sh

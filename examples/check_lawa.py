@@ -79,7 +79,7 @@ def bits_per_byte(model: torch.nn.Module, ids: torch.Tensor, *, seq_len: int, eo
 
 
 def weights(method: str, n: int, *, decay: float = 0.8) -> list[float]:
-    """merger's weight vectors over ``n`` checkpoints, oldest first (see DESIGN.md, Methods)."""
+    """merger's weight vectors over ``n`` checkpoints, oldest first (see README.md, "Methods")."""
     if method == "uniform":
         return [1.0 / n] * n
     if method == "ema":  # e_1 = x_1, e_i = b e_{i-1} + (1-b) x_i

@@ -4,7 +4,7 @@ For each seed: train the demo's tiny Pythia (``train_tiny_pythia.py``: same mode
 with warmup then a constant LR (the "stable" phase of WSD), saving a checkpoint every ``--every``
 steps as plain folders; at stable step T, fork the model and optimizer and train a real linear
 decay to zero over D steps on the same batches (D = 20% of T + D). Then, on the held-out Python
-docs (bits per byte, ``merger.scoring.HeldoutScorer``, the metric of ``merger sweep``), compare at
+docs (bits per byte, ``merger.eval.scoring.HeldoutScorer``, the metric of ``merger sweep``), compare at
 equal compute T + D:
 
 - the raw stable checkpoint at T + D, and the real decayed branch at T + D;

@@ -9,22 +9,24 @@ and load merger's output back the way those frameworks would. Run under
     tests/dcp_layouts.py accelerate-load MERGED OUT.pt   # accelerate's load_fsdp_model into 2-rank FSDP2
     tests/dcp_layouts.py megatron-core RUN     # megatron-core's own GPTModel + dist_checkpointing.save
 
-``megatron`` writes with torch's own DCP writer what Megatron-Core writes (megatron/core/
-dist_checkpointing/strategies/torch.py and megatron/training/checkpointing.py in NVIDIA/Megatron-LM):
+``megatron`` writes with torch's own DCP writer what Megatron-Core writes (NVIDIA/Megatron-LM's
+``megatron.core.dist_checkpointing.strategies.torch`` and ``megatron.training.checkpointing``):
 the sharded state dict flattened to ShardedTensor keys, not state-dict paths (``_replace_state_dict_
 keys_with_sharded_keys``): ``embedding.word_embeddings.weight``, ``decoder.layers.<module>.weight``
 with the layers stacked along a leading dim (``TransformerBlock.sharded_state_dict``: the offset
 ``(0, layer, num_layers)``), ``output_layer.weight``; tensor-parallel chunks along the weight's dim 0
-for column-parallel linears and the embedding, dim 1 for row-parallel ones (``tensor_parallel/
-layers.py``); each (layer, TP rank) piece one chunk of a legacy torch ``ShardedTensor``
-(``sharded_tensor_to_torch_sharded_tensor``); ShardedObjects as pickled bytes under
-``<key>/shard_<offsets>_<shape>`` (``mapping.py`` ``unique_key``): the linears' ``_extra_state``,
-``rng_state``, ``rerun_state_machine_state`` (``rerun_state_machine.py``), and in Megatron-Core
->= 0.17 ``common_state`` (the non-sharded rest), which older versions write to ``common.pt`` instead;
-the optimizer under ``optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<param key>``
-(``dist_checkpointing/optimizer.py``); the ranks' save plans in
-``.metadata``'s ``all_local_plans`` (``state_dict_saver.py``); ``metadata.json`` next to it
-(``core.py``) and ``latest_checkpointed_iteration.txt`` in the run folder.
+for column-parallel linears and the embedding, dim 1 for row-parallel ones
+(``megatron.core.tensor_parallel.layers``); each (layer, TP rank) piece one chunk of a legacy
+torch ``ShardedTensor`` (``sharded_tensor_to_torch_sharded_tensor``); ShardedObjects as pickled
+bytes under ``<key>/shard_<offsets>_<shape>`` (``megatron.core.dist_checkpointing.mapping``'s
+``unique_key``): the linears' ``_extra_state``, ``rng_state``, ``rerun_state_machine_state``
+(``megatron.core.rerun_state_machine``), and in Megatron-Core >= 0.17 ``common_state`` (the
+non-sharded rest), which older versions write to ``common.pt`` instead; the optimizer under
+``optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<param key>``
+(``megatron.core.dist_checkpointing.optimizer``); the ranks' save plans in ``.metadata``'s
+``all_local_plans`` (``megatron.core.dist_checkpointing.strategies.state_dict_saver``);
+``metadata.json`` next to it (``megatron.core.dist_checkpointing.core``) and
+``latest_checkpointed_iteration.txt`` in the run folder.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def megatron(args) -> None:
                "rng_tracker_states": {}}
         k, b = sharded_object("rng_state", [rng], (pp, tp), (pp_rank, tp_rank))
         sd[k] = b
-        # rerun_state_machine.py: saved per rank whenever --rerun-mode is on (validate_results by default)
+        # megatron.core.rerun_state_machine: saved per rank whenever --rerun-mode is on (validate_results by default)
         k, b = sharded_object("rerun_state_machine_state", {"rerun_requested": False, "max_values": {}}, (2,), (rank,))
         sd[k] = b
         common = {"args": argparse.Namespace(num_layers=L, hidden_size=H, ckpt_format="torch_dist",
@@ -149,10 +151,10 @@ def megatron(args) -> None:
                   "checkpoint_version": 3.0, "iteration": it, "num_floating_point_operations_so_far": 1e12 * it,
                   "optimizer": {"param_groups": [{"lr": 3e-4, "weight_decay": 0.1, "params": list(range(10))}]},
                   "opt_param_scheduler": {"max_lr": 3e-4, "num_steps": it * 8}}
-        if common_inside:  # Megatron-Core >= 0.17 (serialization.py: ShardedObject "common_state")
+        if common_inside:  # Megatron-Core >= 0.17 (dist_checkpointing.serialization: ShardedObject "common_state")
             k, b = sharded_object("common_state", common, (1,), (0,))
             sd[k] = b
-        elif rank == 0:  # older Megatron-Core: common.pt (strategies/common.py)
+        elif rank == 0:  # older Megatron-Core: common.pt (dist_checkpointing.strategies.common)
             torch.save(common, folder / "common.pt")
         dcp.save(sd, storage_writer=dcp.FileSystemWriter(folder, thread_count=2),
                  planner=MegatronPlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
@@ -261,7 +263,7 @@ def megatron_core_load(args) -> None:
 
     model = _mcore_model()
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, args.run,
-                                     strict=StrictHandling.RAISE_ALL)  # training/checkpointing.py's nesting
+                                     strict=StrictHandling.RAISE_ALL)  # megatron.training.checkpointing's nesting
     model.load_state_dict(loaded["model"])
     got: dict[str, list] = {}
     for sh in model.sharded_state_dict().values():
@@ -273,7 +275,7 @@ def megatron_core_load(args) -> None:
 
 def megatron_core(args) -> None:
     """megatron-core's own GPTModel (TP=2, CPU) and dist_checkpointing.save with a non-distributed
-    optimizer's sharded state (``optim_state_to_sharding_state``), as training/checkpointing.py's
+    optimizer's sharded state (``optim_state_to_sharding_state``), as megatron.training.checkpointing's
     ``generate_state_dict`` assembles them: iter_0000010/20/30."""
     import itertools
 

@@ -1,4 +1,4 @@
-"""Write real DCP training checkpoints for tests/test_dcp.py (and load merger's DCP output back).
+"""Write real DCP training checkpoints for tests/formats/test_dcp.py (and load merger's DCP output back).
 
 A tiny GPT-NeoX, sharded with FSDP2 ``fully_shard`` on CPU/gloo, trained with AdamW;
 ``{"model": ..., "optim": ...}`` saved with ``torch.distributed.checkpoint.save`` every

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-import conftest
+from helpers import fuzz
 
 ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = '''
 from hypothesis import given, settings, strategies as st
-from conftest import examples
+from helpers.fuzz import examples
 
 DRAWN = []
 
@@ -38,11 +38,11 @@ def test_zz_report(rng):
 
 
 def test_default_profile_is_deterministic():
-    if conftest.FUZZ:
+    if fuzz.FUZZ:
         pytest.skip("this run is a fuzz run")
     assert settings.get_current_profile_name() == "ci"
     assert settings.default.derandomize and settings.default.database is None and settings.default.deadline is None
-    assert conftest.examples(7) == 7
+    assert fuzz.examples(7) == 7
 
 
 def _probe(tmp_path: Path, env: dict) -> str:

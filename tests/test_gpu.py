@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import WIDE, check_against_reference, files_equal, make_run
+from helpers import WIDE, check_against_reference, files_equal, make_run
 from merger.api import average
 from merger.plan import Options
 from merger.units import SIZES

@@ -1,64 +1,73 @@
-"""The one error handler of every command, and the option aliases they share.
+"""The one error path of every command, and the command class that lays out their help.
 
-``MergerError`` -> ``Error: <message>`` and ``hint: <hint>`` on stderr, exit 1; anything else
-likewise, without a traceback; ``--debug`` shows the traceback. Ctrl-C: exit 130.
+A command raises; :meth:`MergerGroup.invoke`, which runs every command (under ``merger``,
+``python -m merger`` and ``CliRunner`` alike), turns what it raised into what the user sees:
+
+- ``MergerError`` -> ``Error: <message>`` and ``hint: <hint>`` on stderr, exit 1;
+- any other exception likewise, as ``unexpected <type>: ...``, without a traceback;
+- Ctrl-C -> one line saying nothing was published, exit 130;
+- with ``--debug`` (every command has it, :data:`merger.cli.options.Debug`) the exception
+  propagates and Python prints the traceback.
+
+Parse errors (an unknown option, a value outside a choice) stay click's: usage, the error, exit 2.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-from contextlib import contextmanager
-from typing import Annotated, Callable, Iterator
+from typing import Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from merger.cli import ui
 from merger.errors import MergerError
 
-Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
-Json = Annotated[bool, typer.Option("--json", help="Print a JSON result on stdout (for scripts).")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 
-
-@contextmanager
-def errors_handled(debug: bool) -> Iterator[None]:
-    """MergerError -> ``Error: ...`` + hint, exit 1; anything else likewise, without a traceback."""
-    try:
-        yield
-    except (typer.Exit, typer.Abort):
-        raise
-    except KeyboardInterrupt:
-        if debug:
-            raise
+def report(exc: BaseException) -> int:
+    """Show ``exc`` on stderr as merger's errors read; the exit status to end with."""
+    if isinstance(exc, KeyboardInterrupt):
         ui.err.print("[red]Interrupted[/]: no output was published; run the same command with --resume "
                      "to keep the shards already finished.")
-        raise typer.Exit(130) from None
-    except MergerError as e:
-        if debug:
-            raise
-        ui.show_error(e)
-        raise typer.Exit(1) from None
-    except Exception as e:  # noqa: BLE001 - a bug or an unforeseen environment problem
-        if debug:
-            raise
-        ui.show_error(MergerError(f"unexpected {type(e).__name__}: {e}",
-                                  hint="run again with --debug for the traceback, and report it"))
-        raise typer.Exit(1) from None
+        return 130
+    if not isinstance(exc, MergerError):  # a bug or an unforeseen environment problem
+        exc = MergerError(f"unexpected {type(exc).__name__}: {exc}",
+                          hint="run again with --debug for the traceback, and report it")
+    ui.show_error(exc)
+    return 1
 
 
-def guarded(fn: Callable) -> Callable:
-    """Give a command from another module ``--debug`` and the same error handling."""
-    sig = inspect.signature(fn, eval_str=True)
-    params = [*sig.parameters.values(),
-              inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Debug)]
+def _is_click(e: BaseException) -> bool:
+    """typer.Exit, typer.Abort or a click usage error (typer vendors click: matched by name)."""
+    return isinstance(e, (typer.Exit, typer.Abort)) or any(c.__name__ == "ClickException" for c in type(e).__mro__)
 
-    @functools.wraps(fn)
-    def wrapper(*args, debug: bool = False, **kwargs):
-        with errors_handled(debug):
-            return fn(*args, **kwargs)
 
-    wrapper.__signature__ = sig.replace(parameters=params)
-    wrapper.__annotations__ = {p.name: p.annotation for p in params}  # evaluated, for get_type_hints
-    del wrapper.__wrapped__  # typer must see the new signature
-    return wrapper
+class MergerGroup(TyperGroup):
+    """The ``merger`` app: runs the command and, where it fails, :func:`report`\\ s why."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as e:  # noqa: BLE001 - every command's errors end here
+            if _is_click(e) or ctx.meta.get("merger:debug"):
+                raise  # exits and usage errors are click's to print; --debug shows the traceback
+            raise typer.Exit(report(e)) from None
+        except KeyboardInterrupt as e:
+            if ctx.meta.get("merger:debug"):
+                raise
+            raise typer.Exit(report(e)) from None
+
+
+def unwrap(text: str | None) -> str | None:
+    """A docstring's paragraphs each on one line, so the terminal wraps them at its own width."""
+    if not text:
+        return text
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n"))
+
+
+class MergerCommand(TyperCommand):
+    """A command whose docstring paragraphs flow to the terminal's width (typer's rich help keeps
+    a docstring's line breaks)."""
+
+    def __init__(self, name: str | None, *, help: str | None = None, **kwargs: Any) -> None:
+        super().__init__(name, help=unwrap(help), **kwargs)

@@ -1,11 +1,10 @@
-"""``merger sweep``: the command function and its table (registered in ``cli.py``).
-
-    app.command("sweep")(guarded(sweep_command))
+"""``merger sweep``: the command function and its table (registered in ``app.py``, with
+:data:`EXAMPLES` as its epilog).
 
 The command only declares options, calls :func:`merger.eval.sweep.sweep` and shows the result: one rich
 table on stdout (a row per step: raw, LAWA average and EMA, with the change against raw), or
 ``result.to_dict()`` as JSON with ``--json``. Errors are :class:`merger.errors.MergerError`
-subclasses; ``guarded`` in ``cli.py`` turns them into ``Error: ...`` and exit 1.
+subclasses; :class:`merger.cli.handler.MergerGroup` turns them into ``Error: ...`` and exit 1.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from merger.cli import ui
+from merger.cli.options import (EVALUATION, METHOD, OUTPUT, RESOURCES, SELECTION, Debug, ShapeChoice, eval_device,
+                                examples, one_of, sweep_methods, value)
 from merger.units import parse_limit
 
 if TYPE_CHECKING:
@@ -28,64 +29,66 @@ ModelArg = Annotated[str | None, typer.Argument(
     help="A Hub repo id (revisions are its branches) or a folder of revision subfolders "
          "(step1000/ ...).")]
 RevisionsOpt = Annotated[str | None, typer.Option(
-    "--revisions", "-r", help="A..B (either end optional) or r1,r2,r3: the steps to sweep.")]
+    "--revisions", "-r", help="A..B (either end optional) or r1,r2,r3: the steps to sweep.",
+    rich_help_panel=SELECTION)]
 WindowOpt = Annotated[int, typer.Option(
     "--window", "-k", help="K: average the K selected checkpoints ending at each step (LAWA's k).",
-    show_default=False)]
+    show_default=False, rich_help_panel=SELECTION)]
 EveryOpt = Annotated[int | None, typer.Option(
-    "--every", help="With A..B: A, A+N, ... and B itself (the spacing of averaged checkpoints).")]
+    "--every", help="With A..B: A, A+N, ... and B itself (the spacing of averaged checkpoints).",
+    rich_help_panel=SELECTION)]
 MethodsOpt = Annotated[str, typer.Option(
     "--methods", "-m", metavar="uniform,ema,decay",
     help="Averages to compare with the raw checkpoints: uniform (LAWA), ema, decay (the window with "
-         "decay-by-merging weights).")]
+         "decay-by-merging weights).", callback=sweep_methods, rich_help_panel=METHOD)]
 DecayOpt = Annotated[float | None, typer.Option(
-    "--decay", help="EMA decay b in (0, 1), with ema in --methods.")]
-ShapeOpt = Annotated[str | None, typer.Option(
-    "--shape", show_default="linear",
-    help="With decay in --methods: the LR decay to emulate over the window: linear, cosine or 1-sqrt.")]
+    "--decay", help="EMA decay b in (0, 1), with ema in --methods.", rich_help_panel=METHOD)]
+ShapeOpt = Annotated[ShapeChoice | None, typer.Option(
+    "--shape", show_default="linear", case_sensitive=False, metavar="SHAPE",
+    help=f"With decay in --methods: the LR decay to emulate over the window: {one_of(ShapeChoice)}.",
+    rich_help_panel=METHOD)]
 TasksOpt = Annotated[str | None, typer.Option(
     "--tasks", "-t", metavar="T1,T2", show_default="in-process held-out bits per byte",
     help="lm-eval tasks instead of the in-process held-out metric (slower: a model folder per "
-         "point).")]
+         "point).", rich_help_panel=EVALUATION)]
 MetricOpt = Annotated[str | None, typer.Option(
     "--metric", show_default="bits_per_byte if measured, else the first",
-    help="The metric to tabulate and plot: a name, or task/name with --tasks.")]
+    help="The metric to tabulate and plot: a name, or task/name with --tasks.", rich_help_panel=EVALUATION)]
 LimitOpt = Annotated[float | None, typer.Option(
-    "--limit", help="Held-out passages (or documents per task): N, or a fraction below 1.")]
+    "--limit", help="Held-out passages (or documents per task): N, or a fraction below 1.",
+    rich_help_panel=EVALUATION)]
 OutputOpt = Annotated[Path | None, typer.Option(
     "--output-dir", "-o", show_default="sweeps/<model>-k<K>",
-    help="Where sweep.csv, sweep.json and sweep.png are written (replacing earlier ones).")]
+    help="Where sweep.csv, sweep.json and sweep.png are written (replacing earlier ones).", rich_help_panel=OUTPUT)]
 DeviceOpt = Annotated[str, typer.Option(
-    "--device", help="Where models are evaluated: auto, cpu, cuda or cuda:N.")]
+    "--device", help="Where models are evaluated: auto, cpu, cuda, cuda:N or mps.", callback=eval_device,
+    rich_help_panel=RESOURCES)]
 TokenizerOpt = Annotated[str | None, typer.Option(
     "--tokenizer", metavar="NAME_OR_PATH", show_default="the latest revision's own",
     help="Tokenizer folder or Hub name: needed for nanoGPT .pt runs (training checkpoints carry none), "
-         "or to replace a run's own.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+         "or to replace a run's own.", rich_help_panel=EVALUATION)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.", rich_help_panel=OUTPUT)]
+
+EXAMPLES = examples(
+    "merger sweep -r step100000..step143000 --every 5000 -k 5   # Pythia-70m",
+    "merger sweep runs/tiny -r ..step9000 -k 3 -m uniform,ema --decay 0.8",
+    "merger sweep runs/tiny -r ..step9000 -k 4 --tasks merger_pydocs_mc --json",
+    "merger sweep runs/wsd -r step4000..step6000 -k 6 -m decay --shape cosine",
+    "# a nanoGPT run's ckpt_<step>.pt files",
+    "merger sweep out/ -r 1000..20000 --every 1000 -k 5 --tokenizer gpt2",
+)
 
 
 def sweep_command(model: ModelArg = None, revisions: RevisionsOpt = None,
                   window: WindowOpt = ..., every: EveryOpt = None, methods: MethodsOpt = "uniform",
                   decay: DecayOpt = None, shape: ShapeOpt = None, tasks: TasksOpt = None, metric: MetricOpt = None,
                   limit: LimitOpt = None, output_dir: OutputOpt = None, device: DeviceOpt = "auto",
-                  tokenizer: TokenizerOpt = None, json_out: JsonOpt = False) -> None:
+                  tokenizer: TokenizerOpt = None, json_out: JsonOpt = False, debug: Debug = False) -> None:
     """Compare each checkpoint with the average of the K checkpoints ending at it (the LAWA figure).
 
     Each checkpoint is read at most twice: a float64 sliding sum adds the newest checkpoint and
     subtracts the one leaving the window. Steps with fewer than K checkpoints before them have
     no averaged point.
-
-    Examples:
-
-        merger sweep EleutherAI/pythia-70m -r step100000..step143000 --every 5000 --window 5
-
-        merger sweep runs/tiny -r step1000..step9000 --every 1000 -k 3 -m uniform,ema --decay 0.8
-
-        merger sweep runs/tiny -r ..step9000 -k 4 --tasks merger_pydocs_mc --limit 100 --json
-
-        merger sweep runs/wsd -r step4000..step6000 --every 200 -k 6 -m uniform,decay --shape cosine
-
-        merger sweep out/ -r 1000..20000 --every 1000 -k 5 --tokenizer gpt2   # nanoGPT ckpt_<step>.pt
     """
     from merger.eval.sweep import SweepOptions, sweep  # imports torch: not at `merger --help`
 
@@ -93,7 +96,7 @@ def sweep_command(model: ModelArg = None, revisions: RevisionsOpt = None,
         return tuple(t.strip() for t in text.split(",") if t.strip())
 
     n = parse_limit(limit)
-    opts = SweepOptions(window=window, methods=items(methods), decay=decay, shape=shape, metric=metric,
+    opts = SweepOptions(window=window, methods=items(methods), decay=decay, shape=value(shape), metric=metric,
                         tasks=items(tasks) if tasks else None, limit=n, device=device, tokenizer=tokenizer)
     name = (model or "EleutherAI/pythia-70m").rstrip("/").split("/")[-1] or "model"
     out = output_dir or Path("sweeps") / f"{name}-k{window}"

@@ -1,7 +1,8 @@
 """Everything merger shows a person: rich console on stderr, results on stdout, progress, errors.
 
-The library never prints; commands in ``cli.py`` call these helpers. Progress bars are transient
-and only drawn when stderr is a terminal; ``--json`` output on stdout stays clean for pipes.
+The library never prints; the command modules (``average.py``, ``eval.py``, ...) call these
+helpers. Progress bars are transient and only drawn when stderr is a terminal; ``--json`` output
+on stdout stays clean for pipes.
 
 Text from outside (paths, revision names, messages that quote them) is never read as rich markup:
 a folder named ``run/[bold red]x[/]`` prints as it is. Messages and table cells are printed as

@@ -1,5 +1,5 @@
 """The torch pipeline: reader threads fill whole-block input buffers, the torch kernel
-(``kernel.py``) folds them on the CPU in cache-sized chunks or on the GPU, and the writer copies
+(``torch_kernel.py``) folds them on the CPU in cache-sized chunks or on the GPU, and the writer copies
 the output into the shards. It runs for CUDA, ``--hash`` (the sha256 of the inputs is computed
 from the bytes read) and wherever the native kernel can't. torch is imported when it runs.
 """
@@ -196,7 +196,7 @@ class TorchPipeline(Pipeline):
         import torch
 
         # The pipeline is the parallelism: torch's own OpenMP workers would spin against the reader
-        # and writer threads (measured: 15x slower on 2 cores), so fold with one intra-op thread.
+        # and writer threads (many times slower: bench/README.md), so fold with one intra-op thread.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

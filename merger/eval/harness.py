@@ -12,7 +12,7 @@ LAWA paper compares). lm-eval is imported lazily, inside :func:`evaluate`.
 A model is a local Hugging Face model folder (a ``merger average`` output, any ``save_pretrained``
 folder) or ``REPO_ID@REVISION`` on the Hub, resolved by ``huggingface_hub.snapshot_download`` (from
 the local cache when ``HF_HUB_OFFLINE=1``) and pinned to its commit sha. The default tasks are
-merger's offline pack (:mod:`merger.tasks`); any lm-eval task name or YAML file also works.
+merger's offline pack (:mod:`merger.eval.tasks`); any lm-eval task name or YAML file also works.
 This module never prints: lm-eval's own ``print`` calls are redirected to stderr.
 """
 
@@ -433,14 +433,4 @@ def _load(HFLM: Any, src: ModelSource, *, device: str, dtype: str, batch_size: i
             raise refused from None
         raise EvalError(f"{src.spec}: transformers can't load it: {type(e).__name__}: {e}",
                         hint="check that config.json and the weights belong together") from e
-
-
-def evaluate_pair(merged_dir: str | Path, baseline_dir: str | Path, **kwargs: Any) -> EvalReport:
-    """Evaluate a merged model against its baseline (``merger average --eval``).
-
-    ``baseline_dir`` (the latest input revision: a folder or ``REPO_ID@REVISION``) comes first, so
-    every delta in the report reads "merged minus latest checkpoint". ``kwargs`` go to
-    :func:`evaluate`.
-    """
-    return evaluate([str(baseline_dir), str(merged_dir)], **kwargs)
 

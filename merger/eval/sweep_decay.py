@@ -1,7 +1,7 @@
 """``merger sweep --methods ...,decay``: the decay-by-merging average of the window ending at a step.
 
-The LAWA window sum in :mod:`merger.sweep` slides (add the newest checkpoint, subtract the one
-leaving), which only works for equal weights. The decay weights (:mod:`merger.decay`) are fixed
+The LAWA window sum in :mod:`merger.eval.sweep` slides (add the newest checkpoint, subtract the one
+leaving), which only works for equal weights. The decay weights (:mod:`merger.plan.decay`) are fixed
 per position in the window, so each window is summed afresh: K checkpoints read per step, one at
 a time into a float64 accumulator (memory: one float64 model plus one checkpoint as stored).
 Tensors bit-identical in every checkpoint of the window are kept as they are, and floating

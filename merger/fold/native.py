@@ -3,7 +3,7 @@
 One call reads one slice of one tensor from every input (``pread`` into per-thread buffers that
 stay in the CPU caches) and writes the merged bytes: no ``import torch``, no input buffers in Python, and
 the GIL is released for the call, so pipeline threads fold slices in parallel. The bits are the
-torch kernel's (``kernel.py``), which the tests check for every dtype pair and weighting.
+torch kernel's (``torch_kernel.py``), which the tests check for every dtype pair and weighting.
 
 A tensor whose inputs differ in dtype (``TensorPlan.in_dtypes``) is folded by the torch kernel,
 from the same fd's (:meth:`NativeKernel._fold_mixed`): the C job has one input dtype, and such
@@ -96,7 +96,7 @@ def sub_elements(n_inputs: int, itemsize: int) -> int:
 
 
 class NativeKernel:
-    """Folds slices with ``_fold.c``; the same state and errors as :class:`merger.kernel.Kernel`.
+    """Folds slices with ``_fold.c``; the same state and errors as :class:`merger.fold.torch_kernel.Kernel`.
 
     Thread-safe for :meth:`fold` calls on different output ranges: each call works on its own
     copies of the state and :meth:`merge` folds them in, in slice order.

@@ -1,6 +1,6 @@
 """What every kernel agrees on, without torch: the fold weights, the accumulation dtype, the errors.
 
-Two kernels compute the same bits: the torch one (``kernel.py``: CUDA, ``--hash``, CPUs without
+Two kernels compute the same bits: the torch one (``torch_kernel.py``: CUDA, ``--hash``, CPUs without
 AVX2) and the native one (``native.py`` over ``_fold.c``: the CPU default). Both take their
 arithmetic from :class:`FoldRule` and raise the errors built here, as do the stream schedule
 and ``merger sweep`` (with their own hints).

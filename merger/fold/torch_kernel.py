@@ -11,8 +11,8 @@ shaped revisions: 0 of 70M elements differ in float16, 201 in bfloat16). The CPU
 cache-sized chunks at fixed offsets (multiples of ``SIZES.chunk`` from the tensor's start), so any
 ``--max-memory`` gives the same bits.
 
-Rules (DESIGN.md, "Tensor rules"), applied per chunk (``SIZES.chunk``) of elements counted from the tensor's
-start, so they never depend on how a tensor was cut into slices:
+Rules (docs/design.md, "Tensor rules"), applied per chunk (``SIZES.chunk``) of elements counted from
+the tensor's start, so they never depend on how a tensor was cut into slices:
 - a chunk bit-identical in every input is written unchanged (a tensor identical everywhere is
   then copied bit for bit: Pythia's ``inv_freq``, ``masked_bias`` = -inf), when the weights sum
   to 1; unnormalised weights (``--no-normalize``) scale every floating chunk;
@@ -54,7 +54,7 @@ def axpy(acc: torch.Tensor, tmp: torch.Tensor, x: torch.Tensor, w: float, *, fir
     """``acc = x * w`` (first input) or ``acc += w * x``; ``tmp`` is scratch of acc's dtype.
 
     The one definition of the per-element arithmetic, shared by every schedule, so that they all
-    produce the same bits. ``w == 1`` is a plain copy or sum (see :class:`merger.rules.FoldRule`).
+    produce the same bits. ``w == 1`` is a plain copy or sum (see :class:`merger.fold.rules.FoldRule`).
     """
     if first:
         if w == 1.0:

@@ -8,7 +8,7 @@ Every tensor of the grown model is ``λ · small`` at the small entries' positio
 residual-output weights and biases at 0, so each new layer starts as the identity. Tensors are
 made and written one at a time (read with pread, float64 while mixed, then the small model's
 dtype), so the working set is about 3 x the largest grown tensor in float64, whatever the model
-size. The output goes through :class:`merger.io.OutputDir` (partial folder, atomic publish).
+size. The output goes through :class:`merger.output.folder.OutputDir` (partial folder, atomic publish).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from merger.sources.local import resolve_local
 from merger.units import dtype_from_name, dtype_name, itemsize
 
 # Defaults: μP init as in Mallik et al. 2024. Their text gives no single λ and σ to use, so these
-# come from examples/warmstart.py on this machine (README, "Warmstarting a wider model").
+# come from examples/warmstart.py (docs/results.md, "Warmstarting a wider model").
 DEFAULT_SHRINK = 0.5
 DEFAULT_PERTURB = 1.0
 DEFAULT_INIT = "mup"

@@ -1,5 +1,5 @@
-"""The bytes torch writes for a DCP folder, written without importing torch (3-5 s of imports on the
-CPU path, where merger otherwise needs none).
+"""The bytes torch writes for a DCP folder, written without importing torch (seconds of imports on
+the CPU path, where merger otherwise needs none).
 
 - :func:`record_head` and :func:`record_tail`: one ``torch.save(tensor)`` record (a stored zip:
   ``archive/data.pkl``, ``byteorder``, ``data/0``, ``version``) as the bytes before and after its
@@ -9,7 +9,7 @@ CPU path, where merger otherwise needs none).
 
 Both pickles name torch's globals (``torch._utils._rebuild_tensor_v2``, ``torch.FloatStorage``,
 ``torch.distributed.checkpoint.metadata.Metadata`` ...) by module and name, through
-:class:`_Pickler`, exactly as torch's own pickles do; ``tests/test_dcp.py`` loads the result with
+:class:`_Pickler`, exactly as torch's own pickles do; ``tests/formats/test_dcp.py`` loads the result with
 ``torch.load`` / ``dcp.load``.
 """
 

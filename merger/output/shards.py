@@ -1,14 +1,13 @@
 """Output shards: the safetensors header of a planned shard, and :class:`ShardWriter`, which
 writes one shard (header first, then data at planned offsets) and checksums it as it goes.
 
-Writes go out with O_DIRECT in ``SIZES.stage``-sized pieces from a background thread (the page cache on
-this machine's disk took 0.16 to 2.4 s for 0.9 GB that O_DIRECT writes in 0.4 s), or straight
-from the caller's pages (:meth:`ShardWriter.write_owned`, no copy). Nothing is fsynced: a killed
-process loses nothing the page cache holds, and after a power loss ``--resume`` re-checks every
-finished shard's CRC-32 (fsyncing 0.8 GB of output cost 3 s, more than the whole merge, on this
-disk). CRC-32 rather than sha256: it guards against torn or lost writes, not against an
-adversary, and runs at 6.3 GB/s instead of 1.9 (sha256 of 0.8 GB of output was 0.45 s of a
-1.2 s merge).
+Writes go out with O_DIRECT in pieces of ``SIZES.stage`` from a background thread (buffered writes
+through the page cache were slower and far less steady), or straight from the caller's pages
+(:meth:`ShardWriter.write_owned`, no copy). Nothing is fsynced: a killed process loses nothing
+the page cache holds, and after a power loss ``--resume`` re-checks every finished shard's CRC-32
+(an fsync cost more than the whole merge). CRC-32 rather than sha256: it guards against torn or
+lost writes, not against an adversary, and is several times faster. The measurements behind each
+choice: bench/README.md, "Measurements behind the code".
 """
 
 from __future__ import annotations
@@ -140,7 +139,7 @@ class ShardWriter:
         # CRC-32 of bytes 0.._hpos, while writes come in file order; -1: finish() re-reads the file
         self._crc, self._hpos = (0, 0) if hash else (None, -1)
         # O_DIRECT: writes arrive in file order and go out in aligned pieces of ``SIZES.stage``, skipping
-        # the page cache (0.8 GB: 0.45 s instead of 2.05 s on this machine's disk). Two stages: one
+        # the page cache (bench/README.md: 4x faster on the bench disk). Two stages: one
         # is written by a background thread while the other fills (the disk and the copy overlap)
         self._stages: list[mmap.mmap] = []
         self._stage: mmap.mmap | None = None  # the one filling

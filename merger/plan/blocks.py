@@ -42,8 +42,8 @@ def make_blocks(tensors: list[TensorPlan], n_inputs: int, max_block: int) -> lis
 def block_budget(tensors: list[TensorPlan], n_inputs: int, max_memory: int, *, cuda: bool) -> int:
     """Bytes of working set per block: several blocks even when everything fits, so that reading,
     folding and writing overlap; on CPU at most 512 MB: first touches of bigger fresh buffers cost
-    more in page faults than they save (410m x 9: 3.0 s of system time at 2 GB blocks, 1.1 s at
-    512 MB). Never below one chunk (``SIZES.chunk``) of the widest tensor."""
+    more in page faults than they save (bench/README.md, "Measurements behind the code"). Never
+    below one chunk (``SIZES.chunk``) of the widest tensor."""
     total = sum(slice_cost(t, n_inputs, t.numel) for t in tensors)
     biggest_unit = max((slice_cost(t, n_inputs, min(t.numel, SIZES.chunk)) for t in tensors), default=0)
     cap = SIZES.max_block_cuda if cuda else SIZES.max_block_cpu

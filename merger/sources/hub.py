@@ -2,7 +2,7 @@
 
 Online, revisions are listed with ``HfApi.list_repo_refs`` and files (sizes, LFS sha256) with
 ``HfApi.model_info(files_metadata=True)``; offline (see ``hflocal.is_offline``) both come from the
-local HF cache, read through huggingface_hub's ``scan_cache_dir`` (``merger/hflocal.py``): a
+local HF cache, read through huggingface_hub's ``scan_cache_dir`` (``merger/sources/hflocal.py``): a
 weight file's sha256 is its per-repo blob name (the LFS etag). Only the files a merge needs are
 downloaded (weights and index, config, tokenizer), with ``hf_hub_download`` at the pinned commit.
 """
@@ -142,7 +142,7 @@ def fetch(source: Source) -> Source:
 
 def delete_revision(source: Source, downloaded) -> int:
     """Remove the files of ``source`` that this run downloaded (``downloaded``: their names) from the
-    cache (``--no-keep``), through huggingface_hub (see :func:`merger.hflocal.delete_downloaded`):
+    cache (``--no-keep``), through huggingface_hub (see :func:`merger.sources.hflocal.delete_downloaded`):
     files cached before the run, and blobs anything else references, stay. Returns the bytes freed.
     """
     return delete_downloaded(source.repo_id, source.commit, downloaded)

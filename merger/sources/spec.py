@@ -1,6 +1,6 @@
 """Revision specs and step names.
 
-Revision specs (DESIGN.md): ``A..B`` (either end may be omitted) with optional ``--every N``
+Revision specs (docs/design.md, "Revision specs"): ``A..B`` (either end may be omitted) with optional ``--every N``
 (A, A+N, ... up to B, and B itself), or ``r1,r2,r3``. Names are matched exactly, else by the step
 number read from them, so ``step1000`` also finds ``checkpoint-1000`` and ``20`` finds Composer's
 ``ep0-ba20-rank0``. Order is by step number, never by name; two revisions of one step picked by

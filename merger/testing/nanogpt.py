@@ -4,7 +4,7 @@
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256))
     save_ckpt(path, model, optimizer, model_args, iter_num=100, best_val_loss=3.2, config={...})
 
-``load_nanogpt(path)`` loads a ``ckpt.pt`` the way nanoGPT's ``train.py``/``sample.py`` resume:
+``load_nanogpt(path)`` loads a ``ckpt.pt`` the way nanoGPT's training and sampling scripts resume:
 ``GPT(GPTConfig(**model_args))``, strip ``_orig_mod.``, ``load_state_dict``.
 """
 

@@ -4,7 +4,7 @@ Tensors carry Pythia's real names, shapes and buffers (uint8 causal-mask ``atten
 ``attention.masked_bias`` = -inf in fp16, ``rotary_emb.inv_freq``, head ``embed_out.weight``), so
 they exercise every tensor rule; values follow a random walk, like a training trajectory.
 
-    python -m merger.synth OUT_DIR --shape 70m --revisions 9 --every 1000   # writes OUT_DIR/stepN/
+    python -m merger.testing.synth OUT_DIR --shape 70m --revisions 9 --every 1000   # writes OUT_DIR/stepN/
 """
 
 from __future__ import annotations

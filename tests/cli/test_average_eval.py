@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from sweepfixtures import train_trajectory
+from helpers.sweepfixtures import train_trajectory
 from typer.testing import CliRunner
 
 from merger.cli import app
+
+pytestmark = pytest.mark.slow  # a merge, then lm-eval on it and on its baseline (~8 s)
 
 runner = CliRunner()
 REPO = "local/tiny-average-eval"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import check_against_reference, make_run
+from helpers import check_against_reference, make_run
 from merger.testing import synth
 from merger.cli import app
 
@@ -113,7 +113,7 @@ def test_missing_revision_and_existing_output(tiny_run, tmp_path):
     (["--weights", "1,2,3"], "only used with --method weights"),
     (["--max-memory", "lots"], "can't read 'lots' as a size"),
     (["--dtype", "int8"], "unknown dtype"),
-    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device"),
     (["--every", "2"], "--every needs --revisions"),
 ])
 def test_bad_options(tiny_run, tmp_path, args, msg):

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_run
+from helpers import make_run
 from merger import units
 
 LIBRARY = "merger.api, merger.plan, merger.output.folder, merger.formats, merger.output.manifest, merger.engine.run, " \

@@ -29,14 +29,15 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import make_run
+from helpers import make_run
 from merger.api import average, prepare
 from merger.cli import app
 from merger.engine.stream import run_stream
 from merger.errors import CheckpointFormatError, TensorError
 from merger.plan import Options
 from merger.testing import synth
-from test_reliability import Trajectory, check_refused, leftovers, tree_digest
+from helpers.trajectory import Trajectory
+from helpers.checks import check_refused, leftovers, tree_digest
 
 runner = CliRunner()
 PATHS = ["native", "torch"]

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.text import Text
 from typer.testing import CliRunner
 
-from conftest import make_run
+from helpers import make_run
 from merger.cli import app, ui
 
 runner = CliRunner()

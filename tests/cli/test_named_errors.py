@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import load, save_file
 from typer.testing import CliRunner
 
-from evalfixtures import random_model
+from helpers.evalfixtures import random_model
 from merger.cli import app
 from merger.testing import synth
-from test_reliability import Trajectory, check_refused, leftovers, tree_digest
+from helpers.trajectory import Trajectory
+from helpers.checks import check_refused, leftovers, tree_digest
 
 runner = CliRunner()
 

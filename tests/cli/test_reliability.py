@@ -18,39 +18,18 @@ import signal
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from checks import check_refused, leftovers, tree_digest
-from conftest import WIDE, make_run
+from helpers import WIDE
+from helpers.checks import check_refused, leftovers, tree_digest
+from helpers.trajectory import Trajectory
 from merger.testing import synth
 from merger.cli import app
 
 runner = CliRunner()
-CFG = synth.SHAPES["tiny"].config()
-
-
-class Trajectory:
-    """A tiny three-revision run in ``tmp/run`` and the output ``tmp/outs/merged``."""
-
-    def __init__(self, tmp: Path, **kw):
-        self.root, self.sds = make_run(tmp / "run", **kw)
-        self.out = tmp / "outs" / "merged"
-        self.out.parent.mkdir()
-        self.inputs = tmp / "run"
-
-    def save(self, step: int, sd: dict, **kw) -> None:
-        synth.save_checkpoint(self.root / f"step{step}", sd, config=CFG, **kw)
-
-    def refused(self, args: list[str], *expected: str, out: Path | None = None) -> str:
-        """Run ``merger average ROOT ARGS -o OUT`` and check the whole contract; returns stderr."""
-        out = out or self.out
-        before = tree_digest(self.inputs)
-        r = runner.invoke(app, ["average", str(self.root), *args, "-o", str(out)])
-        return check_refused(r.exit_code, r.stderr, r.output, expected, out=out, inputs=self.inputs, before=before)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import WIDE, check_against_reference, files_equal, load_dir, make_run, weights_of
+from helpers import WIDE, check_against_reference, files_equal, load_dir, make_run, reference, weights_of
 from merger.testing import synth
 from merger.api import average
 from merger.formats import read_checkpoint
@@ -38,7 +38,7 @@ def test_uniform_average_is_correctly_rounded(tmp_path):
     is the float64 reference rounded to float16, bit for bit (mergekit's result, too)."""
     root, sds = make_run(tmp_path / "run", shape=WIDE, steps=tuple(range(1, 10)))
     average([str(root)], output=tmp_path / "out")
-    out, ref = load_dir(tmp_path / "out"), __import__("conftest").reference(sds, [1 / 9] * 9)
+    out, ref = load_dir(tmp_path / "out"), reference(sds, [1 / 9] * 9)
     for k, r in ref.items():
         if out[k].is_floating_point():
             assert torch.equal(out[k], r.to(torch.float16)), k
@@ -145,6 +145,7 @@ def test_duplicate_revisions_reported_and_strict(tmp_path):
     assert not (tmp_path / "strict").exists()
 
 
+@pytest.mark.slow  # Pythia-70m-sized inputs, loaded by transformers (~17 s)
 def test_pythia_70m_architecture_merges_and_loads(tmp_path):
     """Real Pythia-70m shapes and buffers, pytorch_model.bin, fp16: buffers bit-exact, loads in
     transformers, and the logits equal those of a model built from the reference weights."""
@@ -165,7 +166,7 @@ def test_pythia_70m_architecture_merges_and_loads(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     cfg = GPTNeoXConfig(**{k: v for k, v in synth.SHAPES["70m"].config().items() if k != "torch_dtype"})
     ref = GPTNeoXForCausalLM(cfg).eval()
-    from conftest import reference
+    from helpers import reference
 
     r = reference(sds, [1 / 3] * 3)
     head = "lm_head.weight" if hasattr(ref, "lm_head") else "embed_out.weight"  # transformers 5 renamed it

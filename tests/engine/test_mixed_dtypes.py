@@ -13,8 +13,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import fakehub
-from conftest import WIDE, assert_close_ulp, files_equal, load_dir, reference
+from helpers import fakehub
+from helpers import WIDE, assert_close_ulp, files_equal, load_dir, reference
 from merger.cli import app
 from merger.testing import synth
 

@@ -37,8 +37,8 @@ def test_reported_peak_rss_is_the_whole_process(tmp_path):
     run = nanogpt_run(tmp_path / "out", ARGS, steps=(100, 200, 300))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                                                     os.environ.get("PYTHONPATH")])))
-    (tmp_path / "cli.py").write_text(SCRIPT)
-    argv = [sys.executable, str(tmp_path / "cli.py"), "average", str(run), "-o", str(tmp_path / "m"),
+    (tmp_path / "run_cli.py").write_text(SCRIPT)
+    argv = [sys.executable, str(tmp_path / "run_cli.py"), "average", str(run), "-o", str(tmp_path / "m"),
             "--to", "nanogpt", "--json"]
     # sh forks the CLI (no exec of the last command: `; exit $?`), so its peak starts from sh's
     p = subprocess.run(["sh", "-c", '"$@"; exit $?', "sh", *argv], capture_output=True, text=True, env=env,

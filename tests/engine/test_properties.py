@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from conftest import check_against_reference, examples, files_equal
+from helpers import check_against_reference, files_equal
+from helpers.fuzz import examples
 from merger.testing import synth
 from merger.api import average
 from merger.errors import UsageError

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import files_equal, make_run
+from helpers import files_equal, make_run
 from merger.engine.ranks import launch_identity
 from merger.testing import synth
 

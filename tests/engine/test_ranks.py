@@ -28,11 +28,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import fakehub
+from helpers import fakehub
 import pytest
 from safetensors.torch import save_file
 
-from conftest import files_equal, make_run
+from helpers import files_equal, make_run
 from merger.api import prepare
 from merger.engine.choose import choose
 from merger.engine.parts import join_parts, split_single
@@ -237,6 +237,7 @@ def reference(run_dir):
     return out
 
 
+@pytest.mark.slow  # several merger processes (torch.distributed, gloo)
 def test_dry_run_prints_the_partition_from_rank_0(run_dir):
     extra = dict(RANK="0", WORLD_SIZE="3", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
     r = single([run_dir, "--revisions", "step1000..step3000", "--dry-run", "--json", *FLAGS], **extra)
@@ -249,6 +250,7 @@ def test_dry_run_prints_the_partition_from_rank_0(run_dir):
     assert r.returncode == 0 and r.stdout == ""  # only rank 0 prints
 
 
+@pytest.mark.slow  # several merger processes (torch.distributed, gloo)
 def test_two_ranks_same_bytes_and_merger_json(run_dir, reference):
     out = run_dir.parent / "two"
     res = finish(launch(2, [run_dir, "--revisions", "step1000..step3000", "-o", out, *FLAGS, "--json"]))
@@ -262,6 +264,7 @@ def test_two_ranks_same_bytes_and_merger_json(run_dir, reference):
     assert not any(out.parent.glob(".two.merger-partial*"))
 
 
+@pytest.mark.slow  # several merger processes (torch.distributed, gloo)
 def test_torchrun_three_ranks_bin_inputs_torch_kernel_same_bytes(tmp_path):
     root, _ = make_run(tmp_path / "run", shape=SHAPE, fmt="bin")
     args = [root, "--revisions", "step1000..step3000", *FLAGS]
@@ -278,6 +281,7 @@ def test_torchrun_three_ranks_bin_inputs_torch_kernel_same_bytes(tmp_path):
     assert m["world_size"] == 3 and m["kernel"] == "torch" and len(m["ranks"]) == 3
 
 
+@pytest.mark.slow  # several merger processes (torch.distributed, gloo)
 def test_nan_in_one_ranks_share_stops_every_rank(tmp_path):
     root, sds = make_run(tmp_path / "run", shape=SHAPE)
     opts = Options(max_shard_size=60_000, max_memory=8 << 20)
@@ -297,6 +301,7 @@ def test_nan_in_one_ranks_share_stops_every_rank(tmp_path):
     assert not out.exists() and not (tmp_path / ".o.merger-partial").exists()
 
 
+@pytest.mark.slow  # several merger processes (torch.distributed, gloo)
 def test_a_rank_that_cannot_read_the_headers_stops_the_others_at_once(run_dir, tmp_path):
     """The same command on every rank (a launch: engine/ranks.py), but rank 1's node lacks the run:
     ``~/run`` is the run under rank 0's HOME and nothing under rank 1's."""
@@ -311,6 +316,7 @@ def test_a_rank_that_cannot_read_the_headers_stops_the_others_at_once(run_dir, t
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.merger-partial").exists()
 
 
+@pytest.mark.slow  # several merger processes (torch.distributed, gloo)
 def test_second_launch_gets_the_lock_error_on_every_rank(run_dir):
     import fcntl
 
@@ -328,6 +334,7 @@ def test_second_launch_gets_the_lock_error_on_every_rank(run_dir):
     assert partial.is_dir() and not out.exists()
 
 
+@pytest.mark.slow  # several merger processes (torch.distributed, gloo)
 def test_killed_rank_stops_the_others_then_resume_with_another_world_size(tmp_path):
     big = synth.Shape(hidden=256, layers=8, heads=4, vocab=8192, max_pos=64)
     root, _ = make_run(tmp_path / "run", shape=big, steps=(1000, 2000, 3000, 4000))
@@ -370,6 +377,7 @@ def test_killed_rank_stops_the_others_then_resume_with_another_world_size(tmp_pa
     same_output(tmp_path / "ref", tmp_path / "o")
 
 
+@pytest.mark.slow  # several merger processes (torch.distributed, gloo)
 def test_a_single_process_resumes_a_multi_rank_run(tmp_path):
     """Per-rank records (here of a world of one, stopped by Ctrl-C from its progress callback once
     a shard is recorded) are found by a plain ``--resume``, which then goes through the multi-rank
@@ -399,6 +407,7 @@ def test_a_single_process_resumes_a_multi_rank_run(tmp_path):
     same_output(tmp_path / "ref", tmp_path / "o")
 
 
+@pytest.mark.slow  # several merger processes (torch.distributed, gloo)
 def test_hub_revisions_downloaded_once_then_deleted_with_no_keep(fake_hub, tmp_path):
     """Two ranks of one node on Hub revisions (the fake Hub on loopback, real huggingface_hub):
     local rank 0 downloads each file once, rank 1 waits; the single-file output (one part: rank 0
@@ -427,6 +436,7 @@ def test_hub_revisions_downloaded_once_then_deleted_with_no_keep(fake_hub, tmp_p
     assert not list((fake_hub.cache_dir / repo_folder_name("org/run")).rglob("*.safetensors"))  # --no-keep
 
 
+@pytest.mark.slow  # several merger processes (torch.distributed, gloo)
 def test_no_process_left_behind():
     me = os.getpid()
     ps = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()

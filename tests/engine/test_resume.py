@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from checks import Interrupt, leftovers, partial_of
-from conftest import files_equal, make_run
+from helpers.checks import Interrupt, leftovers, partial_of
+from helpers import files_equal, make_run
 from merger.testing import synth
 from merger.api import average
 from merger.cli import app

@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import fakehub
-from checks import Interrupt, partial_of
-from conftest import assert_close_ulp, check_against_reference, files_equal, load_dir, make_run, reference
+from helpers import fakehub
+from helpers.checks import Interrupt, partial_of
+from helpers import assert_close_ulp, check_against_reference, files_equal, load_dir, make_run, reference
 from merger.api import average
 from merger.cli import app
 from merger.plan import Method, Options

@@ -1,4 +1,4 @@
-"""Hub downloads through a loopback fake Hub (tests/fakehub.py): the real huggingface_hub code
+"""Hub downloads through a loopback fake Hub (tests/helpers/fakehub.py): the real huggingface_hub code
 path, the *stream* schedule, and ``--no-keep``'s bound of two revisions on disk."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import fakehub
-from conftest import WIDE, check_against_reference, files_equal
+from helpers import fakehub
+from helpers import WIDE, check_against_reference, files_equal
 from merger.testing import synth
 from merger.cli import app
 from merger.testing.hubcache import repo_folder_name

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import fakehub
-from conftest import check_against_reference
+from helpers import fakehub
+from helpers import check_against_reference
 from merger.cli import app
 from merger.testing import synth
 from merger.testing.hubcache import repo_folder_name

@@ -6,7 +6,7 @@ argument is left out it *asks on stdin*. Every load in merger passes ``trust_rem
 
 Each command that loads a tokenizer or a config (``sweep``, ``sweep --tokenizer``, ``eval``,
 ``average --eval``, ``grow``) runs in a subprocess with stdin answering ``y`` to any prompt, on
-folders whose ``auto_map`` points at ``evil.py``, a module that writes a marker file when imported:
+folders whose ``auto_map`` points at a module ``evil`` written there, which writes a marker file when imported:
 the marker never appears, and the command either works with transformers' own classes (the
 config names a built-in ``model_type``) or fails with a clear error (only the folder's code could
 load it), exit 1, within the timeout, with no prompt.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from evalfixtures import random_model
+from helpers.evalfixtures import random_model
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "Do you wish to run the custom code"
@@ -50,7 +50,7 @@ class EvilTokenizerFast(PreTrainedTokenizerFast):
 
 
 def make_evil(folder: Path, marker: Path, *, builtin: bool) -> Path:
-    """Point ``folder``'s config and tokenizer config at ``evil.py``; ``builtin=False`` also drops
+    """Point ``folder``'s config and tokenizer config at its module ``evil``; ``builtin=False`` also drops
     ``model_type`` and ``tokenizer_class``, so that only the folder's code could load them."""
     (folder / "evil.py").write_text(EVIL.format(marker=str(marker)))
     cfg_path = folder / "config.json"

@@ -27,7 +27,7 @@ from merger.eval.sweep import SweepOptions, sweep
 from merger.sources.local import resolve_local
 from merger.testing.nanogpt import nanogpt_run
 from merger.testing.tokenizer import save_byte_tokenizer
-from sweepfixtures import REPO_ID, train_trajectory
+from helpers.sweepfixtures import REPO_ID, train_trajectory
 
 runner = CliRunner()
 ARGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=257, bias=True, dropout=0.0)
@@ -73,6 +73,7 @@ def test_sweep_of_pt_run_scores_the_to_hf_models(run, tmp_path):
         "sweep.csv", "sweep.json", "sweep.png"]
 
 
+@pytest.mark.slow  # lm-eval on every checkpoint of a run (~3 s)
 def test_lm_eval_agrees_on_a_pt_run(run, tmp_path):
     """--tasks merger_pydocs_ppl (lm-eval, on temporary GPT-2 folders) gives the in-process numbers."""
     run_dir, tok = run
@@ -136,6 +137,7 @@ def _eval(args: list[str]) -> dict:
     return {m["model"]: m["scores"]["merger_pydocs_ppl"]["bits_per_byte"]["value"] for m in models}
 
 
+@pytest.mark.slow  # lm-eval on .pt files and their --to hf folders (~5 s)
 def test_eval_of_pt_files_equals_eval_of_their_hf_folders(run, tmp_path):
     run_dir, tok = run
     merged = tmp_path / "merged"  # the default output of a .pt merge: merged/ckpt.pt

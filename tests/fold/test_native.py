@@ -229,7 +229,7 @@ def _average(root: Path, out: Path, *extra: str):
 @pytest.mark.parametrize("method", [[], ["--method", "ema", "--decay", "0.7"], ["--dtype", "float32"]],
                          ids=["uniform", "ema", "to-float32"])
 def test_cli_native_and_torch_pipelines_write_the_same_bytes(tmp_path, monkeypatch, method):
-    from conftest import WIDE, files_equal, make_run
+    from helpers import WIDE, files_equal, make_run
 
     root, _ = make_run(tmp_path / "run", shape=WIDE, steps=(1000, 2000, 3000, 4000))
     r = _average(root, tmp_path / "native", *method)
@@ -244,7 +244,7 @@ def test_cli_native_and_torch_pipelines_write_the_same_bytes(tmp_path, monkeypat
 
 
 def test_cli_kernel_choice_and_forced_native(tmp_path, monkeypatch):
-    from conftest import make_run
+    from helpers import make_run
 
     root, _ = make_run(tmp_path / "run", steps=(1000, 2000, 3000, 4000))
     r = _average(root, tmp_path / "plan", "--dry-run", "--json")

@@ -27,12 +27,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import ulp
+from helpers import ulp
 from merger.cli import app
 from merger.formats import Extent, TensorInfo, of, read_checkpoint
 from merger.formats.dcp import chunk_extents
 from merger.formats.dcp_metadata import Chunk
-from checks import check_refused, tree_digest
+from helpers.checks import check_refused, tree_digest
 
 runner = CliRunner()
 SCRIPT = Path(__file__).parents[1] / "dcp_train.py"  # a fixture script, run by torchrun

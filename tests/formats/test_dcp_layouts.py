@@ -29,8 +29,8 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from typer.testing import CliRunner
 
-from checks import check_refused, tree_digest
-from conftest import EPS, acc_dtype, assert_close_ulp, reference
+from helpers.checks import check_refused, tree_digest
+from helpers import EPS, acc_dtype, assert_close_ulp, reference
 from dcp_layouts import gpt_params
 from merger.cli import app
 

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from checks import check_refused, tree_digest
-from conftest import ulp
+from helpers.checks import check_refused, tree_digest
+from helpers import ulp
 from merger.cli import app
 from merger.formats import of, read_checkpoint
 

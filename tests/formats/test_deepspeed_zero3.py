@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from checks import check_refused, tree_digest
+from helpers.checks import check_refused, tree_digest
 from merger.cli import app
 
 runner = CliRunner()

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import check_against_reference, make_run, weights_of
+from helpers import check_against_reference, make_run, weights_of
 from merger.cli import app
 
 runner = CliRunner()

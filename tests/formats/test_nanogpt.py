@@ -19,10 +19,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import assert_close_ulp, reference
+from helpers import assert_close_ulp, reference
 from merger.cli import app
 from merger.testing.nanogpt import GPT, GPTConfig, load_nanogpt, nanogpt_run
-from checks import check_refused, leftovers, tree_digest
+from helpers.checks import check_refused, leftovers, tree_digest
 
 runner = CliRunner()
 ARGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=257, bias=True, dropout=0.0)
@@ -321,7 +321,7 @@ def test_same_bits_on_both_kernels_ema_small_budget_and_resume(plain_run, tmp_pa
     from merger.api import average as api_average
     from merger.plan import Options
     from merger.plan.methods import Method
-    from checks import Interrupt, partial_of
+    from helpers.checks import Interrupt, partial_of
 
     def model_of(out: Path) -> dict:
         return torch.load(out / "ckpt.pt", weights_only=True)["model"]

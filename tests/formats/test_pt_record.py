@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties,
                                                    TensorStorageMetadata)
 
-from crafted import build, members
+from helpers.crafted import build, members
 from merger.errors import CheckpointFormatError
 from merger.formats import pt_record
 from merger.formats.dcp import read

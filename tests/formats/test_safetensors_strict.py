@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from typer.testing import CliRunner
 
-from conftest import examples, make_run
+from helpers import make_run
+from helpers.fuzz import examples
 from merger.cli import app
 
 runner = CliRunner()

@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import check_against_reference, make_run
-from crafted import Storage as _Storage
-from crafted import Tensor as _Tensor
-from crafted import build, members, write_torch_zip
+from helpers import check_against_reference, make_run
+from helpers.crafted import Storage as _Storage
+from helpers.crafted import Tensor as _Tensor
+from helpers.crafted import build, members, write_torch_zip
 from merger.cli import app
 
 runner = CliRunner()

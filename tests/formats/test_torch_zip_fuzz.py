@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import examples
-from crafted import Storage, Tensor, write_torch_zip
+from helpers.crafted import Storage, Tensor, write_torch_zip
+from helpers.fuzz import examples
 from merger.cli import app
 
 pytestmark = pytest.mark.fuzz

@@ -1,4 +1,4 @@
-"""Weight vectors of every method, against DESIGN.md's formulas."""
+"""Weight vectors of every method, against the formulas of README.md's methods table."""
 
 import math
 

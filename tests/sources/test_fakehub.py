@@ -1,4 +1,4 @@
-"""The fake Hub (tests/fakehub.py) drives the REAL huggingface_hub code paths over loopback."""
+"""The fake Hub (tests/helpers/fakehub.py) drives the REAL huggingface_hub code paths over loopback."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import threading
 import time
 from pathlib import Path
 
-import fakehub
+from helpers import fakehub
 import pytest
 import torch
-from fakehub import FakeHub, git_blob_sha1, set_offline
+from helpers.fakehub import FakeHub, git_blob_sha1, set_offline
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,

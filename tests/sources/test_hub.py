@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import check_against_reference, load_dir
+from helpers import check_against_reference, load_dir
 from merger.testing import synth
 from merger.cli import app
 from merger.testing.hubcache import repo_folder_name, write_cache_revision
@@ -46,6 +46,7 @@ def pythia_cache(tmp_path_factory):
     return sds
 
 
+@pytest.mark.slow  # a Pythia-70m-sized Hub cache, merged and loaded (~80 s on 2 cores)
 def test_pythia_design_card_command(pythia_cache, tmp_path, monkeypatch):
     """`merger average --revisions step100000..step143000 --every 5000`, exactly as typed."""
     monkeypatch.chdir(tmp_path)
@@ -69,6 +70,7 @@ def test_pythia_design_card_command(pythia_cache, tmp_path, monkeypatch):
     assert all(p.is_symlink() for p in snap.iterdir())
 
 
+@pytest.mark.slow  # the module's Pythia-70m-sized Hub cache takes ~20 s to write
 def test_dry_run_lists_pinned_revisions(pythia_cache):
     r = runner.invoke(app, ["average", "--revisions", "step140000..step143000", "--dry-run", "--json"])
     assert r.exit_code == 0, r.output
@@ -88,6 +90,7 @@ def test_dry_run_lists_pinned_revisions(pythia_cache):
     (["EleutherAI/pythia-12b", "--revisions", "step1..step2"], "not in the local HF cache"),
     (["--revisions", "step143000..step100000"], "after its end"),
 ])
+@pytest.mark.slow  # the module's Pythia-70m-sized Hub cache takes ~20 s to write
 def test_bad_revisions_are_clear_errors(pythia_cache, tmp_path, args, message):
     r = runner.invoke(app, ["average", *args, "-o", str(tmp_path / "out")])
     assert r.exit_code == 1, r.output
@@ -95,6 +98,7 @@ def test_bad_revisions_are_clear_errors(pythia_cache, tmp_path, args, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # the module's Pythia-70m-sized Hub cache takes ~20 s to write
 def test_strict_refuses_identical_revisions(pythia_cache, tmp_path):
     r = runner.invoke(app, ["average", "--revisions", "step140000,step141000", "--strict", "-o", str(tmp_path / "o")])
     assert r.exit_code == 1 and "identical weight files: step140000 == step141000" in r.stderr

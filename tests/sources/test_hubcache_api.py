@@ -1,7 +1,7 @@
 """merger and a Hugging Face cache laid out by huggingface_hub itself, shared Xet store included.
 
 Every cache here is written by huggingface_hub 2.4's own download code against the loopback fake
-Hub (tests/fakehub.py) in Xet mode: the fake Hub stores LFS files in a local CAS with hf_xet's own
+Hub (tests/helpers/fakehub.py) in Xet mode: the fake Hub stores LFS files in a local CAS with hf_xet's own
 uploader and hands out ``local://`` CAS URLs, so ``hf_hub_download`` takes the real Xet path
 (hf_xet reconstructs the file) and publishes it to the cache-wide shared store
 ``<cache>/blobs/<xx>/<xet-hash>``, with per-repo ``blobs/<etag>`` symlinks and ``.refs``
@@ -31,8 +31,8 @@ from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download
 from huggingface_hub.utils import _shared_blobs
 from typer.testing import CliRunner
 
-import fakehub
-from conftest import check_against_reference
+from helpers import fakehub
+from helpers import check_against_reference
 from merger.testing import synth
 from merger.cli import app
 from merger.errors import EvalError
@@ -252,6 +252,7 @@ def _child_env(hub) -> dict:
             "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
 
 
+@pytest.mark.slow  # a killed download subprocess, then a resumed one (~16 s)
 def test_stream_resume_after_sigkill(fake_hub, tmp_path):
     """``merger average --no-keep`` (a real process, stream schedule) is SIGKILLed after folding the
     first revision, while the second one's download is held back by the fake Hub; the same command

@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import assert_close_ulp, check_against_reference, make_run, reference, weights_of
+from helpers import assert_close_ulp, check_against_reference, make_run, reference, weights_of
 from merger.cli import app
 from merger.sources.local import resolve_local
 from merger.testing import synth

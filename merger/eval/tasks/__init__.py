@@ -7,7 +7,7 @@ task                   lm-eval output_type        metrics
 ``merger_pydocs_mc``   ``multiple_choice``        acc, acc_norm (4 choices, chance = 0.25)
 =====================  =========================  ===============================================
 
-Both read jsonl files built from held-out Python documentation (:mod:`merger.tasks.pydocs`).
+Both read jsonl files built from held-out Python documentation (:mod:`merger.eval.tasks.pydocs`).
 lm-eval's ``dataset_path: json`` needs absolute ``data_files`` paths, so the YAML and jsonl files
 are written on first use into ``<cache>/tasks/pydocs-v<PACK_VERSION>-<digest>/`` where ``<cache>``
 is ``$MERGER_CACHE`` or ``~/.cache/merger`` and ``<digest>`` hashes the data. The folder is

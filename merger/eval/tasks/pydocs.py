@@ -1,6 +1,6 @@
 """The documents of merger's offline task pack, built from held-out Python documentation.
 
-Two record lists, both derived deterministically from :func:`merger.textdata.split_docs`'s held-out
+Two record lists, both derived deterministically from :func:`merger.eval.textdata.split_docs`'s held-out
 documents (never from the train split, on which the demo trajectory is trained):
 
 * ``ppl_records``: passages of at most ``PASSAGE_CHARS`` characters, cut at paragraph (else line)

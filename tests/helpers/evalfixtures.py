@@ -1,6 +1,6 @@
 """Tiny GPT-NeoX models for the eval tests: one trained on the Python-docs train split, one random.
 
-Both use the byte tokenizer (:mod:`merger.tokenizer`, vocab 257) and ``SHAPES["tiny"]``'s
+Both use the byte tokenizer (:mod:`merger.testing.tokenizer`, vocab 257) and ``SHAPES["tiny"]``'s
 architecture (hidden 64, 2 layers, vocab 512, 128 positions) in float32, so lm-eval loads them
 like any Hub model. Training 200 steps of 8 x 128 bytes takes a few seconds on one CPU thread
 and brings held-out bits per byte from ~9 (random: 512-way uniform) to ~3.5.

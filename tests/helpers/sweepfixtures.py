@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from evalfixtures import save, tiny_neox, train
+from helpers.evalfixtures import save, tiny_neox, train
 
 from merger.testing.hubcache import write_cache_revision
 

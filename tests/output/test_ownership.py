@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from merger.cli import app
-from test_reliability import Trajectory, leftovers, tree_digest
+from helpers.trajectory import Trajectory
+from helpers.checks import leftovers, tree_digest
 
 runner = CliRunner()
 
