@@ -133,8 +133,14 @@ def average(models: list[str] | None, *, revisions: str | None = None, every: in
     prep = prepared or prepare(models, revisions=revisions, every=every, options=options)
     out = output_path(prep, output, force=force)
 
+    inside = [m for m in models or [] if Path(m).expanduser().is_dir() and
+              Path(m).expanduser().resolve() in out.expanduser().absolute().resolve().parents]
+
     def finalize(tmp: Path, plan: Plan, result: Result) -> None:
         result.duplicates = sorted(set(result.duplicates) | set(prep.duplicates))
+        result.warnings += [f"the output {out} lies inside the run folder {m} merged here: later runs of it skip "
+                            "it (it holds merger.json), but it mixes a merge with the run's checkpoints"
+                            for m in inside]
         manifest.write(tmp, plan, result, command=command)
 
     world = detect_world()  # torchrun / srun: each rank folds a share (engine/ranked.py)

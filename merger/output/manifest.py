@@ -71,6 +71,7 @@ def manifest(plan: Plan, result: Result, *, command: list[str] | None) -> dict:
                    "copied_from_latest": list(plan.copy_files)},
         "copied_tensors": result.copied_tensors,
         "duplicate_revisions": [list(p) for p in result.duplicates],
+        "warnings": list(dict.fromkeys([*plan.warnings, *result.warnings])),  # the plan's, then the run's
         "timings": {"total_s": round(result.seconds, 3), **{f"{k}_busy_s": v for k, v in result.timings.items()}},
         "read_bytes": result.read_bytes,
         "peak_rss": result.peak_rss,

@@ -102,12 +102,22 @@ def _explicit(p: Path) -> Source:
     return Source(revision_name(p), step_of(p), str(revision_dir(p)))
 
 
+MANIFEST = "merger.json"  # what every output of merger holds (output/manifest.py)
+
+
+def merger_output(p: Path) -> bool:
+    """Whether ``p`` is a merge merger wrote (a folder holding ``merger.json``), or one it is writing
+    (``.NAME.merger-partial``): never a revision of the run it lies in."""
+    return p.is_dir() and (p.name.endswith(".merger-partial") or (p / MANIFEST).is_file())
+
+
 def revision_paths(root: Path) -> dict[str, Path]:
     """Subfolders and files of ``root`` that hold a checkpoint (a folder: in itself, in one subfolder or
     in one file, see :func:`checkpoint_dir`), by revision name; a symlink to another of them (Composer's
-    ``latest-rank0.pt``, a ``latest/`` folder) left out."""
-    found = {revision_name(p): p for p in sorted(root.iterdir())
-             if (checkpoint_dir(p) is not None if p.is_dir() else has_weights(p))}
+    ``latest-rank0.pt``, a ``latest/`` folder) left out, and so are merger's own outputs
+    (:func:`merger_output`: ``-o run/avg`` is not the run's latest revision next time)."""
+    found = {revision_name(p): p for p in sorted(root.iterdir()) if not merger_output(p)
+             and (checkpoint_dir(p) is not None if p.is_dir() else has_weights(p))}
     real = {p.resolve() for p in found.values() if not p.is_symlink()}
     return {n: p for n, p in found.items() if not (p.is_symlink() and p.resolve() in real)}
 
