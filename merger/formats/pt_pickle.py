@@ -108,9 +108,9 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
     if metadata:  # torch: set_tensor_metadata(tensor, metadata) when truthy
         if not isinstance(metadata, dict):
             raise pickle.UnpicklingError(f"a tensor record whose metadata is {type(metadata).__name__}")
-        if metadata.get("conj"):
+        if "conj" in metadata:  # torch sets the bit for the key, whatever its value says
             view = "conj"
-        elif metadata.get("neg"):
+        elif "neg" in metadata:
             view = "neg"
     return _tensor(storage, storage_offset, size, stride, view)
 
