@@ -234,6 +234,8 @@ class StateDictUnpickler(SafeUnpickler):
             return found
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(STORAGE_DTYPES[name])
+        if module == "torch.storage" and name == "UntypedStorage":
+            return _StorageType("uint8")  # torch reads an untyped storage as bytes
         raise fail(self.path, f"holds a non-tensor object ({module}.{name}); merger never unpickles "
                                "arbitrary objects", "save a plain state dict, or convert it to safetensors")
 
@@ -295,7 +297,7 @@ class TreeUnpickler(StateDictUnpickler):
             return _PLAIN_GLOBALS[(module, name)]
         if module == "torch" and name in _TORCH_DTYPES:
             return TorchDType(f"torch.{name}")  # a dtype in a config: its name, saved back as the dtype
-        if module in ("collections", "torch", "torch._utils"):
+        if module in ("collections", "torch", "torch._utils", "torch.storage"):
             try:
                 return super().find_class(module, name)
             except Exception:  # noqa: BLE001 - refused below with our own words
