@@ -114,7 +114,7 @@ class SafeUnpickler(pickle._Unpickler):
     CALLABLES: frozenset = frozenset()  # plain classes REDUCE may call besides marked functions
 
     def _load_newobj(self):
-        args = self.stack.pop()
+        self.stack.pop()  # the arguments: cls.__new__ of these classes ignores them
         cls = self.stack.pop()
         if not (isinstance(cls, type) and cls in self.NEW):
             raise pickle.UnpicklingError(f"NEWOBJ of {cls!r:.60}: merger makes no object of that kind")

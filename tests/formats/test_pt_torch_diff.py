@@ -9,7 +9,8 @@ The grammar covers: None, bools, ints (BININT1/2, BININT, LONG1), floats, str, b
 (TUPLE1-3, TUPLE), dicts and OrderedDicts (SETITEMS), memo references (BINGET) to earlier values,
 and tensors: ``_rebuild_tensor_v2`` over ``("storage", <Half|Float|Long|BFloat16>Storage, key,
 "cpu", numel)`` with any offset, shape and stride (contiguous or not, zero strides), its metadata
-argument (absent, ``{}``, ``neg``/``conj`` true or false: torch sets the bit for the key either way), one key named with two storage types,
+argument (absent, ``{}``, ``neg``/``conj`` true or false: torch sets the bit for the key either way),
+one key named with two storage types,
 numels that don't match the stored bytes, BUILD on the storage (empty state, or setting its
 dtype) or on the tensor, ``_rebuild_parameter``, and ``_rebuild_parameter_with_state`` with an
 empty state, ``{'data': other tensor}``, an inert attribute, a (dict, slots) pair, ``{'real': t}``.
@@ -18,7 +19,6 @@ empty state, ``{'data': other tensor}``, an inert attribute, a (dict, slots) pai
 from __future__ import annotations
 
 import collections
-import io
 import warnings
 
 import pytest
