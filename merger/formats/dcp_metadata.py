@@ -19,8 +19,9 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from merger.formats.inputs import read_input
 from merger.formats.base import fail
+from merger.formats.inputs import read_input
+from merger.formats.pickle_machine import WIDE_OPCODES, SafeUnpickler, check_depth
 
 METADATA = ".metadata"
 RESAVE = "the checkpoint is incomplete or corrupt: re-save it with torch.distributed.checkpoint.save"
@@ -95,8 +96,44 @@ class DType:
     name: str
 
 
+def _callable(f):
+    f._pickle_callable = True
+    return f
+
+
+@_callable
 def _path(*parts):
-    return "/".join(str(p) for p in parts)
+    if not all(type(p) is str for p in parts) or sum(map(len, parts)) > 4096:
+        raise pickle.UnpicklingError("a path of something other than short strings")
+    return "/".join(parts)
+
+
+@_callable
+def _size(dims=()):
+    """``torch.Size``: a tuple of ints (never of a string's characters)."""
+    if not isinstance(dims, (tuple, list)) or not all(type(d) is int for d in dims):
+        raise pickle.UnpicklingError("torch.Size of something other than ints")
+    return tuple(dims)
+
+
+@_callable
+def _layout(name):
+    """``_get_layout("torch.strided")``: its name (never ``str`` of a built value)."""
+    if type(name) is not str or len(name) > 64:
+        raise pickle.UnpicklingError("a layout that is not a name")
+    return name
+
+
+@_callable
+def _int(x=0):
+    if type(x) is not int:
+        raise pickle.UnpicklingError("an enum value that is not an int")
+    return x
+
+
+@_callable
+def _dict(*args):
+    return dict(*args)
 
 
 _CLASSES = {
@@ -110,35 +147,38 @@ _MODULES = ("torch.distributed.checkpoint.metadata",
             "torch.distributed._shard.metadata")
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Resolves DCP's metadata classes to records; every other global is refused."""
+class _MetadataUnpickler(SafeUnpickler):
+    """Resolves DCP's metadata classes to records; every other global is refused. The machine is
+    ``pickle_machine``'s (a dict memo, a budget for what calls make); its callables take only the
+    values DCP pickles (``torch.Size`` of ints, a layout's name, a path's parts), so no chain of
+    calls grows a small file."""
 
-    def __init__(self, file, path):
-        super().__init__(file)
-        self.path = path
+    OPCODES = WIDE_OPCODES
+    NEW = (*_CLASSES.values(), StorageRecord, PlanRecord)
+    CALLABLES = frozenset({*_CLASSES.values(), StorageRecord, PlanRecord})
 
     def find_class(self, module, name):
         if module in _MODULES and name in _CLASSES:
             return _CLASSES[name]
         if module in _MODULES and name == "_MEM_FORMAT_ENCODING":
-            return int
+            return _int
         if module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo":
             return StorageRecord
         if module == "torch.distributed.checkpoint.planner" and name in _PLANS:
             return PlanRecord
         if module == "torch.distributed.checkpoint.planner" and name == "WriteItemType":
-            return int  # an enum pickled as WriteItemType(value)
+            return _int  # an enum pickled as WriteItemType(value)
         if module == "torch" and name == "Size":
-            return tuple  # its dims become ints below, where shapes and chunks are read
+            return _size
         if module == "torch" and name in _DTYPES:
             return DType(name)
         if module == "torch.serialization" and name == "_get_layout":
-            return str
+            return _layout
         if module in ("pathlib", "pathlib._local") and name in ("PosixPath", "WindowsPath", "PurePosixPath",
                                                                   "PureWindowsPath", "Path"):
             return _path
         if module == "collections" and name == "OrderedDict":
-            return dict
+            return _dict
         raise fail(self.path, f"names {module}.{name}, which is not part of torch.distributed.checkpoint's "
                               "metadata; merger refuses it without running anything (a .metadata that carries "
                               "code or a framework's own objects)",
@@ -146,6 +186,12 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise fail(self.path, "holds a persistent reference, which DCP metadata never does", RESAVE)
+
+    def build(self, inst, state) -> None:
+        if isinstance(inst, _Record):
+            inst.__setstate__(state)
+            return
+        super().build(inst, state)
 
 
 @dataclass(frozen=True)
@@ -191,7 +237,8 @@ def read_metadata(folder: str | Path) -> DcpMetadata:
     path = Path(folder) / METADATA
     data = read_input(path, what="DCP metadata file")  # a regular file: a FIFO or a folder is refused
     try:
-        md = _MetadataUnpickler(io.BytesIO(data), path).load()
+        md = _MetadataUnpickler(io.BytesIO(data), path, size=len(data)).load()
+        check_depth(md.__dict__ if isinstance(md, _Record) else md)
     except pickle.UnpicklingError as e:
         raise fail(path, f"is not a DCP metadata pickle ({e})", RESAVE) from None
     except Exception as e:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger.formats.base import RESAVE, Extent, TensorInfo, fail
+from merger.formats.pt_pickle import TorchDevice, TorchDType, walk
 from merger.formats.pt_record import (MAX_PICKLE, STORAGE_DTYPES, NoEndRecord, StateDictUnpickler, StorageRef,
                                       TensorRef, TreeUnpickler, check_byteorder, read_record, storages, unpickle)
 from merger.units import itemsize
@@ -160,27 +161,45 @@ def read_header(path: str | Path, *, unpickler: type | None = None) -> Header:
 
 
 def plain(x) -> bool:
-    """Whether ``x`` holds no tensor (only plain Python values)."""
-    if isinstance(x, TensorRef):
-        return False
-    if isinstance(x, dict):
-        return all(plain(v) for v in x.values())
-    if isinstance(x, (list, tuple, set, frozenset)):
-        return all(plain(v) for v in x)
-    return True
+    """Whether ``x`` holds no tensor or storage (only plain Python values)."""
+    return not any(isinstance(v, (TensorRef, StorageRef)) for v in walk(x))
 
 
 def to_plain(x):
-    """``x`` with its dict subclasses turned into dicts (for re-saving with ``weights_only`` loads)."""
-    if isinstance(x, OrderedDict):
-        return OrderedDict((k, to_plain(v)) for k, v in x.items())
-    if isinstance(x, dict):
-        return {k: to_plain(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [to_plain(v) for v in x]
-    if isinstance(x, tuple):
-        return tuple(to_plain(v) for v in x)
-    return x
+    """``x`` with its dict subclasses turned into dicts and torch's dtypes and devices back into
+    ``torch.dtype`` / ``torch.device`` (for re-saving with ``weights_only`` loads): the same values,
+    of the same types, as ``torch.load`` reads; a subtree shared in ``x`` is shared in the copy."""
+    done: dict[int, object] = {}
+
+    def copy(v):
+        if id(v) in done:
+            return done[id(v)]
+        if isinstance(v, TorchDType):
+            import torch  # only for a checkpoint that carries one: the output that saves it has torch
+
+            out = getattr(torch, v.removeprefix("torch."))
+        elif isinstance(v, TorchDevice):
+            import torch
+
+            out = torch.device(str(v))
+        elif isinstance(v, dict):
+            out = OrderedDict() if isinstance(v, OrderedDict) else {}
+            done[id(v)] = out
+            out.update((copy(k), copy(w)) for k, w in v.items())
+            return out
+        elif isinstance(v, list):
+            out = []
+            done[id(v)] = out
+            out.extend(copy(w) for w in v)
+            return out
+        elif isinstance(v, (tuple, set, frozenset)):
+            out = type(v)(copy(w) for w in v)
+        else:
+            return v
+        done[id(v)] = out
+        return out
+
+    return copy(x)
 
 
 # -- tensors as byte extents ---------------------------------------------------------------------
@@ -242,6 +261,14 @@ def tensor_extents(header: Header, sd: dict, names: list[str], path) -> dict[str
         if not isinstance(t.storage, StorageRef):
             raise fail(path, f"tensor {name!r} has no storage record (corrupt data.pkl)", "re-save the checkpoint")
         size = itemsize(t.storage.dtype)
+        if t.view:
+            raise fail(path, f"tensor {name!r} is a {'negative' if t.view == 'neg' else 'conjugate'} view (torch "
+                             "reads its stored values negated or conjugated); merger reads stored bytes only",
+                       "save resolved tensors: {k: v.resolve_neg().resolve_conj() for k, v in sd.items()}")
+        if any(n > 1 and s == 0 for n, s in zip(t.shape, t.stride)) or math.prod(t.shape) > t.storage.numel:
+            raise fail(path, f"tensor {name!r} is an expanded view (shape {list(t.shape)}, stride {list(t.stride)}"
+                             f"): its {math.prod(t.shape)} elements repeat {t.storage.numel} stored ones",
+                       "save real tensors: {k: v.contiguous() for k, v in sd.items()}")
         runs = _runs(t)
         if math.prod(t.shape) and not runs:
             raise fail(path, f"tensor {name!r} is a strided view (shape {list(t.shape)}, stride {list(t.stride)}) "

@@ -27,24 +27,24 @@ record), is refused. A whole ``torch.save`` file is one record over all its byte
 (``pt_header.read_header``); a file without an end record (cut short) is refused with
 :class:`NoEndRecord`, which ``read_header`` alone turns into a walk of the local headers.
 
-The pickle is read by the restricted unpicklers defined here (:class:`StateDictUnpickler`,
-:class:`TreeUnpickler`): torch's globals become inert records, no class is imported, no code runs.
+The pickle is read by the restricted unpicklers of ``pt_pickle`` (:class:`StateDictUnpickler`,
+:class:`TreeUnpickler`): torch's grammar, torch's globals as inert records, no class imported, no code run.
 """
 
 from __future__ import annotations
 
-import codecs
-import io
 import os
-import pickle
 import re
 import struct
-from collections import OrderedDict
-from dataclasses import dataclass
 
 from merger.errors import CheckpointFormatError
-from merger.formats.base import RESAVE, fail
-from merger.units import SIZES, itemsize
+from merger.formats.base import fail
+from merger.formats.pt_pickle import (RESAVE_PLAIN, STORAGE_DTYPES, StateDictUnpickler, StorageRef, TensorRef,
+                                      TreeUnpickler, storages, unpickle)
+from merger.units import SIZES
+
+__all__ = ["MAX_PICKLE", "RESAVE_PLAIN", "STORAGE_DTYPES", "NoEndRecord", "StateDictUnpickler", "StorageRef",
+           "TensorRef", "TreeUnpickler", "check_byteorder", "read_record", "storages", "unpickle"]
 
 MAX_DIRECTORY = 64 << 20  # a central directory larger than this is not a torch.save record's
 
@@ -63,157 +63,6 @@ _VERSION = re.compile(rb"\s*\+?0*[1-9]")  # what C++'s stoull reads as a number 
 _NUMBER = re.compile(rb"\s*[+-]?\d+(_\d+)*\s*")  # what Python's int() reads
 
 
-# -- the pickle: restricted unpicklers that build inert records, never an object -----------
-
-RESAVE_PLAIN = ("re-save it with plain values, e.g. torch.save({'model': model.state_dict(), "
-                "'model_args': dict(...), 'iter_num': step}, path), or save model.state_dict() alone")
-_TORCH_DTYPES = ("float16", "float32", "float64", "bfloat16", "half", "float", "double", "int8", "int16",
-                 "int32", "int64", "uint8", "bool", "long", "int")
-
-
-STORAGE_DTYPES = {  # torch's storage classes (as the pickle names them) -> canonical dtype names
-    "HalfStorage": "float16", "FloatStorage": "float32", "DoubleStorage": "float64",
-    "BFloat16Storage": "bfloat16", "ByteStorage": "uint8", "CharStorage": "int8",
-    "ShortStorage": "int16", "IntStorage": "int32", "LongStorage": "int64",
-    "BoolStorage": "bool",
-}
-
-
-@dataclass(frozen=True)
-class _StorageType:
-    dtype: str
-
-
-@dataclass(frozen=True)
-class StorageRef:
-    key: str
-    dtype: str
-    numel: int
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    storage: StorageRef
-    storage_offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-
-
-def _count(x) -> bool:
-    """A non-negative int (not a bool, float or anything else a crafted pickle could hold)."""
-    return type(x) is int and x >= 0
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, *args):
-    if not (_count(storage_offset) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
-            and all(_count(d) for d in size) and all(_count(s) for s in stride) and len(size) == len(stride)):
-        raise pickle.UnpicklingError(f"a tensor record with offset {storage_offset!r:.40}, shape {size!r:.80} "
-                                     f"and stride {stride!r:.80} (negative, non-integer or mismatched)")
-    return TensorRef(storage, storage_offset, tuple(size), tuple(stride))
-
-
-def _rebuild_parameter(data, *args):
-    return data
-
-
-class StateDictUnpickler(pickle.Unpickler):
-    """Resolves only the globals a state dict needs; everything else is refused."""
-
-    def __init__(self, file, path):
-        super().__init__(file)
-        self.path = path
-
-    def find_class(self, module, name):
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
-        if module == "torch" and name in STORAGE_DTYPES:
-            return _StorageType(STORAGE_DTYPES[name])
-        raise fail(self.path, f"holds a non-tensor object ({module}.{name}); merger never unpickles "
-                               "arbitrary objects", "save a plain state dict, or convert it to safetensors")
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and _count(pid[4])):
-            raise fail(self.path, f"malformed storage record in data.pkl: {pid!r:.80}", RESAVE)
-        return StorageRef(str(pid[2]), pid[1].dtype, int(pid[4]))
-
-
-class _PlainDict(dict):
-    """A dict that accepts attributes (Lightning's ``AttributeDict`` and friends land here)."""
-
-
-def _rebuild_parameter_with_state(data, requires_grad, hooks, state):
-    return data
-
-
-_PLAIN_GLOBALS = {
-    ("torch", "Size"): tuple,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
-    ("_codecs", "encode"): codecs.encode,  # bytes, in pickle protocol 2
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
-    ("builtins", "slice"): slice, ("builtins", "complex"): complex,
-    # pickle protocol 2 (torch.save's) names builtins as Python 2 did; the default find_class maps
-    # them (fix_imports), ours must too: DeepSpeed's model states hold a set (sparse_tensor_module_names)
-    ("__builtin__", "set"): set, ("__builtin__", "frozenset"): frozenset,
-    ("__builtin__", "slice"): slice, ("__builtin__", "complex"): complex,
-    ("lightning.fabric.utilities.data", "AttributeDict"): _PlainDict,
-    ("lightning_fabric.utilities.data", "AttributeDict"): _PlainDict,
-    ("pytorch_lightning.utilities.parsing", "AttributeDict"): _PlainDict,
-}
-
-
-class TreeUnpickler(StateDictUnpickler):
-    """``torch_zip``'s header unpickler, widened to the plain values a training checkpoint holds."""
-
-    def find_class(self, module, name):
-        if (module, name) in _PLAIN_GLOBALS:
-            return _PLAIN_GLOBALS[(module, name)]
-        if module == "torch" and name in _TORCH_DTYPES:
-            return f"torch.{name}"  # a dtype in a config: kept as its name
-        if module == "torch" and name == "device":
-            return lambda *a: ":".join(map(str, a))
-        if module in ("collections", "torch", "torch._utils"):
-            try:
-                return super().find_class(module, name)
-            except Exception:  # noqa: BLE001 - refused below with our own words
-                pass
-        raise fail(self.path, f"its pickle needs the class or function {module}.{name}; merger reads only "
-                              "tensors and plain Python values (it imports no class and runs no code)",
-                   RESAVE_PLAIN)
-
-
-def storages(tree) -> dict[str, int]:
-    """Every storage the tree refers to: key -> bytes."""
-    out: dict[str, int] = {}
-    stack = [tree]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, TensorRef) and isinstance(x.storage, StorageRef):
-            out[x.storage.key] = x.storage.numel * itemsize(x.storage.dtype)
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple, set, frozenset)):
-            stack.extend(x)
-    return out
-
-
-def unpickle(data: bytes, path, unpickler: type = None) -> tuple[object, int]:
-    """The tree, and how many bytes of ``data`` the pickle used."""
-    buf = io.BytesIO(data)
-    try:
-        tree = (unpickler or TreeUnpickler)(buf, path).load()
-    except pickle.UnpicklingError as e:
-        raise fail(path, f"corrupt pickle in data.pkl ({e})", RESAVE) from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, OverflowError,
-            RecursionError) as e:  # what a corrupt or crafted pickle makes the unpickler raise
-        raise fail(path, f"corrupt pickle in data.pkl ({type(e).__name__}: {e})", RESAVE) from None
-    return tree, buf.tell()
-
-
 MAX_PICKLE = 256 << 20  # bytes of data.pkl: a state dict's names and records, even for optimizer state
 
 
@@ -228,8 +77,8 @@ def check_byteorder(record: bytes, path) -> None:
 # -- the zip, as torch reads it -------------------------------------------------------------------
 
 class NoEndRecord(CheckpointFormatError):
-    """The record has no zip end record (no end signature in its last 64 KiB, or too short for
-    one): a zip cut short, whose central directory never got written (or not a zip at all)."""
+    """The record has no zip end record (no end signature where miniz looks: :func:`eocd_window`, or
+    too short for one): a zip cut short, whose central directory never got written (or not a zip at all)."""
 
 
 def _zip64_extra(extra: bytes, usize: int, csize: int, local: int, bad) -> tuple[int, int, int]:
@@ -253,6 +102,16 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, local: int, bad) -> tuple
     if at != len(extra):
         raise bad("a malformed extra field in its central directory")
     return usize, csize, local
+
+
+def eocd_window(length: int) -> int:
+    """How many bytes before the end miniz (torch's zip reader) looks for the end record: it scans
+    4096-byte windows back from the end, each starting 4093 bytes before the last, and stops after
+    the first that starts at least 65535 + 22 bytes before the end (69584 bytes in a large file)."""
+    at = max(length - 4096, 0)
+    while at and length - at < 0xFFFF + _EOCD.size:
+        at = max(at - 4093, 0)
+    return length - at
 
 
 def read_record(fd: int, start: int, length: int, path, *, what: str = "the record", hint: str = RESAVE_RECORD,
@@ -319,7 +178,7 @@ def read_record(fd: int, start: int, length: int, path, *, what: str = "the reco
     # -- end records: the last end signature with room for the record after it, as miniz finds it
     i = tail.rfind(b"PK\x05\x06", 0, len(tail) - _EOCD.size + 4)
     if i < 0 and len(tail) < length:
-        n = min(length, 0xFFFF + _EOCD.size + tail_n)
+        n = eocd_window(length)
         tail, tail_at = pread(length - n, n), length - n
         i = tail.rfind(b"PK\x05\x06", 0, len(tail) - _EOCD.size + 4)
     if i < 0:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from merger.errors import UsageError
 from merger.formats.base import TensorInfo, fail
-from merger.formats.pt_header import Header, TensorRef, plain, read_header, signature, tensor_extents
+from merger.formats.pt_header import Header, StorageRef, TensorRef, plain, read_header, signature, tensor_extents
 
 NAME = "torch_pt"
 OUTPUT = "nanogpt"
@@ -96,6 +96,8 @@ def _is_state_dict(x) -> bool:
 def _describe(x) -> str:
     if isinstance(x, TensorRef):
         return "a tensor"
+    if isinstance(x, StorageRef):
+        return "a bare storage (torch.save of t.storage() or t.untyped_storage(), not of tensors)"
     if isinstance(x, dict):
         return f"a dict of {len(x)} entries"
     return f"a {type(x).__name__}"
@@ -137,13 +139,20 @@ def find_model(tree, key: str | None, path) -> tuple[tuple[str, ...], dict]:
 
 def model_entries(header: Header, key: str | None = None) -> tuple[tuple[str, ...], list[tuple[str, str]]]:
     """The model's key path and every entry in order as (name, name of the tensor it is): an
-    alias of a tied tensor names the first entry that has its storage view; others name themselves."""
+    alias of a tied tensor names the first entry that has its storage view (but an ``lm_head.weight``
+    is the alias of the embedding it is tied to, whichever was saved first); others name themselves."""
     where, sd = find_model(header.tree, key, header.path)
     first: dict[tuple, str] = {}
-    out = []
     for name, t in sd.items():
-        out.append((name, first.setdefault(signature(t), name)))
-    return where, out
+        held = first.setdefault(signature(t), name)
+        if held != name and _is_head(held) and not _is_head(name):  # a head saved before its embedding
+            first[signature(t)] = name
+    return where, [(name, first[signature(t)]) for name, t in sd.items()]
+
+
+def _is_head(name: str) -> bool:
+    """An output head tied to an embedding: the tensor is the embedding's, in either saved order."""
+    return name.rsplit(".", 2)[-2:] == ["lm_head", "weight"]
 
 
 def read(path: str | Path, *, key: str | None = None) -> dict[str, TensorInfo]:

@@ -21,6 +21,8 @@ from merger.formats.pt_header import StateDictUnpickler, StorageRef, TensorRef, 
 def _describe(obj) -> str:
     if isinstance(obj, TensorRef):
         return "a tensor"
+    if isinstance(obj, StorageRef):
+        return "a bare storage (torch.save of t.storage(), not of tensors)"
     if isinstance(obj, dict):
         return "a dict (a nested state dict?)"
     name = type(obj).__name__

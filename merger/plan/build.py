@@ -5,6 +5,7 @@ fix weights, output dtypes, shards and blocks.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from collections import Counter
 
 from merger.device import resolve_device
@@ -122,7 +123,10 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
                                                           "weights file is a failed save: save it again")
     floating = [t for t in layouts[-1].values() if t.dtype in FLOAT_DTYPES]
     if floating and not any(t.numel for t in floating):  # a model of 0 parameters: never a merge that "works"
-        where = sources[-1].path or sources[-1].name
+        base = Path(sources[-1].path)  # name the weights file, where it is one
+        files = [base / f if base.is_dir() else base.with_name(f) for f in of(base).weight_files(base)]
+        weights = [f for f in files if not f.name.endswith(".json")]
+        where = weights[0] if len(weights) == 1 else base
         e = floating[0]
         raise CheckpointFormatError(
             f"{where}: every floating tensor of the checkpoint is empty ({len(floating)} tensors, e.g. {e.name!r} "
