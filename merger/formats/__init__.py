@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import Protocol
 
 from merger.errors import CheckpointFormatError
-from merger.formats.base import Extent, TensorInfo, check_extents, clip
+from merger.formats.base import PIECE_BYTES, Extent, TensorInfo, check_extents, clip, row_bytes
 
 REGISTRY: dict[str, str] = {
     "dcp": "merger.formats.dcp",
@@ -99,5 +99,5 @@ def read_checkpoint(path: str | Path, *, key: str | None = None, split: frozense
     return fmt.read(path, key=key, split=split) if split else fmt.read(path, key=key)
 
 
-__all__ = ["REGISTRY", "Extent", "Format", "TensorInfo", "check_extents", "clip", "detect", "get", "of",
-           "read_checkpoint"]
+__all__ = ["PIECE_BYTES", "REGISTRY", "Extent", "Format", "TensorInfo", "check_extents", "clip", "detect", "get",
+           "of", "read_checkpoint", "row_bytes"]

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from merger.errors import UsageError
-from merger.formats.base import Extent, TensorInfo, check_extents, fail
+from merger.formats.base import Extent, TensorInfo, check_extents, fail, strided
 from merger.formats.inputs import contained, open_input
 from merger.formats.dcp_metadata import METADATA, RESAVE, Chunk, DcpMetadata, Entry, read_metadata
 from merger.formats.pt_header import StateDictUnpickler, StorageRef, TensorRef, is_contiguous
@@ -149,7 +149,9 @@ def chunk_extents(path: str, data: int, size: tuple[int, ...], chunk: Chunk, isi
     """The extents of a chunk of the global tensor ``size`` whose C-contiguous bytes start at ``data``.
 
     A chunk whose dims after ``d`` are whole is ``prod(sizes[:d])`` runs of ``prod(sizes[d:])``
-    elements: one run for a chunk cut along dim 0, one per row for a chunk cut along columns.
+    elements: one run for a chunk cut along dim 0; for a chunk cut along columns, one strided extent
+    (a run per row, a fixed stride apart) for each index of the dims before the last cut dim ``k < d``
+    (one extent for a 2-d tensor, or when the dims between ``k`` and ``d`` are whole).
     """
     nd = len(size)
     if nd == 0:
@@ -160,10 +162,17 @@ def chunk_extents(path: str, data: int, size: tuple[int, ...], chunk: Chunk, isi
     run = math.prod(chunk.sizes[d:]) * isize
     tstride = [math.prod(size[j + 1:]) * isize for j in range(nd)]
     base = sum(chunk.offsets[j] * tstride[j] for j in range(d, nd))
+    if d == 0:
+        return [Extent(path, data, base, run)]
+    k = d - 1  # dims k..d-1 are the rows of one strided extent: those after k are whole
+    while k > 0 and chunk.offsets[k] == 0 and chunk.sizes[k] == size[k]:
+        k -= 1
+    rows = math.prod(chunk.sizes[k:d])
+    base += sum(chunk.offsets[j] * tstride[j] for j in range(k, d))
     out = []
-    for i, idx in enumerate(itertools.product(*(range(chunk.sizes[j]) for j in range(d)))):
-        start = base + sum((chunk.offsets[j] + idx[j]) * tstride[j] for j in range(d))
-        out.append(Extent(path, data + i * run, start, run))
+    for i, idx in enumerate(itertools.product(*(range(chunk.sizes[j]) for j in range(k)))):
+        start = base + sum((chunk.offsets[j] + idx[j]) * tstride[j] for j in range(k))
+        out.append(strided(path, data + i * rows * run, start, run, rows, tstride[d - 1]))
     return out
 
 
@@ -180,7 +189,8 @@ def coalesce(extents: list[Extent]) -> tuple[Extent, ...]:
     out: list[Extent] = []
     for e in sorted(extents, key=lambda e: (e.start, e.nbytes)):
         p = out[-1] if out else None
-        if p and p.path == e.path and p.offset + p.nbytes == e.offset and p.start + p.nbytes == e.start:
+        if p and p.rows == e.rows == 1 and p.path == e.path and p.offset + p.nbytes == e.offset \
+                and p.start + p.nbytes == e.start:
             out[-1] = Extent(p.path, p.offset, p.start, p.nbytes + e.nbytes)
         else:
             out.append(e)

@@ -98,8 +98,9 @@ def read_input(path: str | Path, *, what: str = "input file", limit: int = 1 << 
         if size > limit:
             raise CheckpointFormatError(f"{path}: this {what} is {size} bytes, more than an {what} can be "
                                         f"({limit})", path=str(path), hint="re-download the file")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(limit + 1)
+        with os.fdopen(os.dup(fd), "rb") as f:  # read(n) allocates n bytes first: ask for the size, not the limit
+            data = f.read(size + 1)
+            return data + f.read(limit + 1 - len(data)) if len(data) > size else data  # it grew meanwhile
     finally:
         os.close(fd)
 
