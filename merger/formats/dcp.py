@@ -197,19 +197,20 @@ def coalesce(extents: list[Extent]) -> tuple[Extent, ...]:
     return tuple(out)
 
 
-def _open(folder: Path, file: str, name: str) -> tuple[int, int, str]:
+def _open(folder: Path, file: str, name: str, needed: int = 1) -> tuple[int, int, str]:
     """(fd, size, path) of the ``.distcp`` file that tensor ``name`` has a chunk in: a regular file
-    inside the checkpoint (the metadata names it; a name or link that leads elsewhere is refused)."""
+    inside the checkpoint (the metadata names it; a name or link that leads elsewhere is refused).
+    ``needed``: how many files are open at once with it (out of file descriptors, the error says)."""
     fpath = contained(folder, file, what="storage file", hint=RESAVE)
     if not fpath.exists():
         raise fail(fpath, f"is missing: tensor {name!r} has a chunk in it (a rank's file was not copied or was "
                           "deleted)", "copy the whole checkpoint folder, every __<rank>_<i>.distcp file")
-    fd = open_input(fpath, what="storage file")
+    fd = open_input(fpath, what="storage file", needed=needed)
     return fd, os.fstat(fd).st_size, str(fpath)
 
 
 def _chunk_at(folder: Path, e: Entry, c: Chunk, files: dict[str, tuple[int, int, str]], ends: dict[str, int],
-              memo: dict[bytes, object]) -> tuple[str, int] | None:
+              memo: dict[bytes, object], needed: int = 1) -> tuple[str, int] | None:
     """(file, offset of its first byte) of chunk ``c`` of tensor ``e``, checked; None for an empty chunk."""
     if len(c.offsets) != len(e.shape) or len(c.sizes) != len(e.shape) or any(
             o < 0 or s < 0 or o + s > n for o, s, n in zip(c.offsets, c.sizes, e.shape)):
@@ -226,7 +227,7 @@ def _chunk_at(folder: Path, e: Entry, c: Chunk, files: dict[str, tuple[int, int,
                                     "doesn't decode", "re-save the checkpoint without compression "
                                                       "(FileSystemWriter without _extensions)")
     if c.file not in files:
-        files[c.file] = _open(folder, c.file, e.fqn)
+        files[c.file] = _open(folder, c.file, e.fqn, needed)
     fd, size, fpath = files[c.file]
     if c.offset < 0 or c.length <= 0 or c.offset + c.length > size:
         raise fail(fpath, f"is shorter than the metadata says: tensor {e.fqn!r} has a chunk at bytes "
@@ -245,7 +246,7 @@ def chunk_name(fqn: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> st
 
 
 def _tensors(folder: Path, e: Entry, split: bool, files: dict[str, tuple[int, int, str]], ends: dict[str, int],
-             memo: dict[bytes, object]) -> list[TensorInfo]:
+             memo: dict[bytes, object], needed: int = 1) -> list[TensorInfo]:
     """Tensor ``e`` as the extents of its chunks; with ``split``, each chunk as a tensor of its own
     (one extent: its record's storage). Either way the chunks must tile ``e`` exactly."""
     if e.dtype is None:
@@ -254,7 +255,7 @@ def _tensors(folder: Path, e: Entry, split: bool, files: dict[str, tuple[int, in
     extents: list[Extent] = []
     out = []
     for c in e.chunks:
-        at = _chunk_at(folder, e, c, files, ends, memo)
+        at = _chunk_at(folder, e, c, files, ends, memo, needed)
         if at is None:
             continue
         if split:
@@ -314,7 +315,7 @@ def strided_grids(path: str | Path, key: str | None = None) -> dict[str, tuple]:
             for e in entries if e.is_tensor and any(_runs(e.shape, c) > 1 for c in e.chunks)}
 
 
-def _prefetch(folder: Path, entries: list[Entry], files: dict[str, tuple[int, int, str]]) -> None:
+def _prefetch(folder: Path, entries: list[Entry], files: dict[str, tuple[int, int, str]], needed: int) -> None:
     """Ask the kernel for every chunk record's head and tail at once (``POSIX_FADV_WILLNEED``), before
     they are read one by one: from a cold disk the reads overlap instead of each waiting its turn."""
     if not hasattr(os, "posix_fadvise"):
@@ -324,7 +325,7 @@ def _prefetch(folder: Path, entries: list[Entry], files: dict[str, tuple[int, in
             if not c.file or c.length <= 0 or c.offset < 0:
                 continue
             if c.file not in files:
-                files[c.file] = _open(folder, c.file, e.fqn)
+                files[c.file] = _open(folder, c.file, e.fqn, needed)
             fd = files[c.file][0]
             head, tail = SIZES.record_head, SIZES.record_tail  # what read_record reads first
             os.posix_fadvise(fd, c.offset, min(c.length, head), os.POSIX_FADV_WILLNEED)
@@ -352,10 +353,11 @@ def read(path: str | Path, *, key: str | None = None, split: frozenset[str] = fr
     identity = _identity(folder)
     entries, ends = _PARTS.pop((identity, key), None) or _model_part(folder, key)
     files: dict[str, tuple[int, int, str]] = {}  # .distcp file -> (fd, size, path), each opened once
+    needed = len({c.file for e in entries for c in e.chunks if c.file})  # open at once: every rank's file
     try:
-        _prefetch(folder, entries, files)
+        _prefetch(folder, entries, files, needed)
         memo: dict[bytes, object] = {}
-        out = {t.name: t for e in entries for t in _tensors(folder, e, e.fqn in split, files, ends, memo)}
+        out = {t.name: t for e in entries for t in _tensors(folder, e, e.fqn in split, files, ends, memo, needed)}
     finally:
         for fd, _, _ in files.values():
             os.close(fd)
@@ -397,6 +399,12 @@ def weight_files(path: str | Path) -> list[str]:
     md = read_metadata(path)
     files = {c.file for e in model_entries(md, None, path) for c in e.chunks if c.file}
     return [METADATA, *sorted(files)]
+
+
+def storage_files(path: str | Path, key: str | None = None) -> list[str]:
+    """The ``.distcp`` files that hold the model part (``key``): what reading it opens at once."""
+    md = read_metadata(path)
+    return sorted({c.file for e in model_entries(md, key, path) for c in e.chunks if c.file})
 
 
 def side_files(path: str | Path) -> tuple[str, ...]:

@@ -60,8 +60,10 @@ def too_many_files(needed: int) -> MergerError:
     want = needed + 64
     how = (f"raise it with `ulimit -n {want}` in this shell" if hard == resource.RLIM_INFINITY or want <= hard
            else f"the hard limit is {hard}: ask for a higher one, or merge fewer revisions")
-    return MergerError(f"this merge reads {needed} input files at once, more than the open-file limit allows "
-                       f"(ulimit -n: {soft})", hint=f"{how}, then run again; or merge fewer revisions")
+    err = MergerError(f"this merge reads {needed} input files at once, more than the open-file limit allows "
+                      f"(ulimit -n: {soft})", hint=f"{how}, then run again; or merge fewer revisions")
+    err.needed = needed  # formats.read_checkpoints recounts it for the whole merge
+    return err
 
 
 def open_input(path: str | Path, *, what: str = "input file", needed: int = 1) -> int:
