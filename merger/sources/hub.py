@@ -119,6 +119,10 @@ def resolve_hub(repo_id: str, revisions: str | None, every: int | None) -> list[
     return sources
 
 
+def _ref_path(repo_id: str, revision: str) -> Path:
+    return cache_dir() / repo_folder_name(repo_id) / "refs" / revision
+
+
 def write_ref(repo_id: str, revision: str, commit: str) -> None:
     """``refs/<revision>`` in the HF cache holding ``commit``, as huggingface_hub writes it when it
     downloads by branch name: merger downloads by commit sha, which leaves no ref, and an offline
@@ -129,7 +133,7 @@ def write_ref(repo_id: str, revision: str, commit: str) -> None:
 
     if not revision or revision == commit or re.fullmatch(r"[0-9a-f]{40}", revision):
         return
-    ref = cache_dir() / repo_folder_name(repo_id) / "refs" / revision
+    ref = _ref_path(repo_id, revision)
     try:
         if ref.is_file() and ref.read_text() == commit:
             return
@@ -170,6 +174,7 @@ def fetch(source: Source) -> Source:
 def delete_revision(source: Source, downloaded) -> int:
     """Remove the files of ``source`` that this run downloaded (``downloaded``: their names) from the
     cache (``--no-keep``), through huggingface_hub (see :func:`merger.hflocal.delete_downloaded`):
-    files cached before the run, and blobs anything else references, stay. Returns the bytes freed.
+    files cached before the run, and blobs anything else references, stay; so do ``refs/`` files, but
+    the revision's own (:func:`write_ref`) when nothing of its commit is left. Returns the bytes freed.
     """
-    return delete_downloaded(source.repo_id, source.commit, downloaded)
+    return delete_downloaded(source.repo_id, source.commit, downloaded, ref=source.revision)
