@@ -6,8 +6,8 @@ A tensor is saved as chunks (FSDP / tensor-parallel shards) spread over the rank
 chunk is one ``torch.save`` record (a small zip) at a byte range of its ``.distcp`` file; we read
 that record's central directory and ``data.pkl`` (``pt_record``: two reads, restricted unpickler,
 no object built) to find where the chunk's storage bytes start, and turn the chunk into byte
-extents of the global tensor: one extent for a chunk cut along dim 0 (FSDP), one per contiguous
-run for a chunk cut along later dims (tensor parallel). Only the model part is read (``--key``,
+extents of the global tensor: one extent for a chunk cut along dim 0 (FSDP), one strided extent
+(its rows, a fixed stride apart) for a chunk cut along later dims (tensor parallel). Only the model part is read (``--key``,
 ``model.`` by default when present): optimizer, scheduler, dataloader and train-state entries
 are never touched.
 
@@ -305,8 +305,8 @@ def _runs(shape: tuple[int, ...], c: Chunk) -> int:
 def strided_grids(path: str | Path, key: str | None = None) -> dict[str, tuple]:
     """The model tensors with a chunk that is more than one run of bytes in the whole tensor (cut
     along an inner dim, as tensor parallelism cuts): fqn -> (shape, dtype, the chunks' (offsets,
-    sizes), sorted). Merging such a tensor chunk by chunk (``read(split=...)``) keeps it one extent a
-    chunk, where the whole tensor is a run per row of every chunk (millions, at 7B and TP=8)."""
+    sizes), sorted). Merging such a tensor chunk by chunk (``read(split=...)``) reads each chunk as one
+    run of bytes, where the whole tensor is read a row of every chunk at a time (strided extents)."""
     folder = Path(path)
     entries, ends = _model_part(folder, key)
     if (identity := _identity(folder)) is not None:
