@@ -247,13 +247,22 @@ def check_size(arch: A.Arch, infos: dict[str, TensorInfo], small: A.Sizes, big: 
                          hint="pass a smaller --width or --depth, or a larger --max-memory if the machine has it")
 
 
-def check_finite(t: torch.Tensor, job: Job, options: GrowOptions) -> None:
-    """A grown tensor must be finite in its dtype: λ or σ this large overflow it.
+def finite(t: torch.Tensor | None) -> bool:
+    return t is None or not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def check_finite(t: torch.Tensor, small_finite: bool, job: Job, options: GrowOptions) -> None:
+    """A grown tensor must be finite in its dtype where the small one is: λ or σ this large overflow
+    it. Buffers are rebuilt, not grown (GPT-NeoX's masked_bias may be -inf), and are not checked.
 
     Raises:
         UsageError: naming the tensor, λ and σ.
     """
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if job.rule.role == "buffer" or not t.is_floating_point():
+        return
+    if not small_finite:
+        return  # inf or NaN already in the small checkpoint: carried, as before
+    if not finite(t):
         raise UsageError(f"--shrink {options.shrink:g} and --perturb {options.perturb:g} make tensor {job.name!r} "
                          f"inf or NaN in {job.dtype}: nothing was written",
                          hint="pass a --shrink and --perturb near 1 (the defaults are --shrink 0.5 --perturb 1)")
@@ -351,10 +360,12 @@ def grow(small_spec: str, *, output: str | Path, options: GrowOptions = GrowOpti
             try:
                 off = 0
                 for j in shard:
-                    t = make_tensor(j, _read(j.src, fds) if j.src else None, arch=arch, config=config, small=small,
-                                    big=big, options=options, init_range=init_range)
+                    small_t = _read(j.src, fds) if j.src else None
+                    small_finite = finite(small_t)  # before make_tensor: it may scale a float64 one in place
+                    t = make_tensor(j, small_t, arch=arch, config=config, small=small, big=big, options=options,
+                                    init_range=init_range)
                     assert tuple(t.shape) == j.shape and dtype_name(t.dtype) == j.dtype, j.name
-                    check_finite(t, j, options)
+                    check_finite(t, small_finite, j, options)
                     if j.nbytes:
                         writer.write(t.contiguous().reshape(-1).view(torch.uint8).numpy(), off)
                     off += j.nbytes
