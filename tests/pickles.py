@@ -1,6 +1,6 @@
-"""Pickles written opcode by opcode in torch's weights_only grammar (``torch/_weights_only_unpickler.py``:
-its opcodes and globals), for tests that feed ``torch.load`` and merger the same bytes; and the
-torch.save zip around them."""
+"""Pickles written opcode by opcode in torch's weights_only grammar (the opcodes and globals of
+torch's ``torch._weights_only_unpickler``), for tests that feed ``torch.load`` and merger the same
+bytes; and the torch.save zip around them."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -47,6 +47,10 @@ InitOpt = Annotated[InitChoice, typer.Option(
     "--init", case_sensitive=False, help="mup: μP fan-in scaling relative to the small width; standard: the config's "
                    "initializer_range.", rich_help_panel=INITIALISATION)]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard.", rich_help_panel=OUTPUT)]
+MemoryOpt = Annotated[Optional[str], typer.Option(
+    "--max-memory", help="Memory the grow may use (e.g. 8GB); a growth that needs more is refused before it "
+                         "starts. Default: as merger average (a quarter of RAM, at most 8 GB).", show_default=False,
+    rich_help_panel=OUTPUT)]
 ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Replace an existing output folder that merger wrote (it holds merger.json).",
     rich_help_panel=OUTPUT)]
@@ -62,8 +66,8 @@ EXAMPLES = examples(
 
 def grow_command(small: SmallArg, output: OutputOpt = ..., width: WidthOpt = 2.0, depth: DepthOpt = 1.0,
                  shrink: ShrinkOpt = SHRINK, perturb: PerturbOpt = PERTURB, seed: SeedOpt = 0,
-                 init: InitOpt = INIT, max_shard_size: ShardOpt = "5GB", force: ForceOpt = False,
-                 json_out: JsonOpt = False, debug: Debug = False) -> None:
+                 init: InitOpt = INIT, max_shard_size: ShardOpt = "5GB", max_memory: MemoryOpt = None,
+                 force: ForceOpt = False, json_out: JsonOpt = False, debug: Debug = False) -> None:
     """Warmstart a wider (or deeper) model from a trained smaller checkpoint.
 
     Mallik et al. 2024: shrink the small weights by λ, zero-pad them into the larger shapes
@@ -78,7 +82,8 @@ def grow_command(small: SmallArg, output: OutputOpt = ..., width: WidthOpt = 2.0
     from merger.units import format_size, parse_size
 
     opts = GrowOptions(width=width, depth=depth, shrink=shrink, perturb=perturb, seed=seed, init=value(init),
-                       max_shard_size=parse_size(max_shard_size, option="--max-shard-size"))
+                       max_shard_size=parse_size(max_shard_size, option="--max-shard-size"),
+                       max_memory=parse_size(max_memory, option="--max-memory") if max_memory else None)
     result = grow(small, output=output, options=opts, force=force, command=sys.argv)
     if json_out:
         ui.print_json(result.to_dict())

@@ -138,7 +138,7 @@ def run_stream(sources: list[Source], options: Options, output: Path, *, force: 
                     info = layout[t.name]
                     for path in info.files:
                         if path not in fds:
-                            fds[path] = open_input(path, what="weights file")
+                            fds[path] = open_input(path, what="weights file", needed=len(planned))
                             check_identity({path: fds[path]}, planned, when="between planning and reading")
                             if options.hash_inputs and Path(path).name not in known:
                                 hashers[path] = FileHasher(fds[path], os.path.getsize(path), path)

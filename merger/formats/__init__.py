@@ -28,8 +28,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Protocol
 
-from merger.errors import CheckpointFormatError
-from merger.formats.base import Extent, TensorInfo, check_extents, clip
+from merger.errors import CheckpointFormatError, MergerError
+from merger.formats.base import PIECE_BYTES, Extent, TensorInfo, check_extents, clip, row_bytes
 
 REGISTRY: dict[str, str] = {
     "dcp": "merger.formats.dcp",
@@ -99,5 +99,28 @@ def read_checkpoint(path: str | Path, *, key: str | None = None, split: frozense
     return fmt.read(path, key=key, split=split) if split else fmt.read(path, key=key)
 
 
-__all__ = ["REGISTRY", "Extent", "Format", "TensorInfo", "check_extents", "clip", "detect", "get", "of",
-           "read_checkpoint"]
+def read_checkpoints(paths: list, *, key: str | None = None, split: frozenset[str] = frozenset()
+                     ) -> list[dict[str, TensorInfo]]:
+    """:func:`read_checkpoint` of each path. Out of file descriptors while one is read (a DCP
+    revision opens all its rank files at once), the error counts what the merge opens at once:
+    every weight file of every path (each DCP revision's ``.distcp`` files of its model part).
+
+    Raises:
+        MergerError: too many files for ``ulimit -n``; else as :func:`read_checkpoint`.
+    """
+    from merger.formats.inputs import too_many_files
+
+    try:
+        return [read_checkpoint(p, key=key, split=split) for p in paths]
+    except MergerError as e:
+        if getattr(e, "needed", None) is None:
+            raise
+        from merger.formats import dcp
+
+        total = sum(len(dcp.storage_files(p, key)) if of(p).NAME == "dcp" else len(of(p).weight_files(p))
+                    for p in paths)
+        raise too_many_files(max(total, e.needed)) from None
+
+
+__all__ = ["PIECE_BYTES", "REGISTRY", "Extent", "Format", "TensorInfo", "check_extents", "clip", "detect", "get",
+           "of", "read_checkpoint", "read_checkpoints", "row_bytes"]

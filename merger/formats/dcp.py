@@ -6,10 +6,10 @@ A tensor is saved as chunks (FSDP / tensor-parallel shards) spread over the rank
 chunk is one ``torch.save`` record (a small zip) at a byte range of its ``.distcp`` file; we read
 that record's central directory and ``data.pkl`` (``pt_record``: two reads, restricted unpickler,
 no object built) to find where the chunk's storage bytes start, and turn the chunk into byte
-extents of the global tensor: one extent for a chunk cut along dim 0 (FSDP), one per contiguous
-run for a chunk cut along later dims (tensor parallel). Only the model part is read (``--key``,
-``model.`` by default when present): optimizer, scheduler, dataloader and train-state entries
-are never touched.
+extents of the global tensor: one extent for a chunk cut along dim 0 (FSDP), one strided extent
+(its rows, a fixed stride apart) for a chunk cut along later dims (tensor parallel). Only the
+model part is read (``--key``, ``model.`` by default when present): optimizer, scheduler,
+dataloader and train-state entries are never touched.
 
 The format module (see ``formats/__init__.py``): :func:`detect`, :func:`read`,
 :func:`weight_files`, :func:`side_files`; the output is written back as DCP (``output/dcp.py``).
@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from merger.errors import UsageError
-from merger.formats.base import Extent, TensorInfo, check_extents, fail
+from merger.formats.base import Extent, TensorInfo, check_extents, fail, strided
 from merger.formats.inputs import contained, open_input
 from merger.formats.dcp_metadata import METADATA, RESAVE, Chunk, DcpMetadata, Entry, read_metadata
 from merger.formats.pt_header import StateDictUnpickler, StorageRef, TensorRef, is_contiguous
@@ -149,7 +149,9 @@ def chunk_extents(path: str, data: int, size: tuple[int, ...], chunk: Chunk, isi
     """The extents of a chunk of the global tensor ``size`` whose C-contiguous bytes start at ``data``.
 
     A chunk whose dims after ``d`` are whole is ``prod(sizes[:d])`` runs of ``prod(sizes[d:])``
-    elements: one run for a chunk cut along dim 0, one per row for a chunk cut along columns.
+    elements: one run for a chunk cut along dim 0; for a chunk cut along columns, one strided extent
+    (a run per row, a fixed stride apart) for each index of the dims before the last cut dim ``k < d``
+    (one extent for a 2-d tensor, or when the dims between ``k`` and ``d`` are whole).
     """
     nd = len(size)
     if nd == 0:
@@ -160,10 +162,17 @@ def chunk_extents(path: str, data: int, size: tuple[int, ...], chunk: Chunk, isi
     run = math.prod(chunk.sizes[d:]) * isize
     tstride = [math.prod(size[j + 1:]) * isize for j in range(nd)]
     base = sum(chunk.offsets[j] * tstride[j] for j in range(d, nd))
+    if d == 0:
+        return [Extent(path, data, base, run)]
+    k = d - 1  # dims k..d-1 are the rows of one strided extent: those after k are whole
+    while k > 0 and chunk.offsets[k] == 0 and chunk.sizes[k] == size[k]:
+        k -= 1
+    rows = math.prod(chunk.sizes[k:d])
+    base += sum(chunk.offsets[j] * tstride[j] for j in range(k, d))
     out = []
-    for i, idx in enumerate(itertools.product(*(range(chunk.sizes[j]) for j in range(d)))):
-        start = base + sum((chunk.offsets[j] + idx[j]) * tstride[j] for j in range(d))
-        out.append(Extent(path, data + i * run, start, run))
+    for i, idx in enumerate(itertools.product(*(range(chunk.sizes[j]) for j in range(k)))):
+        start = base + sum((chunk.offsets[j] + idx[j]) * tstride[j] for j in range(k))
+        out.append(strided(path, data + i * rows * run, start, run, rows, tstride[d - 1]))
     return out
 
 
@@ -180,26 +189,28 @@ def coalesce(extents: list[Extent]) -> tuple[Extent, ...]:
     out: list[Extent] = []
     for e in sorted(extents, key=lambda e: (e.start, e.nbytes)):
         p = out[-1] if out else None
-        if p and p.path == e.path and p.offset + p.nbytes == e.offset and p.start + p.nbytes == e.start:
+        if p and p.rows == e.rows == 1 and p.path == e.path and p.offset + p.nbytes == e.offset \
+                and p.start + p.nbytes == e.start:
             out[-1] = Extent(p.path, p.offset, p.start, p.nbytes + e.nbytes)
         else:
             out.append(e)
     return tuple(out)
 
 
-def _open(folder: Path, file: str, name: str) -> tuple[int, int, str]:
+def _open(folder: Path, file: str, name: str, needed: int = 1) -> tuple[int, int, str]:
     """(fd, size, path) of the ``.distcp`` file that tensor ``name`` has a chunk in: a regular file
-    inside the checkpoint (the metadata names it; a name or link that leads elsewhere is refused)."""
+    inside the checkpoint (the metadata names it; a name or link that leads elsewhere is refused).
+    ``needed``: how many files are open at once with it (out of file descriptors, the error says)."""
     fpath = contained(folder, file, what="storage file", hint=RESAVE)
     if not fpath.exists():
         raise fail(fpath, f"is missing: tensor {name!r} has a chunk in it (a rank's file was not copied or was "
                           "deleted)", "copy the whole checkpoint folder, every __<rank>_<i>.distcp file")
-    fd = open_input(fpath, what="storage file")
+    fd = open_input(fpath, what="storage file", needed=needed)
     return fd, os.fstat(fd).st_size, str(fpath)
 
 
 def _chunk_at(folder: Path, e: Entry, c: Chunk, files: dict[str, tuple[int, int, str]], ends: dict[str, int],
-              memo: dict[bytes, object]) -> tuple[str, int] | None:
+              memo: dict[bytes, object], needed: int = 1) -> tuple[str, int] | None:
     """(file, offset of its first byte) of chunk ``c`` of tensor ``e``, checked; None for an empty chunk."""
     if len(c.offsets) != len(e.shape) or len(c.sizes) != len(e.shape) or any(
             o < 0 or s < 0 or o + s > n for o, s, n in zip(c.offsets, c.sizes, e.shape)):
@@ -216,7 +227,7 @@ def _chunk_at(folder: Path, e: Entry, c: Chunk, files: dict[str, tuple[int, int,
                                     "doesn't decode", "re-save the checkpoint without compression "
                                                       "(FileSystemWriter without _extensions)")
     if c.file not in files:
-        files[c.file] = _open(folder, c.file, e.fqn)
+        files[c.file] = _open(folder, c.file, e.fqn, needed)
     fd, size, fpath = files[c.file]
     if c.offset < 0 or c.length <= 0 or c.offset + c.length > size:
         raise fail(fpath, f"is shorter than the metadata says: tensor {e.fqn!r} has a chunk at bytes "
@@ -235,7 +246,7 @@ def chunk_name(fqn: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> st
 
 
 def _tensors(folder: Path, e: Entry, split: bool, files: dict[str, tuple[int, int, str]], ends: dict[str, int],
-             memo: dict[bytes, object]) -> list[TensorInfo]:
+             memo: dict[bytes, object], needed: int = 1) -> list[TensorInfo]:
     """Tensor ``e`` as the extents of its chunks; with ``split``, each chunk as a tensor of its own
     (one extent: its record's storage). Either way the chunks must tile ``e`` exactly."""
     if e.dtype is None:
@@ -244,7 +255,7 @@ def _tensors(folder: Path, e: Entry, split: bool, files: dict[str, tuple[int, in
     extents: list[Extent] = []
     out = []
     for c in e.chunks:
-        at = _chunk_at(folder, e, c, files, ends, memo)
+        at = _chunk_at(folder, e, c, files, ends, memo, needed)
         if at is None:
             continue
         if split:
@@ -294,8 +305,8 @@ def _runs(shape: tuple[int, ...], c: Chunk) -> int:
 def strided_grids(path: str | Path, key: str | None = None) -> dict[str, tuple]:
     """The model tensors with a chunk that is more than one run of bytes in the whole tensor (cut
     along an inner dim, as tensor parallelism cuts): fqn -> (shape, dtype, the chunks' (offsets,
-    sizes), sorted). Merging such a tensor chunk by chunk (``read(split=...)``) keeps it one extent a
-    chunk, where the whole tensor is a run per row of every chunk (millions, at 7B and TP=8)."""
+    sizes), sorted). Merging such a tensor chunk by chunk (``read(split=...)``) reads each chunk as one
+    run of bytes, where the whole tensor is read a row of every chunk at a time (strided extents)."""
     folder = Path(path)
     entries, ends = _model_part(folder, key)
     if (identity := _identity(folder)) is not None:
@@ -304,7 +315,7 @@ def strided_grids(path: str | Path, key: str | None = None) -> dict[str, tuple]:
             for e in entries if e.is_tensor and any(_runs(e.shape, c) > 1 for c in e.chunks)}
 
 
-def _prefetch(folder: Path, entries: list[Entry], files: dict[str, tuple[int, int, str]]) -> None:
+def _prefetch(folder: Path, entries: list[Entry], files: dict[str, tuple[int, int, str]], needed: int) -> None:
     """Ask the kernel for every chunk record's head and tail at once (``POSIX_FADV_WILLNEED``), before
     they are read one by one: from a cold disk the reads overlap instead of each waiting its turn."""
     if not hasattr(os, "posix_fadvise"):
@@ -314,7 +325,7 @@ def _prefetch(folder: Path, entries: list[Entry], files: dict[str, tuple[int, in
             if not c.file or c.length <= 0 or c.offset < 0:
                 continue
             if c.file not in files:
-                files[c.file] = _open(folder, c.file, e.fqn)
+                files[c.file] = _open(folder, c.file, e.fqn, needed)
             fd = files[c.file][0]
             head, tail = SIZES.record_head, SIZES.record_tail  # what read_record reads first
             os.posix_fadvise(fd, c.offset, min(c.length, head), os.POSIX_FADV_WILLNEED)
@@ -342,10 +353,11 @@ def read(path: str | Path, *, key: str | None = None, split: frozenset[str] = fr
     identity = _identity(folder)
     entries, ends = _PARTS.pop((identity, key), None) or _model_part(folder, key)
     files: dict[str, tuple[int, int, str]] = {}  # .distcp file -> (fd, size, path), each opened once
+    needed = len({c.file for e in entries for c in e.chunks if c.file})  # open at once: every rank's file
     try:
-        _prefetch(folder, entries, files)
+        _prefetch(folder, entries, files, needed)
         memo: dict[bytes, object] = {}
-        out = {t.name: t for e in entries for t in _tensors(folder, e, e.fqn in split, files, ends, memo)}
+        out = {t.name: t for e in entries for t in _tensors(folder, e, e.fqn in split, files, ends, memo, needed)}
     finally:
         for fd, _, _ in files.values():
             os.close(fd)
@@ -387,6 +399,12 @@ def weight_files(path: str | Path) -> list[str]:
     md = read_metadata(path)
     files = {c.file for e in model_entries(md, None, path) for c in e.chunks if c.file}
     return [METADATA, *sorted(files)]
+
+
+def storage_files(path: str | Path, key: str | None = None) -> list[str]:
+    """The ``.distcp`` files that hold the model part (``key``): what reading it opens at once."""
+    md = read_metadata(path)
+    return sorted({c.file for e in model_entries(md, key, path) for c in e.chunks if c.file})
 
 
 def side_files(path: str | Path) -> tuple[str, ...]:

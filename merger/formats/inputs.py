@@ -61,8 +61,10 @@ def too_many_files(needed: int) -> MergerError:
     want = needed + 64
     how = (f"raise it with `ulimit -n {want}` in this shell" if hard == resource.RLIM_INFINITY or want <= hard
            else f"the hard limit is {hard}: ask for a higher one, or merge fewer revisions")
-    return MergerError(f"this merge reads {needed} input files at once, more than the open-file limit allows "
-                       f"(ulimit -n: {soft})", hint=f"{how}, then run again; or merge fewer revisions")
+    err = MergerError(f"this merge reads {needed} input files at once, more than the open-file limit allows "
+                      f"(ulimit -n: {soft})", hint=f"{how}, then run again; or merge fewer revisions")
+    err.needed = needed  # formats.read_checkpoints recounts it for the whole merge
+    return err
 
 
 def open_input(path: str | Path, *, what: str = "input file", needed: int = 1) -> int:
@@ -99,8 +101,9 @@ def read_input(path: str | Path, *, what: str = "input file", limit: int = 1 << 
         if size > limit:
             raise CheckpointFormatError(f"{path}: this {what} is {size} bytes, more than an {what} can be "
                                         f"({limit})", path=str(path), hint="re-download the file")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(limit + 1)
+        with os.fdopen(os.dup(fd), "rb") as f:  # read(n) allocates n bytes first: ask for the size, not the limit
+            data = f.read(size + 1)
+            return data + f.read(limit + 1 - len(data)) if len(data) > size else data  # it grew meanwhile
     finally:
         os.close(fd)
 

@@ -1,6 +1,6 @@
 """A ``torch.save`` pickle read as ``torch.load(weights_only=True)`` reads it, into inert records.
 
-The grammar is torch's (``torch/_weights_only_unpickler.py``): its opcodes, its container rules
+The grammar is torch's (torch's ``torch._weights_only_unpickler`` module): its opcodes, its container rules
 (``pickle_machine``), Python 2 names mapped as torch maps them (``__builtin__.set`` is ``set``),
 and of its globals those whose values merger can read the same:
 

@@ -35,12 +35,18 @@ def pread_into(fd: int, buf: memoryview, offset: int, *, path: str = "") -> None
 
 def read_extents(fds: dict[str, int], extents: tuple[Extent, ...], start: int, buf: memoryview,
                  feed=None) -> None:
-    """Fill ``buf`` with tensor bytes ``start:start + len(buf)``; ``feed(path, offset, data)`` sees each read."""
-    for e in clip(extents, start, start + len(buf)):
-        dst = buf[e.start: e.start + e.nbytes]
-        pread_into(fds[e.path], dst, e.offset, path=e.path)
-        if feed is not None:
-            feed(e.path, e.offset, dst)
+    """Fill ``buf`` with tensor bytes ``start:start + len(buf)``; ``feed(path, offset, data)`` sees each read.
+
+    Strided extents are clipped ``SIZES.read_piece`` bytes of the tensor at a time, so the pieces held
+    at once stay bounded however big ``buf`` is (a whole tensor cut along columns: a piece per row)."""
+    window = SIZES.read_piece if any(e.rows > 1 for e in extents) else len(buf)
+    for w in range(0, len(buf), max(window, 1)):
+        part = buf[w: w + window]
+        for e in clip(extents, start + w, start + w + len(part)):
+            dst = part[e.start: e.start + e.nbytes]
+            pread_into(fds[e.path], dst, e.offset, path=e.path)
+            if feed is not None:
+                feed(e.path, e.offset, dst)
 
 
 class FileHasher:

@@ -14,6 +14,7 @@ size. The output goes through :class:`merger.output.folder.OutputDir` (partial f
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -55,6 +56,7 @@ class GrowOptions:
     seed: int = 0
     init: str = DEFAULT_INIT  # mup | standard
     max_shard_size: int = 5 * 10**9
+    max_memory: int | None = None  # None: merger.plan.default_max_memory(), as for average
 
     def check(self) -> None:
         """Raises UsageError for values no growth can use (widths are checked against the model)."""
@@ -69,6 +71,13 @@ class GrowOptions:
             raise UsageError(f"--perturb {self.perturb} must be a finite number >= 0", hint="pass e.g. --perturb 1")
         if self.max_shard_size <= 0:
             raise UsageError("--max-shard-size must be positive", hint="pass e.g. --max-shard-size 5GB")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise UsageError("--max-memory must be positive", hint="pass e.g. --max-memory 8GB")
+
+
+MAX_LAYERS = 1 << 16  # sanity: more layers than any model has (--depth 1e7 would plan for minutes)
+JOB_BYTES = 4096  # memory one planned tensor costs before anything is made (its Job, name, shapes)
+WORK_FACTOR = 3 * 8  # bytes per element while a tensor is made: about 3 float64 copies (module docstring)
 
 
 @dataclass(frozen=True)
@@ -203,6 +212,62 @@ def plan_jobs(arch: A.Arch, infos: dict[str, TensorInfo], config: dict, small: A
     return jobs, lmap
 
 
+def check_size(arch: A.Arch, infos: dict[str, TensorInfo], small: A.Sizes, big: A.Sizes, options: GrowOptions,
+               *, where: str) -> None:
+    """Refuse a growth that can't be made within ``--max-memory`` (or has more layers than
+    :data:`MAX_LAYERS`), from the shapes alone, before any tensor is planned or made.
+
+    Raises:
+        UsageError: naming the size, the tensor, the budget and what to change.
+    """
+    from merger.plan import default_max_memory
+    from merger.units import format_size
+
+    o = options
+    if big.layers > MAX_LAYERS:
+        raise UsageError(f"--depth {o.depth:g} grows {where} from {small.layers} to {big.layers} layers, more "
+                         f"than merger grow makes ({MAX_LAYERS})", hint="pass a smaller --depth, e.g. --depth 2")
+    budget = o.max_memory or default_max_memory()
+    per_layer = sum(1 for n in infos if arch.layer_of(n) == 0)
+    n_jobs = sum(1 for n in infos if arch.layer_of(n) is None) + per_layer * big.layers
+    largest, name, shape = 0, "", ()
+    for n, info in infos.items():
+        rule = arch.rule(n)
+        if rule is None or rule.role == "buffer":  # unknown: plan_jobs names them; buffers keep their size
+            continue
+        grown = A.grown_shape(rule, info.shape, small, big)
+        if math.prod(grown) > largest:
+            largest, name, shape = math.prod(grown), n, grown
+    need = largest * WORK_FACTOR + n_jobs * JOB_BYTES
+    if need > budget:
+        raise UsageError(f"growing {where} to hidden {big.hidden}, MLP {big.ffn}, {big.layers} layers needs about "
+                         f"{format_size(need)} of memory (its largest tensor, {name} {list(shape)}, is "
+                         f"{format_size(largest * itemsize(infos[name].dtype))}, made in float64; {n_jobs} tensors), "
+                         f"more than --max-memory {format_size(budget)}",
+                         hint="pass a smaller --width or --depth, or a larger --max-memory if the machine has it")
+
+
+def finite(t: torch.Tensor | None) -> bool:
+    return t is None or not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def check_finite(t: torch.Tensor, small_finite: bool, job: Job, options: GrowOptions) -> None:
+    """A grown tensor must be finite in its dtype where the small one is: λ or σ this large overflow
+    it. Buffers are rebuilt, not grown (GPT-NeoX's masked_bias may be -inf), and are not checked.
+
+    Raises:
+        UsageError: naming the tensor, λ and σ.
+    """
+    if job.rule.role == "buffer" or not t.is_floating_point():
+        return
+    if not small_finite:
+        return  # inf or NaN already in the small checkpoint: carried, as before
+    if not finite(t):
+        raise UsageError(f"--shrink {options.shrink:g} and --perturb {options.perturb:g} make tensor {job.name!r} "
+                         f"inf or NaN in {job.dtype}: nothing was written",
+                         hint="pass a --shrink and --perturb near 1 (the defaults are --shrink 0.5 --perturb 1)")
+
+
 def _read(info: TensorInfo, fds: dict[str, int]) -> torch.Tensor:
     for path in info.files:
         if path not in fds:
@@ -276,7 +341,9 @@ def grow(small_spec: str, *, output: str | Path, options: GrowOptions = GrowOpti
     arch = A.detect(config, where=where)
     small = A.sizes(arch, config, where=where)
     big = A.grown_sizes(small, width=options.width, depth=options.depth)
-    jobs, lmap = plan_jobs(arch, read_checkpoint(folder), config, small, big, where=where)
+    infos = read_checkpoint(folder)
+    check_size(arch, infos, small, big, options, where=where)
+    jobs, lmap = plan_jobs(arch, infos, config, small, big, where=where)
     new_config = A.grown_config(arch, config, big)
     init_range = float(config.get("initializer_range", 0.02))
     out = OutputDir(output, inputs=[str(folder)], force=force)
@@ -293,9 +360,12 @@ def grow(small_spec: str, *, output: str | Path, options: GrowOptions = GrowOpti
             try:
                 off = 0
                 for j in shard:
-                    t = make_tensor(j, _read(j.src, fds) if j.src else None, arch=arch, config=config, small=small,
-                                    big=big, options=options, init_range=init_range)
+                    small_t = _read(j.src, fds) if j.src else None
+                    small_finite = finite(small_t)  # before make_tensor: it may scale a float64 one in place
+                    t = make_tensor(j, small_t, arch=arch, config=config, small=small, big=big, options=options,
+                                    init_range=init_range)
                     assert tuple(t.shape) == j.shape and dtype_name(t.dtype) == j.dtype, j.name
+                    check_finite(t, small_finite, j, options)
                     if j.nbytes:
                         writer.write(t.contiguous().reshape(-1).view(torch.uint8).numpy(), off)
                     off += j.nbytes

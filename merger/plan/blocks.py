@@ -29,7 +29,7 @@ def make_blocks(tensors: list[TensorPlan], n_inputs: int, max_block: int) -> lis
             cur, used = [Slice(ti, 0, t.numel)], cost
             continue
         chunk = SIZES.chunk
-        per = max(chunk, (max_block // slice_cost(t, n_inputs, 1)) // chunk * chunk)
+        per = max(chunk, (max_block * t.numel // cost) // chunk * chunk)  # cost: of the whole tensor
         for start in range(0, t.numel, per):
             blocks.append((Slice(ti, start, min(t.numel, start + per)),))
     if cur:

@@ -10,7 +10,7 @@ from collections import Counter
 
 from merger.device import resolve_device
 from merger.errors import CheckpointFormatError, PlanError, UsageError
-from merger.formats import TensorInfo, of, read_checkpoint
+from merger.formats import TensorInfo, of, read_checkpoints
 from merger.formats.inputs import identity
 from merger.output.convert import check_output, check_plan, in_place
 from merger.plan.blocks import block_budget, make_blocks
@@ -113,7 +113,7 @@ def build(sources: list[Source], options: Options, *, layouts: list[dict[str, Te
         output_format = fmt.HF_OUTPUT
     if layouts is None:
         split = shared_chunks(sources, options, output_format)
-        layouts = [read_checkpoint(s.path, key=options.key, split=split) for s in sources]
+        layouts = read_checkpoints([s.path for s in sources], key=options.key, split=split)
     ids = tuple((p, identity(p)) for p in sorted({p for lay in layouts for t in lay.values() for p in t.files}))
     check_layouts(sources, layouts)
     if not layouts[-1]:

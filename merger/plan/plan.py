@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 from merger import __version__
-from merger.formats import Extent
+from merger.formats import PIECE_BYTES, Extent, row_bytes
 from merger.plan.options import Options
 from merger.sources import Source
 from merger.units import itemsize
@@ -67,6 +68,11 @@ class TensorPlan:
     def files(self) -> tuple[str, ...]:
         """Every input file this tensor's bytes lie in."""
         return tuple(dict.fromkeys(e.path for ext in self.locs for e in ext))
+
+    @cached_property
+    def row_bytes(self) -> int:
+        """The shortest row of any input's strided extents (a DCP chunk cut along columns); 0: none."""
+        return min((r for ext in self.locs if (r := row_bytes(ext))), default=0)
 
 
 @dataclass(frozen=True)
@@ -144,8 +150,13 @@ class Plan:
 
 
 def slice_cost(t: TensorPlan, n_inputs: int, elems: int) -> int:
-    """Working-set bytes of ``elems`` elements: inputs and output, each double-buffered."""
-    return elems * (2 * n_inputs * t.itemsize + 2 * t.out_itemsize)
+    """Working-set bytes of ``elems`` elements: inputs and output, each double-buffered; for a tensor held
+    as strided extents, the pieces (one per row) a slice of them is read as, double-buffered too."""
+    cost = elems * (2 * n_inputs * t.itemsize + 2 * t.out_itemsize)
+    if t.row_bytes:
+        records = max(len(ext) for ext in t.locs)
+        cost += 2 * n_inputs * (elems * t.itemsize // t.row_bytes + records) * PIECE_BYTES
+    return cost
 
 
 def block_cost(plan: Plan, block: tuple[Slice, ...]) -> int:

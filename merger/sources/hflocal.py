@@ -158,7 +158,7 @@ def cached_snapshot(repo_id: str, commit: str, names) -> str | None:
     return str(Path(paths[0]).parents[names[0].count("/")])
 
 
-def delete_downloaded(repo_id: str, commit: str, names) -> int:
+def delete_downloaded(repo_id: str, commit: str, names, *, ref: str | None = None) -> int:
     """Remove ``names`` of ``commit`` from the cache (files this run downloaded); return bytes freed.
 
     Through ``HFCacheInfo.delete_files(...).execute()``: a blob that any other cached file (another
@@ -168,7 +168,9 @@ def delete_downloaded(repo_id: str, commit: str, names) -> int:
     when it is left empty, while ``delete_revisions`` would remove the whole repo folder (partial
     downloads and refs that merger doesn't own) when it is the repo's only revision; so an empty
     snapshot folder that no ref names is removed with ``os.rmdir`` (which never removes content).
-    A repo the scan reports as corrupted is left alone: nothing is deleted.
+    A repo the scan reports as corrupted is left alone: nothing is deleted. ``ref``: the branch this
+    revision was fetched as; when every file of the commit goes and that ref is the only one naming
+    it, the ref goes too (merger writes it, ``hub.write_ref``: a ref to nothing cached helps no one).
     """
     names = set(names)
     info = _scan()  # one scan: delete_files matches the CachedFileInfo values of this same scan
@@ -184,7 +186,16 @@ def delete_downloaded(repo_id: str, commit: str, names) -> int:
         return 0
     strategy = info.delete_files(*ours)
     strategy.execute()
-    if len(ours) == len(rev.files) and not rev.refs:
+    refs = set(rev.refs)
+    if len(ours) == len(rev.files) and ref and refs == {ref}:
+        path = Path(repo.repo_path) / "refs" / ref
+        try:
+            if path.read_text().strip() == commit:
+                path.unlink()
+                refs = set()
+        except OSError:
+            pass
+    if len(ours) == len(rev.files) and not refs:
         try:
             os.rmdir(rev.snapshot_path)
         except OSError:  # not empty (a file appeared meanwhile): keep it

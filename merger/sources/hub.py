@@ -112,9 +112,38 @@ def resolve_hub(repo_id: str, revisions: str | None, every: int | None) -> list[
                               + (" in the local cache" if offline else ""),
                               hint="download it once without HF_HUB_OFFLINE" if offline else "pick another revision")
         path = cached_snapshot(repo_id, commit, files)
+        if path and not offline:  # cached before, perhaps downloaded by sha: the branch now resolves offline too
+            write_ref(repo_id, name, commit)
         sources.append(Source(name, available[name], path, repo_id=repo_id, revision=name, commit=commit,
                               files=tuple((f, listing[f][0], listing[f][1]) for f in files)))
     return sources
+
+
+def _ref_path(repo_id: str, revision: str) -> Path:
+    return cache_dir() / repo_folder_name(repo_id) / "refs" / revision
+
+
+def write_ref(repo_id: str, revision: str, commit: str) -> None:
+    """``refs/<revision>`` in the HF cache holding ``commit``, as huggingface_hub writes it when it
+    downloads by branch name: merger downloads by commit sha, which leaves no ref, and an offline
+    run later could not find the branch. Written only for a branch name (not a sha) the Hub
+    resolved to ``commit``; atomically, so a reader never sees half a sha."""
+    import os
+    import tempfile
+
+    if not revision or revision == commit or re.fullmatch(r"[0-9a-f]{40}", revision):
+        return
+    ref = _ref_path(repo_id, revision)
+    try:
+        if ref.is_file() and ref.read_text() == commit:
+            return
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=ref.parent, prefix=".ref-")
+        with os.fdopen(fd, "w") as f:
+            f.write(commit)
+        os.replace(tmp, ref)
+    except OSError:  # a read-only cache: the merge itself doesn't need the ref
+        pass
 
 
 def identical_revisions(sources: list[Source]) -> list[tuple[str, str]]:
@@ -136,6 +165,8 @@ def fetch(source: Source) -> Source:
         local = hf_hub_download(source.repo_id, f, revision=source.commit, cache_dir=str(cache_dir()),
                                 local_files_only=is_offline())
         folder = Path(local).parent if "/" not in f else Path(local).parents[f.count("/")]
+    if not is_offline():
+        write_ref(source.repo_id, source.revision, source.commit)
     return Source(source.name, source.step, str(folder), repo_id=source.repo_id, revision=source.revision,
                   commit=source.commit, files=source.files)
 
@@ -143,6 +174,7 @@ def fetch(source: Source) -> Source:
 def delete_revision(source: Source, downloaded) -> int:
     """Remove the files of ``source`` that this run downloaded (``downloaded``: their names) from the
     cache (``--no-keep``), through huggingface_hub (see :func:`merger.sources.hflocal.delete_downloaded`):
-    files cached before the run, and blobs anything else references, stay. Returns the bytes freed.
+    files cached before the run, and blobs anything else references, stay; so do ``refs/`` files, but
+    the revision's own (:func:`write_ref`) when nothing of its commit is left. Returns the bytes freed.
     """
-    return delete_downloaded(source.repo_id, source.commit, downloaded)
+    return delete_downloaded(source.repo_id, source.commit, downloaded, ref=source.revision)

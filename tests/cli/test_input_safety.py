@@ -252,3 +252,38 @@ def test_every_1_over_a_huge_range_answers_at_once(tmp_path):
                    "nearest existing revisions: step1000"], out=traj.out, inputs=traj.inputs, before=before)
     r = run_cli(["average", str(traj.root), "-r", "step1000..step3000", "--every", "1000", "--dry-run", "--json"])
     assert [i["name"] for i in json.loads(r.stdout)["inputs"]] == ["step1000", "step2000", "step3000"]
+
+
+DCP_WRITER = textwrap.dedent("""
+    import sys, torch, torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    for s in range(1, 4):  # torch's writer, 4 threads: 4 .distcp files a revision
+        g = torch.Generator().manual_seed(s)
+        sd = {"model": {f"w{i}": torch.randn(8, 4, generator=g) for i in range(4)}, "optim": {"lr": torch.tensor(0.1)}}
+        dcp.save(sd, storage_writer=FileSystemWriter(f"{sys.argv[1]}/step-{s}", thread_count=4), no_dist=True)
+""")
+
+
+@pytest.mark.parametrize("room", [3, 8])
+def test_open_file_limit_counts_every_dcp_rank_file(tmp_path, room):
+    """3 DCP revisions of 4 .distcp files each: the merge opens the 12 at once. With room for 3
+    files, reading one revision (4 at once) runs out; with room for 8, the merge does. Either way
+    the message counts the 12 (it said 1 while a revision was read)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.run([sys.executable, "-c", DCP_WRITER, str(run)], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert p.returncode == 0, p.stderr
+    files = sorted(run.glob("*/*.distcp"))
+    assert len(files) == 12
+    script = FD_SCRIPT.replace("len(before) + 12", f"len(before) + {room}")
+    before = tree_digest(run)
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-c", script, str(run), str(out)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout.splitlines()[-1])
+    check_refused(d["code"], d["stderr"], d["output"], [
+        "this merge reads 12 input files at once, more than the open-file limit allows "
+        f"(ulimit -n: {d['soft']})", "ulimit -n 76"], out=out, inputs=run, before=before)
+    assert d["after"] == d["before"], "file descriptors leaked"

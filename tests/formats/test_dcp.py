@@ -77,10 +77,11 @@ def torch_model_part(folder: Path) -> dict[str, torch.Tensor]:
 def read_extents(t: TensorInfo) -> torch.Tensor:
     """A tensor assembled from merger's extents alone."""
     buf = bytearray(t.nbytes)
-    for e in t.extents:
+    for e in t.extents:  # a strided extent: row i at offset + i * nbytes, landing at start + i * stride
         with open(e.path, "rb") as f:
-            f.seek(e.offset)
-            buf[e.start: e.start + e.nbytes] = f.read(e.nbytes)
+            for i in range(e.rows):
+                f.seek(e.offset + i * e.nbytes)
+                buf[e.start + i * e.stride: e.start + i * e.stride + e.nbytes] = f.read(e.nbytes)
     return torch.frombuffer(buf, dtype=getattr(torch, t.dtype)).reshape(t.shape) if buf else torch.empty(t.shape)
 
 
@@ -123,15 +124,19 @@ def test_extents_hold_the_bytes_torch_reads(runs, ckpt, ranks):
     for name, t in layout.items():
         assert torch.equal(read_extents(t), ref[name]), name
         assert len(t.files) == min(ranks, t.shape[0] if t.shape else 1) or ckpt == "tp"
-    if ckpt == "tp":  # rows of column chunks: one extent per row and rank; dim-0 chunks: one per rank
-        assert [len(layout[n].extents) for n in ("model.w_col", "model.w_3d", "model.w_row")] == [12, 12, 2]
+    if ckpt == "tp":  # one extent per rank: strided (its rows) for the column chunks, plain for dim-0 chunks
+        assert [len(layout[n].extents) for n in ("model.w_col", "model.w_3d", "model.w_row")] == [2, 2, 2]
+        assert [e.rows for n in ("model.w_col", "model.w_3d") for e in layout[n].extents] == [6, 6, 6, 6]
 
 
 def test_chunk_extents_coalesce_whole_trailing_dims():
-    # a (4, 6, 5) tensor, chunk rows 1..3, columns 2..5, every element of the last dim: 2 x 3 runs of 5
+    # a (4, 6, 5) tensor, chunk rows 1..3, columns 2..5, every element of the last dim: 2 runs of 3 x 5,
+    # one strided extent (rows 6 x 5 x 4 bytes apart)
     ex = chunk_extents("f", 100, (4, 6, 5), Chunk((1, 2, 0), (2, 3, 5), "f"), 4)
-    assert [(e.offset, e.start, e.nbytes) for e in ex] == [
-        (100 + i * 60, ((1 + i) * 30 + 2 * 5) * 4, 60) for i in range(2)]
+    assert ex == [Extent("f", 100, (30 + 2 * 5) * 4, 60, rows=2, stride=120)]
+    # cut along dims 1 and 2 of a 3-d tensor: a strided extent per index of dim 0
+    ex = chunk_extents("f", 0, (3, 4, 5), Chunk((1, 1, 2), (2, 2, 3), "f"), 1)
+    assert ex == [Extent("f", 6 * i, 20 * (1 + i) + 5 + 2, 3, rows=2, stride=5) for i in range(2)]
     assert chunk_extents("f", 8, (4, 6), Chunk((2, 0), (2, 6), "f"), 2) == [Extent("f", 8, 24, 24)]
 
 

@@ -68,10 +68,11 @@ def assemble(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in read_checkpoint(folder).items():
         buf = bytearray(t.nbytes)
-        for e in t.extents:
+        for e in t.extents:  # a strided extent: row i at offset + i * nbytes, landing at start + i * stride
             with open(e.path, "rb") as f:
-                f.seek(e.offset)
-                buf[e.start: e.start + e.nbytes] = f.read(e.nbytes)
+                for i in range(e.rows):
+                    f.seek(e.offset + i * e.nbytes)
+                    buf[e.start + i * e.stride: e.start + i * e.stride + e.nbytes] = f.read(e.nbytes)
         out[name] = torch.frombuffer(buf, dtype=getattr(torch, t.dtype)).reshape(t.shape).clone()
     return out
 

@@ -340,6 +340,20 @@ BAD = {
     "missing config": (_no_config, [], "has no config.json"),
     "negative perturb": (lambda f: save_small(small_model("gpt2"), f), ["--perturb", "-1"], "must be a finite"),
     "repo without revision": (None, [], "which revision of local/nothing-here?"),
+    # sizes, checked from the shapes before anything is planned (--depth 1e7 planned for minutes, then MemoryError)
+    "depth 1e7": (lambda f: save_small(small_model("gpt2"), f), ["--depth", "1e7"],
+                  "from 2 to 20000000 layers, more than merger grow makes (65536)"),
+    "width 1000 (a 24 GB float64 c_fc)": (lambda f: save_small(small_model("gpt2"), f), ["--width", "1000"],
+                                          "to hidden 16000, MLP 64000, 2 layers needs about"),
+    "width 8 over --max-memory 1MB": (lambda f: save_small(small_model("gpt2"), f),
+                                      ["--width", "8", "--max-memory", "1MB"],
+                                      "(its largest tensor, transformer.h.0.mlp.c_fc.weight [128, 512], is 262.14 KB, "
+                                      "made in float64; 28 tensors), more than --max-memory 1.00 MB"),
+    # values: a grown tensor that isn't finite in its dtype is refused, not written
+    "perturb 1e308": (lambda f: save_small(small_model("gpt2"), f), ["--perturb", "1e308"],
+                      "--perturb 1e+308 make tensor"),
+    "shrink 1e300": (lambda f: save_small(small_model("gpt_neox"), f), ["--shrink", "1e300", "--perturb", "0"],
+                     "inf or NaN in float32: nothing was written"),
 }
 
 
@@ -356,6 +370,15 @@ def test_bad_inputs(tmp_path, case):
     assert not out.exists() and not list(tmp_path.glob(".out*")), "output left behind"
     if make:
         assert before == {p: p.read_bytes() for p in sorted(Path(src).rglob("*")) if p.is_file()}
+
+
+def test_max_memory_that_fits_grows(tmp_path):
+    """--max-memory is a limit, not a setting: a growth within it gives the same bytes as without."""
+    src = save_small(small_model("gpt2"), tmp_path / "s")
+    for out, extra in (("a", []), ("b", ["--max-memory", "2MB"])):
+        r = runner.invoke(app, ["grow", str(src), "-o", str(tmp_path / out), "--width", "8", *extra])
+        assert r.exit_code == 0, r.output
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
 
 
 def test_existing_output_needs_force(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import check_against_reference, load_dir
+from helpers import WIDE, check_against_reference, fakehub, load_dir
 from merger.testing import synth
 from merger.cli import app
 from merger.testing.hubcache import repo_folder_name, write_cache_revision
@@ -123,3 +123,29 @@ def test_sharded_revisions_with_different_layouts(tmp_path):
     assert set(index["weight_map"]) == set(sds[0])
     check_against_reference(tmp_path / "o", sds, [0.25] * 4)
     assert set(load_dir(tmp_path / "o")) == set(sds[0])
+
+
+fake_hub = fakehub.fake_hub
+
+
+def test_an_online_merge_leaves_refs_for_an_offline_one(fake_hub, tmp_path, monkeypatch):
+    """merger downloads by commit sha (revisions pinned first), which leaves huggingface_hub no
+    refs/<branch>: merger writes them, so the same command offline finds the branches in the cache
+    and merges the same bytes."""
+    sds, commits = [], {}
+    for s in (100, 200):
+        sds.append(synth.pythia_state_dict(WIDE, seed=3, step=s))
+        folder = synth.save_checkpoint(tmp_path / "src" / f"step{s}", sds[-1], config=WIDE.config())
+        commits[f"step{s}"] = fake_hub.add_revision("org/refs", f"step{s}", folder)
+    args = ["average", "org/refs", "--revisions", "step100..step200"]
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "online")])
+    assert r.exit_code == 0, r.output
+    refs = fake_hub.cache_dir / repo_folder_name("org/refs") / "refs"
+    assert {p.name: p.read_text() for p in refs.iterdir()} == commits
+    fakehub.set_offline(monkeypatch, True)
+    served = fake_hub.count()
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "offline")])
+    assert r.exit_code == 0, r.output
+    assert fake_hub.count() == served, "the offline run asked the Hub"
+    check_against_reference(tmp_path / "offline", sds, [0.5, 0.5])
+    assert (tmp_path / "online/model.safetensors").read_bytes() == (tmp_path / "offline/model.safetensors").read_bytes()
