@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from merger.formats import read_checkpoint
 from merger.formats.pt_header import read_header, to_plain
 from merger.formats.reading import read_extents
 from merger.formats.torch_pt import checkpoint_file, find_model, meta, model_entries
-from merger.output.shards import pwrite_all
+from merger.output.shards import pwrite_all, region_crc
 from merger.units import SIZES, itemsize
 
 FILE = "ckpt.pt"
@@ -97,17 +98,26 @@ def write(tmp: Path, plan) -> list[str]:
     written = read_header(out)
     sd = find_model(written.tree, ".".join(where) if where else None, out)[1]
     fds = {p: os.open(p, os.O_RDONLY) for p in {e.path for t in merged.values() for e in t.extents}}
-    fd = os.open(out, os.O_WRONLY)
+    fd = os.open(out, os.O_RDWR)
+    meant: list[tuple[str, int, int, int]] = []  # (tensor, offset, bytes, CRC-32 of what was written)
     try:
         for name in made:
             info, ref = merged[name], sd[name]
             at = written.offsets[ref.storage.key] + ref.storage_offset * itemsize(info.dtype)
             buf = bytearray(min(SIZES.copy_piece, max(info.nbytes, 1)))
+            crc = 0
             for start in range(0, info.nbytes, len(buf)):
                 n = min(len(buf), info.nbytes - start)
                 view = memoryview(buf)[:n]
                 read_extents(fds, info.extents, start, view)
                 pwrite_all(fd, view, n, at + start)  # a short write (a full disk) is retried, or raises
+                crc = zlib.crc32(view, crc)
+            meant.append((name, at, info.nbytes, crc))
+        for name, at, n, crc in meant:  # before publishing: the file holds what was meant, byte for byte
+            if region_crc(fd, at, n) != crc:
+                raise OutputError(f"{out}: tensor {name!r} reads back other bytes than were written into it "
+                                  f"({n} bytes at {at}): the disk or filesystem lost a write",
+                                  hint="check free disk space and the filesystem, then run again")
     finally:
         os.close(fd)
         for f in fds.values():

@@ -84,12 +84,16 @@ def open_shard(plan: Plan, k: int, folder: Path, **kwargs) -> ShardWriter:
 
 
 def pwrite_all(fd: int, buf, n: int, offset: int) -> None:
-    """Write ``buf[:n]`` at ``offset``, retrying short writes."""
+    """Write ``buf[:n]`` at ``offset``, retrying short writes: every raw write of every writer goes
+    through here, so a write is whole, or raises (a write that makes no progress is ENOSPC)."""
     view = memoryview(buf)
     try:
         done = 0
         while done < n:
-            done += os.pwrite(fd, view[done:n], offset + done)
+            k = os.pwrite(fd, view[done:n], offset + done)
+            if k <= 0:
+                raise OSError(errno.ENOSPC, f"no space left: wrote {done} of {n} bytes at {offset}, then no more")
+            done += k
     finally:
         view.release()
 
@@ -239,9 +243,7 @@ class ShardWriter:
                 self._stage_write(mv, pos)
             else:
                 self._buffered()
-                while len(mv):
-                    k = os.pwrite(self.fd, mv, pos)
-                    mv, pos = mv[k:], pos + k
+                pwrite_all(self.fd, mv, len(mv), pos)
         except OSError as e:
             raise write_failed(f"writing {self.label}", e) from e
         if framed is not None:
@@ -418,6 +420,17 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
         n >>= 1
         k += 1
     return _multmodp(p, crc1) ^ crc2
+
+
+def region_crc(fd: int, at: int, n: int) -> int:
+    """CRC-32 of ``n`` bytes of ``fd`` at ``at``, read back (a file shorter than that: -1)."""
+    crc, end = 0, at + n
+    while at < end:
+        piece = os.pread(fd, min(SIZES.copy_piece, end - at), at)
+        if not piece:
+            return -1
+        crc, at = zlib.crc32(piece, crc), at + len(piece)
+    return crc
 
 
 def file_checksum(path: str | Path, *, chunk: int = 1 << 22) -> str:
