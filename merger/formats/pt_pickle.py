@@ -228,6 +228,7 @@ class StateDictUnpickler(SafeUnpickler):
         self.storages: dict[str, StorageRef] = {}
 
     def find_class(self, module, name):
+        given = f"{module}.{name}"  # as the pickle spells it, for the error
         module, name = self.py3_name(module, name)
         found = self._GLOBALS.get((module, name))
         if found is not None:
@@ -236,7 +237,7 @@ class StateDictUnpickler(SafeUnpickler):
             return _StorageType(STORAGE_DTYPES[name])
         if module == "torch.storage" and name == "UntypedStorage":
             return _StorageType("uint8")  # torch reads an untyped storage as bytes
-        raise fail(self.path, f"holds a non-tensor object ({module}.{name}); merger never unpickles "
+        raise fail(self.path, f"holds a non-tensor object ({given}); merger never unpickles "
                                "arbitrary objects", "save a plain state dict, or convert it to safetensors")
 
     def _load_reduce(self):
@@ -292,6 +293,7 @@ class TreeUnpickler(StateDictUnpickler):
     CALLABLES = frozenset({_PlainDict})
 
     def find_class(self, module, name):
+        given = f"{module}.{name}"  # as the pickle spells it, for the error
         module, name = self.py3_name(module, name)
         if (module, name) in _PLAIN_GLOBALS:
             return _PLAIN_GLOBALS[(module, name)]
@@ -302,7 +304,7 @@ class TreeUnpickler(StateDictUnpickler):
                 return super().find_class(module, name)
             except Exception:  # noqa: BLE001 - refused below with our own words
                 pass
-        raise fail(self.path, f"its pickle needs the class or function {module}.{name}; merger reads only "
+        raise fail(self.path, f"its pickle needs the class or function {given}; merger reads only "
                               "tensors and plain Python values (it imports no class and runs no code)",
                    RESAVE_PLAIN)
 
