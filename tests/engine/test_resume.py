@@ -22,13 +22,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from helpers.checks import Interrupt, leftovers, partial_of
+from helpers.checks import Interrupt, leftovers, partial_of, wait_for_marker
 from helpers import files_equal, make_run
 from merger.testing import synth
 from merger.api import average
@@ -79,15 +78,7 @@ def kill_mid_run(root: Path, out: Path, timeout: float = 60.0) -> None:
     env = dict(os.environ, MERGER_TEST_STOP_AT=str(STOP_AT), MERGER_TEST_MARKER=str(marker))
     p = subprocess.Popen([sys.executable, "-c", CHILD, "average", str(root), "-o", str(out), *FLAGS],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    while not marker.exists():  # bounded polling for the kill point
-        if p.poll() is not None:
-            pytest.fail(f"the run ended (exit {p.returncode}) before it could be killed: {p.stderr.read().decode()}")
-        if time.monotonic() > deadline:
-            p.kill()
-            pytest.fail("the run never reached the kill point")
-        time.sleep(0.01)
-    marker.unlink()
+    wait_for_marker(p, marker, timeout)
     os.kill(p.pid, signal.SIGKILL)
     assert p.wait(timeout=30) == -signal.SIGKILL
     p.stderr.close()

@@ -9,26 +9,25 @@ tensors in the real file's key order (each layer's attention buffers before its
 default sizes. A stream that folded the first revision ten times (the bug this guards against: a
 loop variable over a tensor's pieces reused the resume point's name) gave ``step100000`` back with
 exit 0; here the output is checked against the in-memory float64 average of the ten distinct
-revisions, with and without ``--no-keep``, and after a SIGKILL in the middle of the stream and
-``--resume``.
+revisions: as typed, and with ``--no-keep`` killed (SIGKILL) in the middle of the stream, then
+``--resume``d: the killed run and the resumed one both delete what they folded.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from helpers import fakehub
-from helpers import check_against_reference
+from helpers import check_against_reference, reference
+from helpers.checks import wait_for_marker
 from merger.cli import app
 from merger.testing import synth
 from merger.testing.hubcache import repo_folder_name
@@ -57,7 +56,7 @@ def revisions(tmp_path_factory):
         sds[step] = synth.pythia_state_dict(shape, seed=11, step=step)
         folders[step] = synth.save_checkpoint(src / f"step{step}", sds[step], fmt="bin", config=shape.config())
     assert sds[STEPS[0]]["embed_out.weight"].numel() > SIZES.piece  # the loop over pieces runs more than once
-    return folders, sds
+    return folders, sds, reference([sds[s] for s in STEPS], [1 / 10] * 10)
 
 
 def publish(hub, folders) -> dict[int, str]:
@@ -65,16 +64,16 @@ def publish(hub, folders) -> dict[int, str]:
     returns the sha256 of each selected revision's weights, the name of its CDN URL."""
     for step in sorted([*folders, 99000, 104000]):
         hub.add_revision(REPO_ID, f"step{step}", folders[step if step in folders else STEPS[0]])
-    return {s: hashlib.sha256((f / "pytorch_model.bin").read_bytes()).hexdigest() for s, f in folders.items()}
+    return {s: hub.lookup(REPO_ID, f"step{s}")[1]["pytorch_model.bin"].sha256 for s in folders}
 
 
-def check_output(out: Path, sds, hub) -> None:
+def check_output(out: Path, sds, ref, hub) -> None:
     m = json.loads((out / "merger.json").read_text())
     revs = [s["revision"] for s in m["sources"]]
     assert revs == [f"step{s}" for s in STEPS] and len(set(revs)) == 10 and m["schedule"] == "stream"
     branches = {b: c for b, c in hub.branches[REPO_ID].items()}
     assert [s["commit"] for s in m["sources"]] == [branches[r] for r in revs]
-    check_against_reference(out, [sds[s] for s in STEPS], [1 / 10] * 10)
+    check_against_reference(out, [sds[s] for s in STEPS], [1 / 10] * 10, ref=ref)
 
 
 def weight_blobs(hub) -> list[Path]:
@@ -82,17 +81,17 @@ def weight_blobs(hub) -> list[Path]:
     return [p for p in blobs.iterdir() if p.stat().st_size > 10_000_000] if blobs.exists() else []
 
 
-@pytest.mark.parametrize("no_keep", [False, True])
-def test_card_command_on_a_first_download(fake_hub, revisions, tmp_path, monkeypatch, no_keep):
-    folders, sds = revisions
+def test_card_command_on_a_first_download(fake_hub, revisions, tmp_path, monkeypatch):
+    """As typed. (With --no-keep: the next test, whose killed and resumed runs both delete.)"""
+    folders, sds, ref = revisions
     publish(fake_hub, folders)
     monkeypatch.chdir(tmp_path)
-    r = runner.invoke(app, [*CARD, *(["--no-keep"] if no_keep else []), "--json"])
+    r = runner.invoke(app, [*CARD, "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["plan"]["schedule"] == "stream"
-    check_output(tmp_path / OUT, sds, fake_hub)
-    assert len(weight_blobs(fake_hub)) == (0 if no_keep else 10)
+    check_output(tmp_path / OUT, sds, ref, fake_hub)
+    assert len(weight_blobs(fake_hub)) == 10
 
 
 # `python -m merger`, plus: once KILL_AT revisions are folded and the stream's state is saved,
@@ -115,7 +114,7 @@ main()
 
 
 def test_card_command_resumes_after_a_kill_mid_stream(fake_hub, revisions, tmp_path, monkeypatch):
-    folders, sds = revisions
+    folders, sds, ref = revisions
     sha = publish(fake_hub, folders)
     marker = tmp_path / "kill-point"
     env = dict(os.environ, HF_ENDPOINT=fake_hub.url, HF_HUB_CACHE=str(fake_hub.cache_dir), HF_HUB_OFFLINE="0",
@@ -123,14 +122,7 @@ def test_card_command_resumes_after_a_kill_mid_stream(fake_hub, revisions, tmp_p
                MERGER_TEST_MARKER=str(marker))
     p = subprocess.Popen([sys.executable, "-c", CHILD, *CARD, "--no-keep"], cwd=tmp_path, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        if p.poll() is not None:
-            pytest.fail(f"the run ended (exit {p.returncode}) before it could be killed: {p.stderr.read().decode()}")
-        if time.monotonic() > deadline:
-            p.kill()
-            pytest.fail("the run never reached the kill point")
-        time.sleep(0.05)
+    wait_for_marker(p, marker, 300)
     os.kill(p.pid, signal.SIGKILL)
     assert p.wait(timeout=30) == -signal.SIGKILL
     p.stderr.close()
@@ -139,7 +131,7 @@ def test_card_command_resumes_after_a_kill_mid_stream(fake_hub, revisions, tmp_p
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, [*CARD, "--no-keep", "--resume", "--json"])
     assert r.exit_code == 0, r.output
-    check_output(tmp_path / OUT, sds, fake_hub)
+    check_output(tmp_path / OUT, sds, ref, fake_hub)
     gets = [fake_hub.count("GET", f"/cdn-lfs/{REPO_ID}/{sha[s]}/") for s in STEPS]
     # the folded revisions are not downloaded again; the one downloaded ahead at the kill may have been cut
     assert gets[:KILL_AT] == [1] * KILL_AT and gets[KILL_AT] in (1, 2) and gets[KILL_AT + 1:] == [1] * (9 - KILL_AT)

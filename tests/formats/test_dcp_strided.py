@@ -112,11 +112,11 @@ def test_a_column_cut_tensor_merged_whole_is_what_torch_reads(wide, tmp_path):
 
 
 def test_rows_of_one_element_stay_within_max_memory(tmp_path):
-    """A [2^18, 2] bfloat16 tensor cut into its 2 columns: a row is 2 bytes, 2^18 rows a chunk. The
+    """A [2^16, 2] bfloat16 tensor cut into its 2 columns: a row is 2 bytes, 2^16 rows a chunk. The
     layout is 2 extents; the merge reads the rows a slice at a time, and what Python allocates on
-    the way (tracemalloc) stays below --max-memory (it held 2^19 extents per input before)."""
-    run = write_run(tmp_path / "run", 1 << 18, 2, 2, "bfloat16")
-    assert [e.rows for e in read_checkpoint(run / "step-1")["model.w"].extents] == [1 << 18, 1 << 18]
+    the way (tracemalloc) stays below --max-memory (it held 2^17 extents per input before, ~25 MB)."""
+    run = write_run(tmp_path / "run", 1 << 16, 2, 2, "bfloat16")
+    assert [e.rows for e in read_checkpoint(run / "step-1")["model.w"].extents] == [1 << 16, 1 << 16]
     out = tmp_path / "avg"
     with sizes(**SMALL):
         plan = runner.invoke(app, ["average", str(run), "--to", "safetensors", "--max-memory", "8MB", "--dry-run",

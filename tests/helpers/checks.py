@@ -48,3 +48,21 @@ class Interrupt:
         self.calls += 1
         if self.calls > self.after:
             raise KeyboardInterrupt
+
+
+def wait_for_marker(p, marker: Path, timeout: float) -> None:
+    """Wait (bounded polling) until process ``p`` drops ``marker`` at its kill point, then remove it;
+    fail the test if ``p`` ends first or never gets there."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if p.poll() is not None:
+            pytest.fail(f"the run ended (exit {p.returncode}) before it could be killed: {p.stderr.read().decode()}")
+        if time.monotonic() > deadline:
+            p.kill()
+            pytest.fail("the run never reached the kill point")
+        time.sleep(0.01)
+    marker.unlink()

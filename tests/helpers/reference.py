@@ -81,11 +81,12 @@ def acc_dtype(dtype: torch.dtype, out_dtype: torch.dtype, accumulate: str = "aut
 
 
 def check_against_reference(folder: Path, sds, weights, *, out_dtype=None, ulps: float = 1.0,
-                            accumulate: str = "auto") -> None:
+                            accumulate: str = "auto", ref: dict[str, torch.Tensor] | None = None) -> None:
     """Every merged tensor: within ``ulps`` of the fp64 reference (or the accumulation error bound
-    where the sum cancels), identical tensors bit for bit, integer tensors exactly."""
+    where the sum cancels), identical tensors bit for bit, integer tensors exactly. ``ref``:
+    :func:`reference` of ``sds`` and ``weights``, if already computed (model-sized tests reuse it)."""
     merged = load_dir(folder)
-    ref = reference(sds, weights)
+    ref = reference(sds, weights) if ref is None else ref
     assert set(merged) == set(ref)
     for k, r in ref.items():
         m = merged[k]
