@@ -376,7 +376,10 @@ class ShardWriter:
                 self.abandon()
                 raise write_failed(f"writing {self.label}", e) from e
             try:
-                if os.fstat(self.fd).st_size != self.size:
+                have = os.fstat(self.fd).st_size
+                if have < self.size:  # the end was never written: extending the file would publish a hole
+                    raise OSError(errno.EIO, f"{self.label} holds {have} of its {self.size} bytes after every write")
+                if have != self.size:  # O_DIRECT wrote the last page whole
                     os.ftruncate(self.fd, self.size)
             except OSError as e:
                 raise write_failed(f"finishing {self.label}", e) from e

@@ -338,3 +338,21 @@ def test_big_tensor_sweep_and_grow(tmp_path):
     b, w = load_dir(tmp_path / "big")["embed_out.weight"], sds[2]["embed_out.weight"]
     assert b.numel() * 4 > 2 * SIZES.stage
     assert torch.equal(b[:, :128].view(torch.int32), w.view(torch.int32)) and (b[:, 128:] == 0).all()
+
+
+@pytest.mark.slow
+def test_big_tensor_blocks_resume(big_run, tmp_path):
+    """--resume on the blocks schedule at the real defaults: the 287 MB tensor is its own shard
+    (--max-shard-size 100MB), cut into ranges; Ctrl-C in its last block, then resume."""
+    root, sds = big_run
+    opts = Options(max_shard_size=100 * 10**6)
+    plan, _ = average([str(root / "hf")], output=tmp_path / "whole", options=opts)
+    assert len(plan.shards) == 3 and len(plan.blocks) > 2  # c.mask, a.weight, b.bias: file order
+    out = tmp_path / "out" / "merged"
+    with pytest.raises(KeyboardInterrupt):
+        average([str(root / "hf")], output=out, options=opts, progress=Interrupt(len(plan.blocks) - 1))
+    finished = sorted(json.loads((partial_of(out) / "progress.json").read_text())["shards"])
+    assert finished
+    _, res = average([str(root / "hf")], output=out, options=Options(max_shard_size=100 * 10**6, resume=True))
+    assert res.resumed_shards == finished and files_equal(out, tmp_path / "whole")
+    check_against_reference(out, sds, [0.5, 0.5])

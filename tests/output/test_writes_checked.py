@@ -86,3 +86,23 @@ def test_a_stuck_shard_write_fails_the_run(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert r.exit_code == 1 and "no space left" in r.stderr.lower() and "Traceback" not in r.output, r.output
     assert not (tmp_path / "out").exists() and leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_shard_whose_end_was_never_written_is_refused(tmp_path, direct):
+    """The shard writer used to extend a short file to its size at close (zeros where the last
+    tensor should be); now that is an error: the end was never written."""
+    from merger.errors import OutputError
+    from merger.output.shards import ShardWriter, safetensors_header
+
+    a, b = torch.randn(3000), torch.randn(5000)
+    header = safetensors_header([("a", "float32", (3000,), 12000), ("b", "float32", (5000,), 20000)])
+    w = ShardWriter(tmp_path / "model.safetensors", header, 32000, hash=True, direct=direct)
+    w.write(a.view(torch.uint8).numpy(), 0)  # b never comes
+    with pytest.raises(OutputError, match="holds .* of its .* bytes"):
+        w.finish()
+    w.abandon()
+    w = ShardWriter(tmp_path / "ok.safetensors", header, 32000, hash=True, direct=direct)
+    w.write(a.view(torch.uint8).numpy(), 0)
+    w.write(b.view(torch.uint8).numpy(), 12000)
+    assert w.finish().startswith("crc32:")
