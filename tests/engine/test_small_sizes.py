@@ -250,42 +250,59 @@ def test_grow_exact_zero_pad(small, tmp_path):
 
 # -- the real default sizes, with a tensor bigger than every default (slow) -----------------------------
 
-BIG = (70_000, 1024)  # 71.7M float32 elements, 287 MB: more than every default size on the CPU paths
+BIG = (70_000, 1024)  # 71.7M float32 elements, 287 MB: more than a multi-rank output's part (256 MiB)
+MID = (23_000, 1024)  # 23.6M float32 elements, 94 MB: more than every size of the single-process paths
 
 
-def defaults_crossed(numel: int, itemsize: int) -> None:
+def defaults_crossed(numel: int, itemsize: int, *, parts: bool = False) -> None:
+    """``numel`` elements cross every real default size (``parts``: the output part's too)."""
     s = SIZES
     assert s.chunk == 1 << 18  # the real defaults
     assert numel > s.piece and numel > s.unit
     nbytes = numel * itemsize
-    assert nbytes > max(s.read_piece, s.stage, s.copy_piece, s.part_bytes, s.record_head + s.record_tail)
-    assert nbytes * 2 * 2 > s.max_block_cpu  # two inputs, double-buffered: the block cuts it into ranges
+    assert nbytes > max(s.read_piece, s.stage, s.copy_piece, s.record_head + s.record_tail, s.min_block)
+    assert nbytes * (2 * 2 + 2) > s.max_block_cpu  # two inputs and the output, double-buffered: cut into ranges
+    assert not parts or nbytes > s.part_bytes
 
 
-@pytest.fixture(scope="module")
-def big_run(tmp_path_factory):
-    """Two revisions of {big matrix, a small bias, an identical int buffer}: HF folders and nanoGPT-style .pt."""
+def write_big(root: Path, shape, *, pt: bool) -> list[dict[str, torch.Tensor]]:
+    """Two revisions of {a big matrix, a small bias, an identical int buffer}: HF folders (and .pt)."""
     from safetensors.torch import save_file
 
-    root = tmp_path_factory.mktemp("big")
     g = torch.Generator().manual_seed(0)
     sds = []
     for step in (100, 200):
-        sd = {"a.weight": torch.randn(BIG, generator=g), "b.bias": torch.randn(3000, generator=g),
+        sd = {"a.weight": torch.randn(shape, generator=g), "b.bias": torch.randn(3000, generator=g),
               "c.mask": torch.arange(5000, dtype=torch.int64)}  # the big one first in the file: two parts
         sds.append(sd)
         (root / "hf" / f"step{step}").mkdir(parents=True)
         save_file(sd, str(root / "hf" / f"step{step}" / "model.safetensors"), metadata={"format": "pt"})
-        (root / "pt").mkdir(exist_ok=True)
-        torch.save({"model": sd, "iter_num": step}, root / "pt" / f"ckpt_{step}.pt")
+        if pt:
+            (root / "pt").mkdir(exist_ok=True)
+            torch.save({"model": sd, "iter_num": step}, root / "pt" / f"ckpt_{step}.pt")
+    return sds
+
+
+@pytest.fixture(scope="module")
+def mid_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mid")
+    sds = write_big(root, MID, pt=True)
     defaults_crossed(sds[0]["a.weight"].numel(), 4)
+    return root, sds
+
+
+@pytest.fixture(scope="module")
+def big_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("big")
+    sds = write_big(root, BIG, pt=False)
+    defaults_crossed(sds[0]["a.weight"].numel(), 4, parts=True)
     return root, sds
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel,to", [("native", None), ("torch", None), ("native", "dcp")])
-def test_big_tensor_blocks(big_run, tmp_path, monkeypatch, kernel, to):
-    root, sds = big_run
+def test_big_tensor_blocks(mid_run, tmp_path, monkeypatch, kernel, to):
+    root, sds = mid_run
     monkeypatch.setenv("MERGER_KERNEL", kernel)
     plan, res = average([str(root / "hf")], output=tmp_path / "out", options=Options(to=to))
     assert res.kernel == kernel and any(sl.start > 0 for b in plan.blocks for sl in b)  # cut into ranges
@@ -296,8 +313,8 @@ def test_big_tensor_blocks(big_run, tmp_path, monkeypatch, kernel, to):
 
 
 @pytest.mark.slow
-def test_big_tensor_pt_own_format(big_run, tmp_path):
-    root, sds = big_run
+def test_big_tensor_pt_own_format(mid_run, tmp_path):
+    root, sds = mid_run
     r = runner.invoke(app, ["average", str(root / "pt"), "-o", str(tmp_path / "avg")])
     assert r.exit_code == 0, r.output
     check_tensors(torch.load(tmp_path / "avg" / "ckpt.pt", weights_only=True)["model"], sds, [0.5, 0.5])
@@ -341,11 +358,11 @@ def test_big_tensor_sweep_and_grow(tmp_path):
 
 
 @pytest.mark.slow
-def test_big_tensor_blocks_resume(big_run, tmp_path):
-    """--resume on the blocks schedule at the real defaults: the 287 MB tensor is its own shard
-    (--max-shard-size 100MB), cut into ranges; Ctrl-C in its last block, then resume."""
-    root, sds = big_run
-    opts = Options(max_shard_size=100 * 10**6)
+def test_big_tensor_blocks_resume(mid_run, tmp_path):
+    """--resume on the blocks schedule at the real defaults: the 94 MB tensor is its own shard
+    (--max-shard-size 50MB), cut into ranges; Ctrl-C in its last block, then resume."""
+    root, sds = mid_run
+    opts = Options(max_shard_size=50 * 10**6)
     plan, _ = average([str(root / "hf")], output=tmp_path / "whole", options=opts)
     assert len(plan.shards) == 3 and len(plan.blocks) > 2  # c.mask, a.weight, b.bias: file order
     out = tmp_path / "out" / "merged"
@@ -353,6 +370,6 @@ def test_big_tensor_blocks_resume(big_run, tmp_path):
         average([str(root / "hf")], output=out, options=opts, progress=Interrupt(len(plan.blocks) - 1))
     finished = sorted(json.loads((partial_of(out) / "progress.json").read_text())["shards"])
     assert finished
-    _, res = average([str(root / "hf")], output=out, options=Options(max_shard_size=100 * 10**6, resume=True))
+    _, res = average([str(root / "hf")], output=out, options=Options(max_shard_size=50 * 10**6, resume=True))
     assert res.resumed_shards == finished and files_equal(out, tmp_path / "whole")
     check_against_reference(out, sds, [0.5, 0.5])
