@@ -37,7 +37,7 @@ from pathlib import Path
 
 from merger.output.folder import PROGRESS, OutputDir, write_atomic
 from merger.output.owned import PARTIAL_MARK
-from merger.output.shards import file_checksum
+from merger.output.crc import file_checksum
 from merger.plan import Options, Plan
 from merger.sources import Source
 

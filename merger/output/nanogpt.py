@@ -27,7 +27,8 @@ from merger.formats import read_checkpoint
 from merger.formats.pt_header import read_header, to_plain
 from merger.formats.reading import read_extents
 from merger.formats.torch_pt import checkpoint_file, find_model, meta, model_entries
-from merger.output.shards import pwrite_all, region_crc
+from merger.output.crc import region_crc
+from merger.output.shards import pwrite_all
 from merger.units import SIZES, itemsize
 
 FILE = "ckpt.pt"

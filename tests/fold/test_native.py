@@ -266,7 +266,8 @@ def test_cli_kernel_choice_and_forced_native(tmp_path, monkeypatch):
 def test_write_owned_gives_the_bytes_and_checksum_of_write(tmp_path, header_len, rng):
     import mmap
 
-    from merger.output.shards import DIRECT_ALIGN, ShardWriter, file_checksum
+    from merger.output.crc import file_checksum
+    from merger.output.shards import DIRECT_ALIGN, ShardWriter
 
     header = b"H" * header_len
     pieces = [rng.randbytes(n) for n in (3, 9000, 70000, 4096, 1, 123457, 20000)]

@@ -227,7 +227,7 @@ def test_a_chunk_whose_size_1_dim_has_any_stride_is_contiguous(tmp_path):
 def test_crc32_combine_is_zlibs(rng):
     import zlib
 
-    from merger.output.shards import crc32_combine
+    from merger.output.crc import crc32_combine
 
     for n1, n2 in [(0, 0), (0, 5), (5, 0), (1, 1), (1000, 123457), (3, 1 << 20), (77, 4095)]:
         a, b = rng.randbytes(n1), rng.randbytes(n2)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from merger.output.shards import ShardWriter, crc32_combine, file_checksum, safetensors_header
+from merger.output.crc import crc32_combine, file_checksum
+from merger.output.shards import ShardWriter, safetensors_header
 from merger.units import SIZES
 
 
