@@ -264,6 +264,7 @@ DCP_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # DCP runs written by torch under torchrun (~3 s each)
 @pytest.mark.parametrize("room", [3, 8])
 def test_open_file_limit_counts_every_dcp_rank_file(tmp_path, room):
     """3 DCP revisions of 4 .distcp files each: the merge opens the 12 at once. With room for 3

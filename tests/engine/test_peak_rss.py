@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from merger.testing.nanogpt import nanogpt_run
 
 ARGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=257, bias=True, dropout=0.0)
@@ -33,6 +35,7 @@ print(json.dumps({"out": json.loads(buf.getvalue()), "after": after}))
 """
 
 
+@pytest.mark.slow  # a merger process of its own (~3 s)
 def test_reported_peak_rss_is_the_whole_process(tmp_path):
     run = nanogpt_run(tmp_path / "out", ARGS, steps=(100, 200, 300))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),

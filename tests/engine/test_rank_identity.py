@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import files_equal, make_run
 from merger.engine.ranks import launch_identity
 from merger.testing import synth
@@ -63,6 +65,7 @@ def test_identity_differs_between_launches(monkeypatch):
     assert a != launch_identity({"MASTER_PORT": "1", "SLURM_JOB_ID": "7"}, ["average", "run", "-o", "a"])
 
 
+@pytest.mark.slow  # merger processes with torch.distributed (~5-8 s)
 def test_a_stranger_sharing_the_port_is_refused_and_the_merge_goes_on(tmp_path):
     root, _ = make_run(tmp_path / "run", shape=SHAPE)
     one = subprocess.run([sys.executable, "-m", "merger", "average", str(root), "-o", str(tmp_path / "one")],
@@ -98,7 +101,6 @@ def test_a_rank_taken_twice_and_a_stranger_are_refused_at_the_store(monkeypatch)
     store gone: then it waits MERGER_START_TIMEOUT for it, so this is checked here, in one process.)"""
     from datetime import timedelta
 
-    import pytest
     import torch.distributed as dist
 
     from merger.engine.launch import join
@@ -121,6 +123,7 @@ def test_a_rank_taken_twice_and_a_stranger_are_refused_at_the_store(monkeypatch)
         join(store, world(0), 5)
 
 
+@pytest.mark.slow  # merger processes with torch.distributed (~5-8 s)
 def test_a_rank_alone_gives_up_saying_what_it_waited_for(tmp_path):
     root, _ = make_run(tmp_path / "run", shape=SHAPE)
     t0 = time.monotonic()

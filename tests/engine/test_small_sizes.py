@@ -194,6 +194,7 @@ def test_blocks_resume_after_ctrl_c(small, tmp_path):
 
 # -- ranks -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # torchrun launches (~5 s each)
 @pytest.mark.parametrize("nproc,shards", [(2, "30KB"), (3, None)])  # None: one file, cut into parts
 def test_ranks(small, tmp_path, nproc, shards):
     root, sds = run_of(tmp_path)

@@ -24,6 +24,8 @@ import pytest
 
 from helpers.evalfixtures import random_model
 
+pytestmark = pytest.mark.slow  # every command in a subprocess, transformers and lm-eval loaded (~30 s)
+
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "Do you wish to run the custom code"
 NEVER = ("(auto_map in its config.json or tokenizer_config.json names classes transformers doesn't have); "

@@ -29,6 +29,8 @@ from merger.testing.nanogpt import nanogpt_run
 from merger.testing.tokenizer import save_byte_tokenizer
 from helpers.sweepfixtures import REPO_ID, train_trajectory
 
+pytestmark = pytest.mark.slow  # nanoGPT runs scored as GPT-2, lm-eval (~8 s)
+
 runner = CliRunner()
 ARGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=257, bias=True, dropout=0.0)
 LIMIT = 4

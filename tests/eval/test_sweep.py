@@ -32,6 +32,8 @@ from merger.eval.state import read_state_dict
 from merger.eval.sweep import SweepOptions, sliding_states, sweep
 from merger.testing.synth import save_checkpoint
 
+pytestmark = pytest.mark.slow  # trains and scores tiny models, lm-eval on the sweep (~15 s)
+
 LIMIT = 8  # held-out passages: ~10k byte tokens, about 0.1 s per point for the tiny model
 DECAY = 0.7
 SPEC = "step5..step40"

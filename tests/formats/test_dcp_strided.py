@@ -28,6 +28,8 @@ from merger.cli import app
 from merger.formats import read_checkpoint
 from merger.units import SMALL, sizes
 
+pytestmark = pytest.mark.slow  # runs written by torch's DCP writer in subprocesses; 2-byte rows (~20 s)
+
 runner = CliRunner()
 
 WRITER = textwrap.dedent("""

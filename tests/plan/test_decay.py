@@ -203,6 +203,7 @@ def _sweep_app():
     return app
 
 
+@pytest.mark.slow  # a sweep and a merge of a trained run (~3 s)
 def test_sweep_decay_point_equals_merger_average(trajectory, tmp_path, monkeypatch):
     """The decay point at step30 (K=3, cosine) is `merger average -r step20,step25,step30
     --method decay --shape cosine`: tensors within 1 ulp, metric to 1e-6."""
