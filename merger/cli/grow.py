@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from merger.cli import ui
-from merger.cli.options import OUTPUT, Debug, InitChoice, examples, value
+from merger.cli.options import OUTPUT, Debug, InitChoice, Json, examples, value
 
 # the defaults live in merger.grow.run (imported lazily: torch); kept equal by test_grow.py
 SHRINK, PERTURB, INIT = 0.5, 1.0, "mup"
@@ -54,7 +54,6 @@ MemoryOpt = Annotated[Optional[str], typer.Option(
 ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Replace an existing output folder that merger wrote (it holds merger.json).",
     rich_help_panel=OUTPUT)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.", rich_help_panel=OUTPUT)]
 
 EXAMPLES = examples(
     "merger grow tiny/step800 -o grown/tiny-2x --width 2",
@@ -67,7 +66,7 @@ EXAMPLES = examples(
 def grow_command(small: SmallArg, output: OutputOpt = ..., width: WidthOpt = 2.0, depth: DepthOpt = 1.0,
                  shrink: ShrinkOpt = SHRINK, perturb: PerturbOpt = PERTURB, seed: SeedOpt = 0,
                  init: InitOpt = INIT, max_shard_size: ShardOpt = "5GB", max_memory: MemoryOpt = None,
-                 force: ForceOpt = False, json_out: JsonOpt = False, debug: Debug = False) -> None:
+                 force: ForceOpt = False, json_out: Json = False, debug: Debug = False) -> None:
     """Warmstart a wider (or deeper) model from a trained smaller checkpoint.
 
     Mallik et al. 2024: shrink the small weights by λ, zero-pad them into the larger shapes

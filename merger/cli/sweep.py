@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from merger.cli import ui
-from merger.cli.options import (EVALUATION, METHOD, OUTPUT, RESOURCES, SELECTION, Debug, ShapeChoice, eval_device,
+from merger.cli.options import (EVALUATION, METHOD, OUTPUT, RESOURCES, SELECTION, Debug, Json, ShapeChoice, eval_device,
                                 examples, one_of, sweep_methods, value)
 from merger.units import parse_limit
 
@@ -67,7 +67,6 @@ TokenizerOpt = Annotated[str | None, typer.Option(
     "--tokenizer", metavar="NAME_OR_PATH", show_default="the latest revision's own",
     help="Tokenizer folder or Hub name: needed for nanoGPT .pt runs (training checkpoints carry none), "
          "or to replace a run's own.", rich_help_panel=EVALUATION)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.", rich_help_panel=OUTPUT)]
 
 EXAMPLES = examples(
     "merger sweep -r step100000..step143000 --every 5000 -k 5   # Pythia-70m",
@@ -83,7 +82,7 @@ def sweep_command(model: ModelArg = None, revisions: RevisionsOpt = None,
                   window: WindowOpt = ..., every: EveryOpt = None, methods: MethodsOpt = "uniform",
                   decay: DecayOpt = None, shape: ShapeOpt = None, tasks: TasksOpt = None, metric: MetricOpt = None,
                   limit: LimitOpt = None, output_dir: OutputOpt = None, device: DeviceOpt = "auto",
-                  tokenizer: TokenizerOpt = None, json_out: JsonOpt = False, debug: Debug = False) -> None:
+                  tokenizer: TokenizerOpt = None, json_out: Json = False, debug: Debug = False) -> None:
     """Compare each checkpoint with the average of the K checkpoints ending at it (the LAWA figure).
 
     Each checkpoint is read at most twice: a float64 sliding sum adds the newest checkpoint and
