@@ -23,7 +23,7 @@ thread keeps a heartbeat per rank.
 **One launch, one merge.** Two launches that share a ``MASTER_PORT`` (two srun jobs on one node)
 would otherwise meet in one store: the second job's rank 1 would pass the first job's barriers and
 post its failure there. So before it touches anything in the store, every rank checks the
-*launch record* that rank 0 publishes: :func:`launch_identity` (the command line, the working
+*launch record* that rank 0 publishes: :func:`merger.engine.launch.launch_identity` (the command line, the working
 folder, and the launcher's job ids where there are some: ``SLURM_JOB_ID``/``SLURM_STEP_ID``,
 ``TORCHELASTIC_RUN_ID``) and a nonce. A rank whose identity differs is a stranger: it stops with
 a clear error and writes nothing into that store. Then each rank claims its rank number (a
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-from merger.engine.launch import join, launch_identity  # noqa: F401 - launch_identity: part of the API
+from merger.engine.launch import join
 from merger.errors import MergerError, RankError, UsageError
 
 TIMEOUT_ENV = "MERGER_RANK_TIMEOUT"

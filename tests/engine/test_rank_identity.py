@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from helpers import files_equal, make_run
-from merger.engine.ranks import launch_identity
+from merger.engine.launch import launch_identity
 from merger.testing import synth
 
 REPO = Path(__file__).resolve().parents[2]
